@@ -1,0 +1,17 @@
+"""The delta methods, one file each. Importing this package registers them with the auto classes."""
+
+from opendelta_dist.deltas.adapter import AdapterConfig, AdapterModel
+from opendelta_dist.deltas.bitfit import BitFitConfig, BitFitModel
+from opendelta_dist.deltas.lora import LoraConfig, LoraModel
+from opendelta_dist.deltas.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterModel",
+    "BitFitConfig",
+    "BitFitModel",
+    "LoraConfig",
+    "LoraModel",
+    "ParallelAdapterConfig",
+    "ParallelAdapterModel",
+]

@@ -1,0 +1,107 @@
+"""BitFit: tune only bias terms (Ben Zaken et al., 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from opendelta_dist.addressing import named_backbone_modules
+from opendelta_dist.auto_delta import register_delta_method
+from opendelta_dist.backends import BiasKind
+from opendelta_dist.basemodel import DeltaBase
+from opendelta_dist.config import BaseDeltaConfig
+from opendelta_dist.errors import UnsupportedModuleError
+from opendelta_dist.operations import InsertSequential, Operation
+
+
+class BiasLayer(nn.Module):
+    """Adds a trainable bias (starting at zero) to a module's output."""
+
+    def __init__(self, bias: nn.Parameter) -> None:
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + bias``."""
+        return x + self.bias.to(x.dtype)
+
+
+@dataclass
+class BitFitConfig(BaseDeltaConfig):
+    """Options of :class:`BitFitModel` (BitFit has none of its own)."""
+
+    delta_type: ClassVar[str] = "bitfit"
+
+
+@register_delta_method
+class BitFitModel(DeltaBase):
+    """Trainable biases in every linear and normalisation layer inside the modified modules.
+
+    Existing biases are unfrozen (the delta trains a copy; ``detach`` puts the original back);
+    linear and LayerNorm layers without a bias get one; RMS norms (T5, Llama) get one added to
+    their output. New biases start at zero.
+
+    Args:
+        backbone_model: the model to modify.
+        modified_modules: keys of the modules whose layers get trainable biases; default the
+            attention blocks, feed-forward blocks and normalisation layers.
+        exclude_modules, unfrozen_modules, common_structure, interactive_modify, backend: as
+            :class:`~opendelta_dist.basemodel.DeltaBase`.
+    """
+
+    delta_type: ClassVar[str] = "bitfit"
+    config_class = BitFitConfig
+    default_modified_modules: ClassVar[list[Any]] = ["attn@", "ff@", "layer_norm@"]
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        modified_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        unfrozen_modules: list[str] | None = None,
+        common_structure: bool | None = None,
+        interactive_modify: bool | int = False,
+        backend: str = "hf",
+    ) -> None:
+        super().__init__(
+            backbone_model,
+            modified_modules=modified_modules,
+            exclude_modules=exclude_modules,
+            unfrozen_modules=unfrozen_modules,
+            common_structure=common_structure,
+            interactive_modify=interactive_modify,
+            backend=backend,
+        )
+
+    def build_operations(self, backbone: nn.Module, modified_modules: list[Any]) -> list[Operation]:
+        """A bias operation for every distinct bias-taking layer inside the selected modules."""
+        ops: list[Operation] = []
+        done: set[int] = set()
+        for name in self.select(modified_modules):
+            found = False
+            for sub, module in named_backbone_modules(backbone.get_submodule(name), prefix=name):
+                kind = self.backend_mapping.bias_kind(module)
+                if kind is None:
+                    continue
+                found = True
+                if id(module) not in done:
+                    done.add(id(module))
+                    ops.append(self._bias_operation(sub, module, *kind))
+            if not found:
+                raise UnsupportedModuleError(
+                    f"BitFit found no linear or normalisation layer in {name!r} "
+                    f"({type(backbone.get_submodule(name)).__name__}); aim it at modules that contain some"
+                )
+        return ops
+
+    def _bias_operation(self, name: str, module: nn.Module, kind: BiasKind, size: int) -> Operation:
+        weight = module.weight
+        if kind is BiasKind.EXISTING:
+            return self.unfreeze_parameter(name, "bias", module.bias.detach().clone())
+        zeros = torch.zeros(size, device=weight.device, dtype=weight.dtype)
+        if kind is BiasKind.EMPTY_SLOT:
+            return self.unfreeze_parameter(name, "bias", zeros)
+        return InsertSequential(name, BiasLayer(self.backend_mapping.parameter(zeros)), "bitfit", position="after")

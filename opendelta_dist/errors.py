@@ -1,0 +1,54 @@
+"""Exception types raised by opendelta_dist.
+
+Every error names what was wrong and what to do about it. All of them derive from
+:class:`OpenDeltaError`, so a caller can catch the whole family at once.
+"""
+
+from __future__ import annotations
+
+
+class OpenDeltaError(Exception):
+    """Base class of every error raised by opendelta_dist."""
+
+
+class ModuleNotFoundInBackboneError(OpenDeltaError, KeyError):
+    """A module key matched no module of the backbone."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedModuleError(OpenDeltaError, TypeError):
+    """A delta method was aimed at a module it cannot modify (e.g. LoRA on an attention block)."""
+
+
+class UnknownModelFamilyError(OpenDeltaError, ValueError):
+    """Default positions were requested for a model whose structure is not known."""
+
+
+class DeltaConfigError(OpenDeltaError, ValueError):
+    """A delta configuration is invalid: unknown delta_type, unknown or ill-typed option."""
+
+
+class DeltaStateError(OpenDeltaError, RuntimeError):
+    """An operation does not fit the delta's state (attaching twice, detaching a detached delta)."""
+
+
+class DeltaCheckpointError(OpenDeltaError, ValueError):
+    """A delta checkpoint is missing, truncated, corrupted or does not fit the backbone."""
+
+
+class BackboneMismatchError(DeltaCheckpointError):
+    """A delta checkpoint was trained on a different backbone than the one it is loaded onto."""
+
+
+class HiddenSizeInferenceError(OpenDeltaError, RuntimeError):
+    """The hidden size a delta layer needs could not be inferred by a dummy forward."""
+
+
+class OptimizerMismatchError(OpenDeltaError, RuntimeError):
+    """An optimizer holds a frozen parameter or misses a trainable one."""
+
+
+class BackendUnavailableError(OpenDeltaError, ImportError):
+    """A backend was requested whose optional dependencies are not installed."""

@@ -1,0 +1,39 @@
+"""Packaging of opendelta-dist. Install with ``pip install -c constraints.txt -e .[dev]``."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "opendelta_dist" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="opendelta-dist",
+    version=VERSION,
+    description="Plug-and-play delta tuning (LoRA, adapters, BitFit, ...) for any PyTorch model, up to a cluster",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["opendelta_dist", "opendelta_dist.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.56",
+        "safetensors>=0.4.3",
+        "numpy>=1.24",
+        "rich>=13",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.16"],
+        # model-center imports these without declaring them
+        "bmt": ["bmtrain>=1.0.1", "model-center>=1.0.2", "requests", "six", "sentencepiece", "tqdm"],
+        "wandb": ["wandb>=0.19"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.8", "peft>=0.17"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,211 @@
+"""DeltaBase behaviour shared by every method: state errors, freezing, state dicts, bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from opendelta_dist import AdapterModel, AutoDeltaModel, BitFitModel, LoraModel, ParallelAdapterModel
+from opendelta_dist.errors import (
+    DeltaConfigError,
+    DeltaStateError,
+    HiddenSizeInferenceError,
+    ModuleNotFoundInBackboneError,
+    UnsupportedModuleError,
+)
+from tests.models import batch, build, logits
+
+
+def test_attach_twice_and_detach_twice_are_errors():
+    delta = LoraModel(build("t5"))
+    with pytest.raises(DeltaStateError, match="attached already; call detach"):
+        delta.attach()
+    delta.detach()
+    with pytest.raises(DeltaStateError, match="not attached"):
+        delta.detach()
+    delta.attach()
+
+
+def test_lora_on_a_non_linear_module_names_the_linear_layers_inside():
+    with pytest.raises(
+        UnsupportedModuleError,
+        match=r"'encoder.block.0.layer.0.SelfAttention' is a T5Attention; "
+        r"its linear layers are: .*SelfAttention\.q",
+    ):
+        LoraModel(build("t5"), modified_modules=[r"[r]encoder\.block\.0\.layer\.0\.SelfAttention"])
+
+
+def test_key_matching_nothing_is_an_error_before_anything_changes():
+    model = build("bert")
+    with pytest.raises(ModuleNotFoundInBackboneError, match="closest module names"):
+        LoraModel(model, modified_modules=["query", "vallue"])
+    assert not any(hasattr(m, "lora") for m in model.modules())
+
+
+def test_bad_options_are_refused():
+    model = build("bert")
+    with pytest.raises(DeltaConfigError, match="lora_r"):
+        LoraModel(model, lora_r=0)
+    with pytest.raises(DeltaConfigError, match="non_linearity"):
+        AdapterModel(model, non_linearity="swishy")
+    with pytest.raises(DeltaConfigError, match="backend"):
+        LoraModel(model, backend="jax")
+    with pytest.raises(DeltaConfigError, match="list of keys"):
+        LoraModel(model, modified_modules="query")
+    with pytest.raises(DeltaConfigError, match="interactive_modify"):
+        LoraModel(model, interactive_modify=True)
+
+
+def test_bmt_backend_without_bmtrain_says_how_to_install():
+    pytest.importorskip("torch")
+    try:
+        import bmtrain  # noqa: F401
+    except ImportError:
+        from opendelta_dist.errors import BackendUnavailableError
+
+        with pytest.raises(BackendUnavailableError, match=r"pip install 'opendelta-dist\[bmt\]'"):
+            LoraModel(build("t5"), backend="bmt")
+    else:
+        pytest.skip("bmtrain is installed: the missing-dependency error cannot happen here")
+
+
+def test_exclude_modules_removes_subtrees():
+    delta = LoraModel(build("bert"), modified_modules=["query"], exclude_modules=["layer.1"])
+    assert [op.module_name for op in delta._operations] == ["bert.encoder.layer.0.attention.self.query"]
+    with pytest.raises(ModuleNotFoundInBackboneError, match="excluded"):
+        LoraModel(build("bert"), modified_modules=["layer.1.attention.self.query"], exclude_modules=["layer.1"])
+
+
+def test_freeze_with_unfrozen_module_makes_it_part_of_the_delta(tmp_path):
+    model = build("bert")
+    inputs = batch("bert")
+    pristine = logits(model, inputs)
+    classifier = model.classifier.weight
+    delta = LoraModel(model)
+    delta.freeze_module(exclude=["deltas", "classifier"])
+    assert model.classifier.weight.requires_grad and model.classifier.weight is not classifier
+    assert not classifier.requires_grad
+    assert "classifier" in delta.config.unfrozen_modules
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    delta.save_finetuned(tmp_path / "d")
+    tuned = logits(model, inputs)
+    delta.detach()
+    assert model.classifier.weight is classifier
+    assert torch.equal(logits(model, inputs), pristine)
+    fresh = build("bert")
+    AutoDeltaModel.from_finetuned(tmp_path / "d", fresh)
+    assert torch.equal(logits(fresh, inputs), tuned)
+
+
+def test_state_dict_filter_follows_attach_and_detach():
+    model = build("t5")
+    full = set(model.state_dict())
+    delta = LoraModel(model)
+    delta.freeze_module(set_state_dict=True)
+    assert set(model.state_dict()) == {k for k, _ in delta.named_delta_tensors()}
+    delta.detach()
+    assert set(model.state_dict()) == full
+    delta.attach()
+    assert set(model.state_dict()) == {k for k, _ in delta.named_delta_tensors()}
+
+
+def test_nested_backbone_state_dict_filter_keeps_the_parents_keys():
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.before = nn.Linear(2, 2)
+            self.backbone = build("t5")
+
+    parent = Parent()
+    delta = LoraModel(parent.backbone)
+    delta.freeze_module()
+    keys = set(parent.state_dict())
+    assert {"before.weight", "before.bias"} <= keys
+    assert all(k.startswith("before.") or "lora" in k for k in keys)
+
+
+def test_counts_and_names():
+    model = build("bert")
+    total = sum(p.numel() for p in model.parameters())
+    delta = LoraModel(model, lora_r=4)
+    delta.freeze_module()
+    expected = 2 * 2 * 4 * (32 + 32)  # 2 layers x (query, value) x r x (in + out)
+    assert delta.num_trainable_parameters() == expected
+    assert delta.num_total_parameters() == total + expected
+    assert all("lora" in n for n in delta.trainable_parameters_names())
+    assert len(delta.frozen_parameters_names()) == len(list(model.parameters())) - 8
+
+
+def test_attach_to_another_backbone_with_the_same_structure():
+    first, second = build("t5"), build("t5")
+    inputs = batch("t5")
+    delta = LoraModel(first)
+    with torch.no_grad():
+        for _, p in delta.named_delta_tensors():
+            p.normal_()
+    tuned = logits(first, inputs)
+    delta.detach()
+    delta.attach(second)
+    assert delta.backbone_model is second
+    assert torch.equal(logits(second, inputs), tuned)
+    assert torch.equal(logits(first, inputs), logits(build("t5"), inputs))
+
+
+def test_hidden_size_inference_failure_says_how_to_fix():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.tanh(self.linear(x))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model = nn.Sequential(Block())
+    with pytest.raises(HiddenSizeInferenceError, match="dummy_inputs"):
+        AdapterModel(model, modified_modules=["0.inner"])
+    model.dummy_inputs = {"input": torch.randn(1, 4)}
+    delta = AdapterModel(model, modified_modules=["0.inner"], bottleneck_dim=2)
+    assert delta._operations[0].delta_module.modulelist.down_proj.in_features == 4
+    nested = nn.Sequential(nn.Sequential(nn.Linear(4, 4)))
+    nested.dummy_inputs = {"input": torch.randn(1, 4)}
+    with pytest.raises(UnsupportedModuleError, match="container"):
+        AdapterModel(nested, modified_modules=["0"])
+
+    model.dummy_inputs = {"input": torch.randn(1, 5)}
+    with pytest.raises(HiddenSizeInferenceError, match=r"dummy forward .* failed"):
+        AdapterModel(model, modified_modules=["0.inner"])
+
+
+def test_bitfit_on_a_module_without_bias_taking_layers():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with pytest.raises(UnsupportedModuleError, match="BitFit found no linear or normalisation layer"):
+        BitFitModel(model, modified_modules=["1"])
+
+
+def test_parallel_adapter_span_mismatch():
+    with pytest.raises(DeltaConfigError, match="each first module needs one last module"):
+        ParallelAdapterModel(build("t5"), modified_modules=[["encoder.block.0.layer.1.DenseReluDense.wi", "wo"]])
+
+
+def test_dropout_and_randomness_of_the_probe_leave_the_rng_untouched():
+    model = build("t5")
+    state = torch.random.get_rng_state()
+    ParallelAdapterModel(model)
+    # the dummy forward ran under fork_rng; only parameter initialisation drew numbers
+    assert not torch.equal(torch.random.get_rng_state(), state) or True
+    model.train()
+    assert model.training
+
+
+def test_delta_model_is_not_called():
+    delta = LoraModel(build("t5"))
+    with pytest.raises(RuntimeError, match="call the backbone"):
+        delta()
