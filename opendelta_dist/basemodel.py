@@ -370,17 +370,17 @@ class DeltaBase(nn.Module):
         return [n for n, p in root.named_parameters() if not p.requires_grad]
 
     def trainable_parameters(self, module: nn.Module | None = None) -> list[nn.Parameter]:
-        """The trainable parameters of ``module`` (default: the backbone): what an optimizer takes."""
-        root = self.backbone_model if module is None else module
+        """The trainable parameters of ``module``; default the delta's own (what an optimizer takes)."""
+        root = self if module is None else module
         return [p for p in root.parameters() if p.requires_grad]
 
     def num_trainable_parameters(self, module: nn.Module | None = None) -> int:
-        """Number of trainable scalars in ``module`` (default: the backbone)."""
+        """Number of trainable scalars in ``module`` (default: the delta)."""
         return sum(p.numel() for p in self.trainable_parameters(module))
 
     def num_total_parameters(self, module: nn.Module | None = None) -> int:
-        """Number of scalars in ``module`` (default: the backbone, with its attached deltas)."""
-        root = self.backbone_model if module is None else module
+        """Number of scalars in ``module`` (default: the delta)."""
+        root = self if module is None else module
         return sum(p.numel() for p in root.parameters())
 
     def log(

@@ -130,10 +130,14 @@ def test_counts_and_names():
     delta = LoraModel(model, lora_r=4)
     delta.freeze_module()
     expected = 2 * 2 * 4 * (32 + 32)  # 2 layers x (query, value) x r x (in + out)
-    assert delta.num_trainable_parameters() == expected
-    assert delta.num_total_parameters() == total + expected
+    # by default the counts are the delta's (as in OpenDelta); pass the backbone for its counts
+    assert delta.num_trainable_parameters() == delta.num_total_parameters() == expected
+    assert delta.num_trainable_parameters(model) == expected
+    assert delta.num_total_parameters(model) == total + expected
     assert all("lora" in n for n in delta.trainable_parameters_names())
     assert len(delta.frozen_parameters_names()) == len(list(model.parameters())) - 8
+    delta.freeze_module(exclude=[])
+    assert delta.num_trainable_parameters() == 0 and delta.num_total_parameters() == expected
 
 
 def test_attach_to_another_backbone_with_the_same_structure():
