@@ -16,6 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["opendelta_dist", "opendelta_dist.*"]),
+    package_data={"opendelta_dist.train": ["assets/*/*"]},
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.4",
@@ -23,13 +24,25 @@ setup(
         "safetensors>=0.4.3",
         "numpy>=1.24",
         "rich>=13",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],
         # model-center imports these without declaring them
         "bmt": ["bmtrain>=1.0.1", "model-center>=1.0.2", "requests", "six", "sentencepiece", "tqdm"],
         "wandb": ["wandb>=0.19"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.8", "peft>=0.17"],
+        "tensorboard": ["tensorboard>=2.14"],
+        # the tests exercise every engine and logger that runs on CPU
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "ruff>=0.8",
+            "peft>=0.17",
+            "deepspeed>=0.16",
+            "tensorboard>=2.14",
+            "wandb>=0.19",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

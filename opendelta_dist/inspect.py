@@ -5,7 +5,7 @@ that the optimizer holds exactly the model's trainable parameters.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -181,11 +181,12 @@ def _listing(items: list[str]) -> str:
     return shown if len(items) <= _LISTED else f"{shown} and {len(items) - _LISTED} more"
 
 
-def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+def check_optimizer(optimizer: torch.optim.Optimizer | Sequence[torch.Tensor], model: nn.Module) -> None:
     """Check that ``optimizer`` holds exactly the trainable parameters of ``model``, each once.
 
     Args:
-        optimizer: the optimizer.
+        optimizer: the optimizer, or the list of parameters an engine's optimizer updates (DeepSpeed's
+            ZeRO optimizers hold flat copies; their engines report the module parameters behind them).
         model: the model it trains (the backbone with its deltas attached).
 
     Raises:
@@ -200,7 +201,8 @@ def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     frozen: list[str] = []
     foreign: list[str] = []
     duplicated: list[str] = []
-    for g, group in enumerate(optimizer.param_groups):
+    groups = optimizer.param_groups if hasattr(optimizer, "param_groups") else [{"params": list(optimizer)}]
+    for g, group in enumerate(groups):
         for t, tensor in enumerate(group["params"]):
             key = id(tensor)
             where = names.get(key, f"param_groups[{g}]['params'][{t}] of shape {tuple(tensor.shape)}")
@@ -230,4 +232,20 @@ def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
             + "; ".join(problems)
             + ". Build it after attaching the deltas and calling freeze_module(), from "
             "[p for p in model.parameters() if p.requires_grad], with each parameter in one group only."
+        )
+
+
+def check_gradients(model: nn.Module) -> None:
+    """Check, after a backward pass, that no frozen parameter of ``model`` holds a gradient.
+
+    Raises:
+        OptimizerMismatchError: a frozen parameter has a gradient (something unfroze it behind the
+            optimizer's back, or gradients were not cleared); the message names them.
+    """
+    leaked = [name for name, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    if leaked:
+        raise OptimizerMismatchError(
+            f"{len(leaked)} frozen parameter(s) received gradients: {_listing(leaked)}. Only the delta (and "
+            "explicitly unfrozen modules) may train: freeze before wrapping the model, and do not set "
+            "requires_grad on backbone parameters afterwards."
         )

@@ -148,9 +148,20 @@ def write_json_atomic(file: Path, data: dict[str, Any]) -> None:
 
 
 def save_delta(
-    delta: DeltaBase, path: Path, save_config: bool = True, state_dict: dict[str, torch.Tensor] | None = None
+    delta: DeltaBase,
+    path: Path,
+    save_config: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    checksum: tuple[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``delta``'s checkpoint into ``path``; see the module docstring for the layout.
+
+    Args:
+        delta: the delta to save.
+        path: the checkpoint directory.
+        save_config: write ``config.json``.
+        state_dict: the delta's full tensors when they are not its own parameters (gathered from shards).
+        checksum: :func:`backbone_checksum` of the backbone, taken before an engine sharded it.
 
     Returns:
         ``path``.
@@ -172,7 +183,7 @@ def save_delta(
     if save_config:
         from opendelta_dist import __version__
 
-        structure, values = backbone_checksum(delta.backbone_model)
+        structure, values = checksum if checksum is not None else backbone_checksum(delta.backbone_model)
         name_or_path = getattr(getattr(delta.backbone_model, "config", None), "_name_or_path", "") or None
         config = {
             **delta.config.to_dict(),

@@ -1,0 +1,675 @@
+"""Training data: read rows, tokenize them, and cut them into per-rank batches that survive a restart.
+
+The pipeline, as data::
+
+    DataConfig --load_rows--> [{"input": str, "target": str | int}, ...]
+               --TokenizedDataset(rows, tokenizer, config)--> items of token ids
+               --build_dataloader (ShardedBatchSampler + collate)--> padded tensor batches for one rank
+
+Rows come from local files (jsonl, json, csv, tsv; read with the standard library), from the
+embedded ``tiny_t2t`` set (``DATA_DIR``), or from a ``datasets`` hub name when that package is
+installed and the network allows. Every problem with the data is a :class:`DataError` that names
+the file, the line and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch.utils.data import DataLoader, Dataset
+
+from opendelta_dist.errors import OpenDeltaError
+
+DATA_DIR = Path(__file__).parent / "assets" / "tiny_t2t"
+"""The embedded default data set: ``train.jsonl`` and ``dev.jsonl`` with ``input``/``target`` fields."""
+
+FORMATS = ("jsonl", "json", "csv", "tsv")
+TASKS = ("seq2seq", "classification")
+SPLITS = ("train", "eval")
+IGNORE_INDEX = -100
+"""Label value that losses and metrics skip (padding of seq2seq targets)."""
+
+_EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+_HUB_SPLITS = {"train": ("train",), "eval": ("validation", "test")}
+
+
+class DataError(OpenDeltaError, ValueError):
+    """Training data is missing, unreadable, or does not fit the data configuration."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it becomes model inputs.
+
+    Attributes:
+        name: ``"tiny_t2t"`` selects the embedded set (used only when no file and no hub name is given).
+        train_file: local file of training rows. When either file is set, both splits come from files.
+        eval_file: local file of evaluation rows.
+        hub_name: a ``datasets`` hub name (needs the ``datasets`` package and the network).
+        hub_config: the hub data set's configuration name, if it has several.
+        format: ``jsonl``, ``json`` (an array of objects), ``csv`` or ``tsv``; inferred from the extension.
+        task: ``"seq2seq"`` (targets are text) or ``"classification"`` (targets are class ids).
+        input_column: the column holding the input text.
+        target_column: the column holding the target text or label.
+        label_names: classification: the class names; a label value that is one of them (or an
+            integer index into them) becomes that class id. seq2seq: integer label ``i`` becomes the
+            target text ``label_names[i]`` (SST-2's ``label`` 0/1 -> ``"negative"``/``"positive"``).
+        max_length: inputs are truncated to this many tokens.
+        max_target_length: seq2seq targets (with their end-of-sequence token) must fit in this many
+            tokens; a longer one is an error, since a truncated target can never be matched exactly.
+        max_train_rows: keep only this many training rows: the first ones of a permutation of the
+            file seeded with ``shuffle_seed``.
+        max_eval_rows: keep only the first this many evaluation rows, in file order.
+        shuffle_seed: seed of the permutation used with ``max_train_rows``.
+    """
+
+    name: str = "tiny_t2t"
+    train_file: str | None = None
+    eval_file: str | None = None
+    hub_name: str | None = None
+    hub_config: str | None = None
+    format: str | None = None
+    task: str = "seq2seq"
+    input_column: str = "input"
+    target_column: str = "target"
+    label_names: list[str] | None = None
+    max_length: int = 128
+    max_target_length: int = 8
+    max_train_rows: int | None = None
+    max_eval_rows: int | None = None
+    shuffle_seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------- reading rows
+
+
+def load_rows(config: DataConfig, split: str) -> list[dict[str, Any]]:
+    """Read one split and turn every row into ``{"input": str, "target": str | int}``.
+
+    The target is text for ``task="seq2seq"`` and a class id for ``task="classification"``.
+    Training rows are permuted with ``shuffle_seed`` and truncated when ``max_train_rows`` is set;
+    evaluation rows are truncated to ``max_eval_rows`` in file order.
+
+    Args:
+        config: the data configuration.
+        split: ``"train"`` or ``"eval"``.
+
+    Returns:
+        The normalised rows.
+
+    Raises:
+        DataError: unknown split or task, a missing file, an unknown format, a missing column, an
+            empty file, a malformed row (with its line number), or a hub data set that cannot be loaded.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if config.task not in TASKS:
+        raise DataError(f"unknown task {config.task!r} in DataConfig.task; use one of {', '.join(TASKS)}")
+    raw, source = _read_split(config, split)
+    if not raw:
+        raise DataError(f"{source} has no rows; fill it or point DataConfig at another file")
+    rows = [_normalise(config, values, where) for values, where in raw]
+    if split == "train" and config.max_train_rows is not None:
+        generator = torch.Generator().manual_seed(config.shuffle_seed)
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        rows = [rows[i] for i in order[: config.max_train_rows]]
+    if split == "eval" and config.max_eval_rows is not None:
+        rows = rows[: config.max_eval_rows]
+    return rows
+
+
+def _read_split(config: DataConfig, split: str) -> tuple[list[tuple[dict[str, Any], str]], str]:
+    """Pick the source of a split and read its raw rows, each with a "file, line N" location."""
+    if config.train_file is not None or config.eval_file is not None:
+        key = "train_file" if split == "train" else "eval_file"
+        path = getattr(config, key)
+        if path is None:
+            other = "eval_file" if key == "train_file" else "train_file"
+            raise DataError(
+                f"DataConfig.{key} is not set but DataConfig.{other} is; pass {key}=<path> too "
+                "(files are never mixed with the embedded or hub data)"
+            )
+        return _read_file(Path(path), config.format, key), str(path)
+    if config.hub_name is not None:
+        return _read_hub(config, split), f"hub data set {config.hub_name!r}"
+    if config.name == "tiny_t2t":
+        path = DATA_DIR / ("train.jsonl" if split == "train" else "dev.jsonl")
+        return _read_file(path, "jsonl", "embedded tiny_t2t"), str(path)
+    raise DataError(
+        f"no data for DataConfig.name={config.name!r}: only 'tiny_t2t' is embedded; "
+        "pass train_file/eval_file (local files) or hub_name"
+    )
+
+
+def _read_file(path: Path, fmt: str | None, key: str) -> list[tuple[dict[str, Any], str]]:
+    """Read a local file into raw rows; each row comes with its location for error messages."""
+    if not path.is_file():
+        raise DataError(f"{key}: file {str(path)!r} does not exist; fix the path")
+    if fmt is None:
+        fmt = _EXTENSIONS.get(path.suffix.lower())
+        if fmt is None:
+            raise DataError(
+                f"{key}: cannot infer the format of {str(path)!r} from its extension {path.suffix!r}; "
+                f"set DataConfig.format to one of {', '.join(FORMATS)}"
+            )
+    if fmt not in FORMATS:
+        raise DataError(f"unknown DataConfig.format {fmt!r}; use one of {', '.join(FORMATS)}")
+    with path.open(encoding="utf-8", newline="") as handle:
+        if fmt == "jsonl":
+            return _read_jsonl(handle, path)
+        if fmt == "json":
+            return _read_json(handle, path)
+        return _read_delimited(handle, path, fmt)
+
+
+def _read_jsonl(handle: Any, path: Path) -> list[tuple[dict[str, Any], str]]:
+    rows = []
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():  # blank lines (a trailing newline, spacing) carry no row
+            continue
+        where = f"{path}, line {number}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg}); fix or remove the line") from error
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: expected a JSON object per line, got {type(value).__name__}")
+        rows.append((value, where))
+    return rows
+
+
+def _read_json(handle: Any, path: Path) -> list[tuple[dict[str, Any], str]]:
+    try:
+        value = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}: not valid JSON ({error.msg} at line {error.lineno}); a file with one object per line "
+            "is JSON Lines: name it .jsonl or set DataConfig.format='jsonl'"
+        ) from error
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(value).__name__}")
+    rows = []
+    for number, item in enumerate(value, start=1):
+        where = f"{path}, row {number}"
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        rows.append((item, where))
+    return rows
+
+
+def _read_delimited(handle: Any, path: Path, fmt: str) -> list[tuple[dict[str, Any], str]]:
+    # TSV files such as GLUE's have no quoting at all: a '"' inside a sentence is just a character
+    if fmt == "tsv":
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.DictReader(handle)
+    rows = []
+    try:
+        for row in reader:
+            where = f"{path}, line {reader.line_num}"
+            extra = row.pop(None, None)  # type: ignore[call-overload]
+            if extra is not None or None in row.values():
+                fields = sum(value is not None for value in row.values()) + len(extra or [])
+                raise DataError(
+                    f"{where}: has {fields} fields but the header has {len(row)}; fix the line "
+                    f"(fields of {fmt} are separated by {'a tab' if fmt == 'tsv' else 'a comma'})"
+                )
+            rows.append((row, where))
+    except csv.Error as error:
+        raise DataError(f"{path}, line {reader.line_num}: unreadable {fmt} ({error})") from error
+    return rows
+
+
+def _read_hub(config: DataConfig, split: str) -> list[tuple[dict[str, Any], str]]:
+    """Load a split of a ``datasets`` hub data set (train -> "train"; eval -> "validation", else "test")."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise DataError(
+            f"hub_name={config.hub_name!r} needs the `datasets` package, which is not installed; "
+            "pip install datasets, or download the files and pass train_file/eval_file"
+        ) from error
+    try:
+        splits = datasets.load_dataset(config.hub_name, config.hub_config)
+    except Exception as error:  # offline, unknown name, bad config: all end the same way for the user
+        raise DataError(
+            f"could not load hub data set {config.hub_name!r} (config {config.hub_config!r}): {error}; "
+            "check the name and the network, or download the files and pass train_file/eval_file"
+        ) from error
+    for name in _HUB_SPLITS[split]:
+        if name in splits:
+            rows = enumerate(splits[name], start=1)
+            return [(dict(row), f"hub {config.hub_name!r} split {name!r}, row {i}") for i, row in rows]
+    wanted = " or ".join(repr(name) for name in _HUB_SPLITS[split])
+    raise DataError(
+        f"hub data set {config.hub_name!r} has no split {wanted} "
+        f"(it has {', '.join(splits)}); pass local files with train_file/eval_file"
+    )
+
+
+def _normalise(config: DataConfig, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Turn one raw row into ``{"input": text, "target": text or class id}``."""
+    for column in (config.input_column, config.target_column):
+        if column not in values:
+            raise DataError(
+                f"{where}: no column {column!r} (columns present: {', '.join(map(str, values))}); "
+                "set DataConfig.input_column/target_column to the right names"
+            )
+    text = values[config.input_column]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: input {config.input_column!r} must be text, got {text!r}")
+    label = values[config.target_column]
+    if config.task == "classification":
+        return {"input": text, "target": _class_id(label, config.label_names, where)}
+    return {"input": text, "target": _target_text(label, config.label_names, where)}
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer label from JSON (int) or a text file ("1", " 1 "); None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _class_id(label: Any, label_names: list[str] | None, where: str) -> int:
+    """Map a classification label (a class name, or an integer class id) to a class id."""
+    if label_names is not None and isinstance(label, str) and label in label_names:
+        return label_names.index(label)
+    index = _as_int(label)
+    if index is None:
+        known = f"one of {label_names}" if label_names is not None else "an integer class id"
+        raise DataError(f"{where}: label {label!r} is not {known}; fix the row or DataConfig.label_names")
+    if index < 0 or (label_names is not None and index >= len(label_names)):
+        raise DataError(
+            f"{where}: class id {index} is out of range for label_names {label_names}; "
+            "fix the row or add the missing names"
+        )
+    return index
+
+
+def _target_text(label: Any, label_names: list[str] | None, where: str) -> str:
+    """Map a seq2seq target to text: itself, or ``label_names[i]`` for an integer label ``i``."""
+    if label_names is not None:
+        index = _as_int(label)
+        if index is not None:
+            if not 0 <= index < len(label_names):
+                raise DataError(
+                    f"{where}: label {index} has no name in label_names {label_names}; "
+                    "fix the row or add the missing names"
+                )
+            return label_names[index]
+    if isinstance(label, str):
+        return label
+    if isinstance(label, int) and not isinstance(label, bool):
+        return str(label)
+    raise DataError(f"{where}: target {label!r} must be text (or an integer with DataConfig.label_names)")
+
+
+# ----------------------------------------------------------------------------------------- tokenizing
+
+
+def build_tokenizer(model_name_or_path: str | None) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer of a model: a local directory or hub name, or the file-less byte-level ByT5 tokenizer.
+
+    Args:
+        model_name_or_path: ``None`` or ``"byt5"`` for ``ByT5Tokenizer()`` (bytes + 3 special tokens and
+            125 sentinels: 384 ids, pad 0, eos 1); otherwise passed to ``AutoTokenizer.from_pretrained``.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        DataError: the tokenizer could not be loaded (missing directory, no network for a hub name).
+    """
+    if model_name_or_path is None or model_name_or_path == "byt5":
+        return transformers.ByT5Tokenizer()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as error:
+        raise DataError(
+            f"could not load a tokenizer from {model_name_or_path!r} ({error}); pass a local directory "
+            "holding the tokenizer files, a reachable hub name, or None for the byte-level tokenizer"
+        ) from error
+
+
+class TokenizedDataset(Dataset):
+    """Rows tokenized once, up front; item ``i`` holds the token ids of row ``i``.
+
+    An item is ``{"input_ids": list[int], "attention_mask": list[int], "labels": list[int] | int}``:
+    the target's token ids (with end-of-sequence) for seq2seq, the class id for classification.
+    The raw rows stay available as ``dataset.rows`` (``rows[i]["target"]`` is the target text).
+    """
+
+    def __init__(
+        self, rows: list[dict[str, Any]], tokenizer: transformers.PreTrainedTokenizerBase, config: DataConfig
+    ) -> None:
+        """Tokenize every row.
+
+        Args:
+            rows: rows from :func:`load_rows` (``{"input": str, "target": str | int}``).
+            tokenizer: the model's tokenizer.
+            config: gives ``task``, ``max_length`` and ``max_target_length``.
+
+        Raises:
+            DataError: no rows, a seq2seq target longer than ``max_target_length`` tokens, or a target
+                of the wrong type for the task.
+        """
+        if not rows:
+            raise DataError("no rows to tokenize; load them with load_rows")
+        self.rows = rows
+        self.task = config.task
+        inputs = tokenizer([row["input"] for row in rows], truncation=True, max_length=config.max_length)
+        self.input_ids: list[list[int]] = inputs["input_ids"]
+        self.attention_mask: list[list[int]] = inputs["attention_mask"]
+        if config.task == "seq2seq":
+            self.labels: list[Any] = self._tokenize_targets(rows, tokenizer, config.max_target_length)
+        else:
+            self.labels = [row["target"] for row in rows]
+            bad = next((t for t in self.labels if not isinstance(t, int) or isinstance(t, bool)), None)
+            if bad is not None:
+                raise DataError(f"classification target {bad!r} is not a class id; build rows with load_rows")
+
+    @staticmethod
+    def _tokenize_targets(
+        rows: list[dict[str, Any]], tokenizer: transformers.PreTrainedTokenizerBase, max_target_length: int
+    ) -> list[list[int]]:
+        # Targets repeat a lot (class names as text), so each distinct one is tokenized once
+        distinct = sorted({row["target"] for row in rows})
+        ids = dict(zip(distinct, tokenizer(distinct)["input_ids"]))
+        longest = max(distinct, key=lambda t: len(ids[t]))
+        if len(ids[longest]) > max_target_length:
+            raise DataError(
+                f"target {longest!r} is {len(ids[longest])} tokens (with end-of-sequence) but "
+                f"max_target_length is {max_target_length}; raise DataConfig.max_target_length to at least "
+                f"{len(ids[longest])} or shorten the targets"
+            )
+        return [ids[row["target"]] for row in rows]
+
+    def __len__(self) -> int:
+        """Number of rows."""
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """The token ids of row ``index``."""
+        return {
+            "input_ids": self.input_ids[index],
+            "attention_mask": self.attention_mask[index],
+            "labels": self.labels[index],
+        }
+
+
+def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad a list of items to the longest in the batch (right padding).
+
+    Args:
+        batch: items of a :class:`TokenizedDataset`.
+        pad_token_id: the id padding ``input_ids`` (``attention_mask`` pads with 0). Seq2seq
+            ``labels`` pad with ``IGNORE_INDEX`` (-100) so the loss skips them.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` (long, ``[batch, length]``) and ``labels`` (long,
+        ``[batch, target length]`` for seq2seq, ``[batch]`` for classification): what the model's
+        forward takes, and nothing else.
+
+    Raises:
+        DataError: the batch is empty.
+    """
+    if not batch:
+        raise DataError("cannot collate an empty batch")
+
+    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max(len(row) for row in rows)
+        return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+    labels = [item["labels"] for item in batch]
+    return {
+        "input_ids": pad([item["input_ids"] for item in batch], pad_token_id),
+        "attention_mask": pad([item["attention_mask"] for item in batch], 0),
+        "labels": pad(labels, IGNORE_INDEX) if isinstance(labels[0], list) else torch.tensor(labels, dtype=torch.long),
+    }
+
+
+# ----------------------------------------------------------------------------------------- batching
+
+
+def check_batch(global_batch_size: int, world_size: int, grad_accum: int) -> int:
+    """The per-rank micro batch size that makes ``global_batch_size`` examples per optimizer step.
+
+    Args:
+        global_batch_size: examples per optimizer step, over all ranks and accumulation steps.
+        world_size: number of ranks.
+        grad_accum: micro batches accumulated per optimizer step.
+
+    Returns:
+        ``global_batch_size // (world_size * grad_accum)``.
+
+    Raises:
+        DataError: a value is not positive, or the global batch does not divide.
+    """
+    for name, value in (
+        ("global batch", global_batch_size),
+        ("world size", world_size),
+        ("gradient accumulation", grad_accum),
+    ):
+        if value < 1:
+            raise DataError(f"{name} must be at least 1, got {value}")
+    per_step = world_size * grad_accum
+    if global_batch_size % per_step:
+        lower = global_batch_size // per_step * per_step
+        options = f"{lower} or {lower + per_step}" if lower else f"{per_step}"
+        raise DataError(
+            f"global batch {global_batch_size} is not divisible by world size {world_size} x gradient "
+            f"accumulation {grad_accum}; choose a global batch that is a multiple of {per_step} "
+            f"(e.g. {options}), or change the gradient accumulation"
+        )
+    return global_batch_size // per_step
+
+
+class ShardedBatchSampler:
+    """Batches of dataset indices for one rank, the same on every run and resumable mid-epoch.
+
+    Each epoch orders the indices by a permutation seeded with ``seed + epoch`` (or in order when
+    ``shuffle=False``) and cuts the order into global batches of ``batch_size * world_size``
+    consecutive indices; rank ``r`` takes positions ``[r * batch_size, (r + 1) * batch_size)`` of each.
+    All ranks therefore see disjoint examples and the same number of batches.
+
+    With ``drop_last=False`` (evaluation) every example is used exactly once: the last, smaller
+    global batch is split as evenly as possible (shares differ by at most one); when it has fewer
+    examples than ranks it is merged into the global batch before it, so no rank gets an empty
+    batch and a rank's last batch may hold up to ``batch_size + 1`` examples.
+
+    Epochs and resuming: the sampler counts ``batches_done`` in the current epoch; a batch counts as
+    done as soon as it is handed out (exact with ``num_workers=0``, which fetches nothing ahead).
+    When an iteration runs to the end of the epoch, the sampler moves to the next epoch by itself,
+    so a training loop is simply::
+
+        while step < max_steps:
+            for batch in loader:  # one pass = the rest of the current epoch
+                ...
+
+    Leaving the ``for`` early keeps the position; the next ``iter`` continues the same epoch.
+    ``state_dict()`` saved after a step and ``load_state_dict()`` in a fresh process continue with
+    the very next batch. Use one iterator at a time.
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        """Check the shape of the run.
+
+        Args:
+            num_examples: size of the dataset.
+            batch_size: examples per batch on this rank.
+            rank: this rank, ``0 <= rank < world_size``.
+            world_size: number of ranks.
+            seed: base of the per-epoch permutation seed (``seed + epoch``).
+            shuffle: permute the indices each epoch.
+            drop_last: drop the last global batch when it is not full (training).
+
+        Raises:
+            DataError: a bad rank or size, or too few examples for one batch on every rank.
+        """
+        if batch_size < 1 or world_size < 1:
+            raise DataError(f"batch size and world size must be at least 1, got {batch_size} and {world_size}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world size {world_size}")
+        global_batch = batch_size * world_size
+        if drop_last and num_examples < global_batch:
+            raise DataError(
+                f"{num_examples} examples are fewer than one global batch of {global_batch} "
+                f"({batch_size} per rank x {world_size} ranks), so an epoch would be empty; "
+                "lower the batch size or use more data"
+            )
+        if num_examples < world_size:
+            raise DataError(f"{num_examples} examples cannot give each of {world_size} ranks a batch; use more data")
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.batches_done = 0
+
+    def _global_batches(self) -> list[tuple[int, int]]:
+        """``(start, size)`` of each global batch in the epoch's order."""
+        global_batch = self.batch_size * self.world_size
+        full, rest = divmod(self.num_examples, global_batch)
+        batches = [(i * global_batch, global_batch) for i in range(full)]
+        if rest and not self.drop_last:
+            if rest < self.world_size and batches:  # too few to give every rank one: join the previous batch
+                start, size = batches.pop()
+                batches.append((start, size + rest))
+            else:
+                batches.append((full * global_batch, rest))
+        return batches
+
+    def _epoch_batches(self) -> list[list[int]]:
+        """This rank's batches of the current epoch."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_examples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_examples))
+        batches = []
+        for start, size in self._global_batches():
+            share, extra = divmod(size, self.world_size)
+            first = start + self.rank * share + min(self.rank, extra)  # ranks below `extra` take one more
+            batches.append(order[first : first + share + (self.rank < extra)])
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """Yield the remaining batches of the current epoch, then move to the next epoch."""
+        if self.batches_done >= len(self):  # a state saved right after an epoch's last batch
+            self.set_epoch(self.epoch + 1)
+        for batch in self._epoch_batches()[self.batches_done :]:
+            self.batches_done += 1  # counted before handing out: a checkpoint taken after this step skips it
+            yield batch
+        self.set_epoch(self.epoch + 1)
+
+    def __len__(self) -> int:
+        """Batches per epoch (the whole epoch, not what is left of it)."""
+        return len(self._global_batches())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its first batch.
+
+        Args:
+            epoch: the epoch number (its permutation is seeded with ``seed + epoch``).
+        """
+        self.epoch = epoch
+        self.batches_done = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The position: ``{"epoch": int, "batches_done": int}`` (batches of that epoch handed out)."""
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a position saved by :meth:`state_dict`.
+
+        Args:
+            state: ``{"epoch": int, "batches_done": int}``.
+
+        Raises:
+            DataError: the state does not fit this sampler (missing keys, or more batches than an epoch has).
+        """
+        try:
+            epoch, done = int(state["epoch"]), int(state["batches_done"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(f"sampler state {state!r} needs integer 'epoch' and 'batches_done'") from error
+        if epoch < 0 or not 0 <= done <= len(self):
+            raise DataError(
+                f"sampler state {state!r} does not fit an epoch of {len(self)} batches; was the checkpoint "
+                "written with another data set, batch size or world size?"
+            )
+        self.epoch = epoch
+        self.batches_done = done
+
+
+def build_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    shuffle: bool,
+    pad_token_id: int,
+    drop_last: bool | None = None,
+) -> DataLoader:
+    """A loader of padded batches for one rank, driven by a :class:`ShardedBatchSampler`.
+
+    Args:
+        dataset: a :class:`TokenizedDataset` (or any sized dataset of such items).
+        batch_size: examples per batch on this rank.
+        rank: this rank.
+        world_size: number of ranks.
+        seed: sampler seed.
+        shuffle: permute each epoch (training) or keep order (evaluation).
+        pad_token_id: the tokenizer's pad id.
+        drop_last: drop the ragged last global batch; ``None`` means the same as ``shuffle``
+            (training drops it, evaluation keeps every example).
+
+    Returns:
+        The loader (``num_workers=0``); its sampler is ``loader.batch_sampler``.
+
+    Raises:
+        DataError: as :class:`ShardedBatchSampler`.
+    """
+    sampler = ShardedBatchSampler(
+        len(dataset),  # type: ignore[arg-type]
+        batch_size,
+        rank,
+        world_size,
+        seed,
+        shuffle=shuffle,
+        drop_last=shuffle if drop_last is None else drop_last,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=functools.partial(collate, pad_token_id=pad_token_id),
+        num_workers=0,
+    )

@@ -1,0 +1,30 @@
+"""The ``ddp`` engine: every rank holds the whole model; gradients of the delta are all-reduced."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from opendelta_dist.train.engines.single import SingleEngine
+
+
+class DDPEngine(SingleEngine):
+    """PyTorch ``DistributedDataParallel``; frozen parameters get no gradient buckets."""
+
+    name = "ddp"
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """Wrap in DDP (with one process, train as is)."""
+        if not self.topology.distributed:
+            return module
+        device_ids = [self.topology.device.index] if self.topology.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+
+    def no_sync(self, last: bool) -> Any:
+        """Skip the all-reduce on all but the last micro-batch of an optimizer step."""
+        if last or not isinstance(self.model, DistributedDataParallel):
+            return nullcontext()
+        return self.model.no_sync()

@@ -1,0 +1,86 @@
+"""Metric loggers: console, TensorBoard, Weights & Biases. Only rank 0 logs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from opendelta_dist.errors import DeltaConfigError
+
+
+class MetricLogger:
+    """Sends ``{name: value}`` at a step to every configured backend, and to ``<run_dir>/metrics.jsonl``.
+
+    Args:
+        backends: any of ``"console"``, ``"tensorboard"``, ``"wandb"``.
+        run_dir: the run's directory (TensorBoard and offline W&B files go under it).
+        enabled: False on every rank but 0.
+        project: W&B project name.
+        run_name: W&B run name.
+        config: the resolved run configuration, recorded by W&B.
+    """
+
+    def __init__(
+        self,
+        backends: list[str],
+        run_dir: Path,
+        enabled: bool,
+        project: str = "opendelta-dist",
+        run_name: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        unknown = set(backends) - {"console", "tensorboard", "wandb"}
+        if unknown:
+            raise DeltaConfigError(f"unknown logger(s) {sorted(unknown)}; choose from console, tensorboard, wandb")
+        self.enabled = enabled
+        self.console = Console(soft_wrap=True)
+        self.backends = list(backends)
+        self._tb: Any = None
+        self._wandb: Any = None
+        self._jsonl = run_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        if "tensorboard" in backends:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if "wandb" in backends:
+            import wandb
+
+            # without credentials, log offline into the run directory (sync later with `wandb sync`)
+            offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
+            for var, sub in (
+                ("WANDB_DIR", ""),
+                ("WANDB_CACHE_DIR", "wandb-cache"),
+                ("WANDB_CONFIG_DIR", "wandb-config"),
+            ):
+                os.environ.setdefault(var, str(run_dir / sub) if sub else str(run_dir))
+            self._wandb = wandb.init(
+                project=project, name=run_name, config=config, mode="offline" if offline else None, dir=str(run_dir)
+            )
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        """Record ``metrics`` at ``step`` under ``prefix/``."""
+        if not self.enabled:
+            return
+        with self._jsonl.open("a") as f:
+            f.write(json.dumps({"split": prefix, "step": step, **metrics}) + "\n")
+        if "console" in self.backends:
+            shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+            self.console.print(f"[bold]{prefix}[/] step {step}: {shown}", highlight=False, soft_wrap=True)
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        """Flush and close the backends."""
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,438 @@
+"""The delta-tuning recipe: one readable class, ``setup / train / evaluate / save_checkpoint / cleanup``.
+
+It turns a run configuration (composed by Hydra from ``configs/`` and ``recipes/``) into calls:
+build the backbone, attach the delta, freeze the rest, let the engine wrap/shard it, prove with the
+inspector that only the delta trains, then loop with gradient accumulation, clipping, warm-up + decay,
+periodic evaluation and atomic checkpoints, and save the final delta as full tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from opendelta_dist.auto_delta import AutoDeltaConfig, AutoDeltaModel, read_config_file
+from opendelta_dist.errors import DeltaConfigError, OpenDeltaError
+from opendelta_dist.inspect import (
+    check_gradients,
+    check_optimizer,
+    inspect_module_statistics,
+    print_module_statistics,
+)
+from opendelta_dist.saving import backbone_checksum, save_delta
+from opendelta_dist.train import checkpoint as ckpt
+from opendelta_dist.train.data import (
+    DataConfig,
+    TokenizedDataset,
+    build_dataloader,
+    build_tokenizer,
+    check_batch,
+    load_rows,
+)
+from opendelta_dist.train.engines import OptimizerSpec, build_engine
+from opendelta_dist.train.loggers import MetricLogger
+from opendelta_dist.train.models import ModelConfig, build_model
+from opendelta_dist.train.topology import Topology
+
+#: For recovery tests: the rank named by OPENDELTA_DIST_FAIL_RANK exits abruptly when it reaches this
+#: step in the first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT=0).
+FAIL_AT_STEP_ENV = "OPENDELTA_DIST_FAIL_AT_STEP"
+FAIL_RANK_ENV = "OPENDELTA_DIST_FAIL_RANK"
+
+
+class TrainingDivergedError(OpenDeltaError, RuntimeError):
+    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python (so dataclasses and JSON take them)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:
+        pass
+    return value
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def sequence_exact_match(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """Sequences whose every target token is the argmax under teacher forcing.
+
+    This equals the exact match of greedy decoding (the target includes its end-of-sequence token),
+    and needs the same single forward on every rank, so sharded engines never wait on each other.
+    """
+    mask = labels != -100
+    hits = ((logits.argmax(-1) == labels) | ~mask).all(dim=-1)
+    return int(hits.sum()), int(labels.shape[0])
+
+
+class _Window:
+    """Loss and tokens accumulated since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.tokens, self.steps, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss += loss
+        self.tokens += tokens
+        self.steps += 1
+
+
+class DeltaTuningRecipe:
+    """Delta-tune a backbone on one engine; see the module docstring.
+
+    Args:
+        cfg: the composed run configuration (a Hydra ``DictConfig`` or a plain dict).
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = _plain(cfg)
+        self.console = Console(soft_wrap=True)
+        self.step = 0
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        """Build everything, prove the optimizer holds only delta parameters, resume if asked."""
+        cfg = self.cfg
+        train = cfg["train"]
+        self.topology = Topology.from_environment(cfg.get("device", "auto"))
+        self.topology.init_process_group()
+        self.main = self.topology.is_main
+        self.run_dir = Path(cfg["run_dir"]).resolve()
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+        self.accum = int(train.get("grad_accum", 1))
+        self.micro_batch = check_batch(int(train["global_batch_size"]), self.topology.world_size, self.accum)
+        torch.manual_seed(int(cfg.get("seed", 0)))
+
+        model_cfg = ModelConfig(**cfg["model"])
+        data_cfg = DataConfig(**cfg["data"])
+        if data_cfg.task != model_cfg.task:
+            raise DeltaConfigError(f"data.task={data_cfg.task!r} but model.task={model_cfg.task!r}; make them equal")
+        self.task = data_cfg.task
+        self.tokenizer = build_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path)
+        train_rows, eval_rows = load_rows(data_cfg, "train"), load_rows(data_cfg, "eval")
+        self.train_set = TokenizedDataset(train_rows, self.tokenizer, data_cfg)
+        self.eval_set = TokenizedDataset(eval_rows, self.tokenizer, data_cfg)
+        self.loader = build_dataloader(
+            self.train_set,
+            self.micro_batch,
+            self.topology.rank,
+            self.topology.world_size,
+            seed=int(cfg.get("seed", 0)),
+            shuffle=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+        self.model = build_model(model_cfg)
+        self.delta_config = AutoDeltaConfig.from_dict(dict(cfg["delta"]))
+        self.delta = AutoDeltaModel.from_config(self.delta_config, self.model)
+        self.delta.freeze_module(set_state_dict=False)
+        self.checksum = backbone_checksum(self.model)  # before any engine shards the weights
+        stats = inspect_module_statistics(self.model, verbose=False)
+
+        resume_from = self._resume_source()
+        if resume_from is not None:
+            self._check_same_delta(resume_from)
+
+        engine_cfg = dict(cfg["engine"])
+        self.engine = build_engine(engine_cfg.pop("name"), self.topology, engine_cfg.get("options") or {})
+        optim = dict(cfg["optim"])
+        spec = OptimizerSpec(
+            **{k: v for k, v in optim.items() if k != "betas"},
+            betas=tuple(optim.get("betas", (0.9, 0.999))),
+            total_steps=int(train["max_steps"]),
+            grad_accum=self.accum,
+        )
+        self.engine.prepare(self.model, self.delta, spec)
+
+        # the inspector, enforced: refuse to start unless the optimizer holds exactly the trainable parameters
+        held = self.engine.optimized_parameters()
+        if self.main:
+            print_module_statistics(stats, memory=False)
+            self.console.print(
+                f"optimizer ({self.engine.name}): {len(held)} tensors, "
+                f"{sum(getattr(p, 'ds_numel', p.numel()) for p in held):,} parameters"
+            )
+        check_optimizer(held, self.engine.module)
+
+        self.logger = MetricLogger(
+            list(cfg.get("logger", {}).get("backends", ["console"])),
+            self.run_dir,
+            enabled=self.main,
+            project=cfg.get("logger", {}).get("project", "opendelta-dist"),
+            run_name=self.run_dir.name,
+            config=cfg,
+        )
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+
+    def _resume_source(self) -> Path | None:
+        resume = self.cfg.get("resume")
+        if resume in (None, "", "none", False):
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_root)
+        path = Path(resume)
+        ckpt.read_trainer_state(path)  # raises when it is not a finished checkpoint
+        return path
+
+    def _check_same_delta(self, source: Path) -> None:
+        saved = AutoDeltaConfig.from_dict(read_config_file(source / "delta")).to_dict()
+        wanted = self.delta.config.to_dict()
+        differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        if differ:
+            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {wanted.get(k)!r}" for k in differ)
+            raise DeltaConfigError(
+                f"cannot resume from {source}: its delta configuration differs ({details}). Resume with the "
+                "same delta options, or start a new run (another run_dir, or resume=null)."
+            )
+
+    def _load_checkpoint(self, source: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = ckpt.read_trainer_state(source)
+        self.engine.load_delta(self.delta, load_file(source / "delta" / "delta_model.safetensors"))
+        self.engine.load_training_state(source)
+        self.loader.batch_sampler.load_state_dict(state["data"])
+        ckpt.load_rng(source, self.topology.rank)
+        self.step = int(state["step"])
+        if self.main:
+            self.console.print(f"resumed from {source} at step {self.step}")
+
+    # ------------------------------------------------------------------ loop
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        # the sampler advances its epoch when one is exhausted, so this runs for as many epochs as needed
+        while True:
+            yield from self.loader
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.topology.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def train(self) -> dict[str, float]:
+        """Run until ``train.max_steps`` optimizer steps; returns the final evaluation metrics."""
+        train = self.cfg["train"]
+        max_steps = int(train["max_steps"])
+        eval_every = int(train.get("eval_every", 0))
+        ckpt_every = int(self.cfg.get("checkpoint", {}).get("every", 0))
+        log_every = int(train.get("log_every", 10))
+        fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, -1))
+        fail_here = (
+            int(os.environ.get(FAIL_RANK_ENV, -1)) == self.topology.rank
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        )
+        batches = self._batches()
+        self.engine.model.train()
+        window = _Window()
+        progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.main,
+        )
+        with progress:
+            bar = progress.add_task("train", total=max_steps, completed=self.step, status="")
+            while self.step < max_steps:
+                if fail_here and self.step == fail_at:
+                    os._exit(17)  # an abrupt death, as a killed rank: no clean-up, no checkpoint
+                loss, tokens = self._optimizer_step(batches)
+                grad_norm = self.engine.optimizer_step()
+                self.step += 1
+                window.add(loss, tokens)
+                if self.step % log_every == 0 or self.step == max_steps:
+                    metrics = self._window_metrics(window, grad_norm)
+                    self.logger.log(self.step, metrics)
+                    progress.update(
+                        bar,
+                        status=f"loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:.0f} tok/s  "
+                        f"{metrics['memory_mb']:.0f} MB",
+                    )
+                progress.update(bar, completed=self.step)
+                if eval_every and self.step % eval_every == 0 and self.step < max_steps:
+                    self.logger.log(self.step, self.evaluate(), prefix="eval")
+                if ckpt_every and self.step % ckpt_every == 0:
+                    self.save_checkpoint()
+        final = self.evaluate()
+        self.logger.log(self.step, final, prefix="eval")
+        self.save_final()
+        return final
+
+    def _optimizer_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """Forward and backward of ``grad_accum`` micro-batches; returns their mean loss and token count.
+
+        Raises:
+            TrainingDivergedError: the loss is not finite on some rank (every rank stops together).
+        """
+        losses, tokens = [], 0
+        for i in range(self.accum):
+            batch = self._to_device(next(batches))
+            losses.append(self.engine.micro_step(batch, last=i == self.accum - 1))
+            tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+            if self.step == 0 and i == 0:
+                check_gradients(self.engine.module)  # after the first backward: only trainable tensors have grads
+        loss = torch.stack(losses).float().mean()
+        finite = _all_reduce([float(torch.isfinite(loss))], self.topology.device, dist.ReduceOp.MIN)[0]
+        if not finite:
+            last = ckpt.latest_checkpoint(self.ckpt_root)
+            raise TrainingDivergedError(
+                f"the loss is {loss.item()} at step {self.step + 1}; training stopped. The last good checkpoint "
+                f"is {last or 'none (no checkpoint was written yet)'}: lower optim.lr, set optim.max_grad_norm, "
+                "or use bf16 instead of fp16, then resume=auto."
+            )
+        return loss.item(), tokens
+
+    def _window_metrics(self, window: _Window, grad_norm: float | None) -> dict[str, float]:
+        """Loss averaged over ranks and steps since the last log, throughput of all ranks, memory."""
+        loss_sum, tokens = _all_reduce([window.loss, float(window.tokens)], self.topology.device)
+        metrics = {
+            "loss": loss_sum / (window.steps * self.topology.world_size),
+            "lr": self.engine.lr(),
+            "tokens_per_s": tokens / max(time.perf_counter() - window.start, 1e-9),
+            "memory_mb": _memory_mb(self.topology.device),
+        }
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        window.reset()
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and task metric (accuracy or exact match) on the evaluation set, over all ranks.
+
+        Every rank runs the same number of forward passes (sharded engines need it): the rows are split
+        across ranks and the shorter shards padded with a repeated row that is not counted.
+        """
+        rank, world = self.topology.rank, self.topology.world_size
+        rows = list(range(len(self.eval_set)))
+        per_rank = math.ceil(len(rows) / world)
+        shard = rows[rank::world]
+        counted = len(shard)
+        shard = shard + shard[:1] * (per_rank - counted)
+        size = max(1, int(self.cfg["train"].get("eval_batch_size", 16)) // world)
+        model = self.engine.model
+        model.eval()
+        loss_sum = correct = total = 0.0
+        for start in range(0, per_rank, size):
+            ids = shard[start : start + size]
+            keep = max(0, min(len(ids), counted - start))
+            batch = self._to_device(self.loader.collate_fn([self.eval_set[i] for i in ids]))
+            out = self.engine.eval_forward(batch)
+            if keep == 0:
+                continue
+            logits, labels = out.logits[:keep].float(), batch["labels"][:keep]
+            if self.task == "classification":
+                loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+                hits = int((logits.argmax(-1) == labels).sum())
+            else:
+                token_loss = torch.nn.functional.cross_entropy(
+                    logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
+                ).sum(-1) / (labels != -100).sum(-1).clamp(min=1)
+                loss = token_loss.sum()
+                hits, _ = sequence_exact_match(logits, labels)
+            loss_sum += float(loss)
+            correct += hits
+            total += keep
+        model.train()
+        loss_sum, correct, total = _all_reduce([loss_sum, correct, total], self.topology.device)
+        name = "accuracy" if self.task == "classification" else "exact_match"
+        return {"loss": loss_sum / max(total, 1), name: correct / max(total, 1)}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write a training checkpoint atomically; see :mod:`opendelta_dist.train.checkpoint`."""
+        final, staging = ckpt.step_dir(self.ckpt_root, self.step), ckpt.staging_dir(self.ckpt_root, self.step)
+        if self.main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.topology.barrier()
+        tensors = self.engine.gather_delta(self.delta)
+        if self.main:
+            save_delta(self.delta, staging / "delta", state_dict=tensors, checksum=self.checksum)
+        self.engine.save_training_state(staging)
+        ckpt.save_rng(staging, self.topology.rank)
+        self.topology.barrier()
+        if self.main:
+            state = {
+                "step": self.step,
+                "data": self.loader.batch_sampler.state_dict(),
+                "world_size": self.topology.world_size,
+                "engine": self.engine.name,
+            }
+            ckpt.write_trainer_state(staging, state)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            ckpt.prune(self.ckpt_root, int(self.cfg.get("checkpoint", {}).get("keep_last", 2)))
+        self.topology.barrier()
+        return final
+
+    def save_final(self) -> Path:
+        """Save the final delta (full tensors, ``save_finetuned`` format) to ``<run_dir>/final_delta``."""
+        path = self.run_dir / "final_delta"
+        tensors = self.engine.gather_delta(self.delta)
+        if self.main:
+            save_delta(self.delta, path, state_dict=tensors, checksum=self.checksum)
+            self.console.print(f"saved the final delta to {path}")
+        self.topology.barrier()
+        return path
+
+    def cleanup(self) -> None:
+        """Close loggers and the engine and leave the process group; always runs."""
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.close()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+        topology = getattr(self, "topology", None)
+        if topology is not None:
+            topology.destroy_process_group()
+
+
+def run(cfg: Any) -> dict[str, float]:
+    """Set up, train and clean up (even on failure); returns the final evaluation metrics."""
+    recipe = DeltaTuningRecipe(cfg)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()

@@ -1,0 +1,84 @@
+"""Who this process is in a run: rank, world size, device; and the process group's life cycle."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Topology:
+    """This process's place in the run (read from torchrun's environment variables).
+
+    Attributes:
+        rank: global rank.
+        world_size: number of processes.
+        local_rank: rank on this node (selects the GPU).
+        device: where this process computes.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether a process group is (to be) used."""
+        return self.world_size > 1
+
+    @classmethod
+    def from_environment(cls, device: str = "auto") -> Topology:
+        """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (set by torchrun; absent means one process).
+
+        Args:
+            device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+        """
+        rank = int(os.environ.get("RANK", 0))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+        return cls(rank, world, local, torch.device("cuda", local) if use_cuda else torch.device("cpu"))
+
+    def init_process_group(self) -> None:
+        """Join the process group (gloo on CPU, NCCL on GPU) when there is more than one process."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if not self.distributed or dist.is_initialized():
+            return
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None or "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend)
+            return
+        # Under torchrun the store outlives a restart, and the addresses the ranks of the failed attempt
+        # published in it are still there: a restarted gloo group would connect to dead ranks. Each
+        # attempt therefore gets keys of its own.
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            self.world_size,
+            is_master=False,
+            timeout=timedelta(minutes=30),
+        )
+        prefixed = dist.PrefixStore(f"opendelta_dist/attempt{attempt}", store)
+        dist.init_process_group(backend, store=prefixed, rank=self.rank, world_size=self.world_size)
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op with one process)."""
+        if dist.is_initialized():
+            dist.barrier()
+
+    def destroy_process_group(self) -> None:
+        """Leave the process group, if this process joined one."""
+        if dist.is_initialized():
+            dist.destroy_process_group()

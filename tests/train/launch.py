@@ -1,0 +1,46 @@
+"""Run launch/train.py as a user would: under torchrun (or plain python), in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.train.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def launch(
+    overrides: list[str], nproc: int = 2, env: dict[str, str] | None = None, max_restarts: int = 0, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc_per_node=nproc launch/train.py *overrides`` (plain python when nproc is 0)."""
+    if nproc:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        ]
+    else:
+        cmd = [sys.executable]
+    cmd += [str(ROOT / "launch" / "train.py"), *overrides]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def metrics(run_dir: Path, split: str = "train") -> list[dict[str, Any]]:
+    """The records a run logged to metrics.jsonl."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def check(result: subprocess.CompletedProcess[str]) -> None:
+    """Fail with the run's output when it did not succeed."""
+    assert result.returncode == 0, result.stdout[-4000:] + "\n---\n" + result.stderr[-6000:]

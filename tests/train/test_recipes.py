@@ -1,0 +1,54 @@
+"""Every recipe composes, and every config group binds to what consumes it (nothing is built)."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from opendelta_dist.auto_delta import AutoDeltaConfig
+from opendelta_dist.train.data import DataConfig
+from opendelta_dist.train.engines import OptimizerSpec
+from opendelta_dist.train.models import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def _compose(overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        return compose("config", overrides=overrides)
+
+
+def test_the_issue_recipes_exist():
+    assert {"lora_t5_tiny", "lora_t5_base", "adapter_t5_3b", "bitfit_roberta_large", "lora_t5_11b"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes_and_binds(recipe):
+    text = (ROOT / "recipes" / f"{recipe}.yaml").read_text().splitlines()
+    assert text[0] == "# @package _global_"
+    assert text[1].startswith("# ") and f"+recipe={recipe}" in text[1], "line 2 is the command that runs it"
+    cfg = OmegaConf.to_container(_compose([f"+recipe={recipe}"]), resolve=True)
+    assert cfg["run_dir"] == f"outputs/{recipe}"
+    ModelConfig(**cfg["model"])
+    DataConfig(**cfg["data"])
+    AutoDeltaConfig.from_dict(dict(cfg["delta"]))
+    optim = {k: v for k, v in cfg["optim"].items() if k != "betas"}
+    OptimizerSpec(**optim, betas=tuple(cfg["optim"]["betas"]))
+    assert cfg["engine"]["name"] in {"single", "ddp", "fsdp", "deepspeed", "bmt"}
+
+
+@pytest.mark.parametrize("engine", ["single", "ddp", "fsdp", "deepspeed"])
+def test_engine_is_one_key(engine):
+    cfg = _compose(["+recipe=lora_t5_tiny", f"engine={engine}"])
+    assert cfg.engine.name == engine
+
+
+def test_unknown_recipe_and_key_are_hydra_errors():
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="lora_t5_tinyy"):
+        _compose(["+recipe=lora_t5_tinyy"])
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        _compose(["+recipe=lora_t5_tiny", "train.max_stepz=3"])

@@ -1,0 +1,120 @@
+"""The embedded default recipe end to end, under torchrun with 2 gloo processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opendelta_dist import AutoDeltaModel
+from opendelta_dist.train.data import DataConfig, TokenizedDataset, build_tokenizer, collate, load_rows
+from opendelta_dist.train.models import ModelConfig, build_model
+from opendelta_dist.train.recipe import FAIL_AT_STEP_ENV, FAIL_RANK_ENV, sequence_exact_match
+from tests.train.launch import ROOT, check, launch, metrics
+
+pytestmark = pytest.mark.slow
+TINY = ["+recipe=lora_t5_tiny", "train.log_every=1", "train.eval_every=0"]
+
+
+def _final_delta(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final_delta" / "delta_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One uninterrupted 2-process DDP run of 16 steps, shared by the tests below."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    check(launch([*TINY, "train.max_steps=16", "checkpoint.every=4", f"run_dir={run_dir}"]))
+    return run_dir
+
+
+def test_default_recipe_learns_and_its_delta_reproduces_the_metric(reference):
+    losses = [r["loss"] for r in metrics(reference)]
+    assert len(losses) == 16 and losses[-1] < losses[0] / 2
+    final = metrics(reference, "eval")[-1]
+
+    # the saved delta on a plain, unsharded model built from the same config gives the same evaluation
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = OmegaConf.to_container(compose("config", overrides=["+recipe=lora_t5_tiny"]), resolve=True)
+    torch.manual_seed(cfg["seed"])
+    model = build_model(ModelConfig(**cfg["model"])).eval()
+    AutoDeltaModel.from_finetuned(reference / "final_delta", model)
+    data = DataConfig(**cfg["data"])
+    tokenizer = build_tokenizer("byt5")
+    dataset = TokenizedDataset(load_rows(data, "eval"), tokenizer, data)
+    batch = collate([dataset[i] for i in range(len(dataset))], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}).logits
+    hits, total = sequence_exact_match(logits, batch["labels"])
+    assert hits / total == pytest.approx(final["exact_match"])
+
+
+def test_a_killed_rank_resumes_from_the_last_checkpoint(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch(
+        [*TINY, "train.max_steps=16", "checkpoint.every=4", "resume=auto", f"run_dir={run_dir}"],
+        env={FAIL_AT_STEP_ENV: "10", FAIL_RANK_ENV: "1"},
+        max_restarts=1,
+    )
+    check(result)
+    assert "resumed from" in result.stdout and "step_00000008" in result.stdout
+    # the restarted run continues the same trajectory: the same final delta (CPU, fp32: tolerance 1e-6)
+    ours, ref = _final_delta(run_dir), _final_delta(reference)
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch(
+        [
+            *TINY,
+            "train.max_steps=6",
+            "checkpoint.every=1",
+            "optim.lr=1e30",
+            "optim.max_grad_norm=null",
+            "optim.warmup_steps=0",
+            f"run_dir={run_dir}",
+        ]
+    )
+    assert result.returncode != 0
+    assert "TrainingDivergedError" in result.stderr and "last good checkpoint" in result.stderr
+    done = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert done and all(name.startswith("step_") for name in done)
+    assert not (run_dir / "final_delta").exists()
+
+
+def test_resuming_with_another_delta_configuration_is_refused(reference, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    result = launch([*TINY, "train.max_steps=20", "resume=auto", "delta.lora_r=4", f"run_dir={run_dir}"], nproc=0)
+    assert result.returncode == 1
+    assert "cannot resume" in result.stderr and "lora_r" in result.stderr
+
+
+def test_missing_data_file_exits_non_zero_with_a_clear_error(tmp_path):
+    files = ["data.train_file=/nonexistent/train.jsonl", "data.eval_file=/nonexistent/dev.jsonl"]
+    result = launch([*TINY, *files, f"run_dir={tmp_path / 'run'}"], nproc=0)
+    assert result.returncode == 1
+    assert "DataError" in result.stderr and "/nonexistent/train.jsonl" in result.stderr
+
+
+def test_batch_not_divisible_by_world_size(tmp_path):
+    result = launch([*TINY, "train.global_batch_size=15", f"run_dir={tmp_path / 'run'}"], nproc=2)
+    assert result.returncode != 0
+    assert "not divisible by world size 2" in result.stderr
+
+
+def test_unknown_recipe_or_key_exits_non_zero(tmp_path):
+    result = launch(["+recipe=nope", f"run_dir={tmp_path}"], nproc=0)
+    assert result.returncode != 0 and "nope" in result.stderr
+    result = launch([*TINY, "train.max_stepz=3", f"run_dir={tmp_path}"], nproc=0)
+    assert result.returncode != 0 and "max_stepz" in result.stderr
