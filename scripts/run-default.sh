@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: LoRA on a tiny T5 with the tiny data set in the repo, 2 CPU processes.
+# The main job: the embedded default recipe (LoRA on a tiny T5, the tiny data set in the package), 2 CPU processes.
 source "$(dirname "$0")/env.sh"
-torchrun --standalone --nproc_per_node=2 examples/tune_tiny.py "$@"
+torchrun --standalone --nproc_per_node=2 launch/train.py +recipe=lora_t5_tiny "$@"
