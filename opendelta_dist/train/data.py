@@ -338,6 +338,9 @@ def build_tokenizer(model_name_or_path: str | None) -> transformers.PreTrainedTo
     """
     if model_name_or_path is None or model_name_or_path == "byt5":
         return transformers.ByT5Tokenizer()
+    # A path-looking name that is not there would otherwise be retried as a hub name (slow offline)
+    if model_name_or_path.startswith(("/", "./", "../", "~")) and not Path(model_name_or_path).expanduser().is_dir():
+        raise DataError(f"tokenizer directory {model_name_or_path!r} does not exist; fix the path")
     try:
         return transformers.AutoTokenizer.from_pretrained(model_name_or_path)
     except (OSError, ValueError) as error:

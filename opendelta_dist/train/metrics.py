@@ -37,6 +37,25 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     return int(correct.sum()), int(counted.sum())
 
 
+def teacher_forced_exact_match(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """Count sequences whose every target token is the arg-max under teacher forcing.
+
+    This equals the exact match of greedy decoding when the targets end with the end-of-sequence
+    token (decoding reproduces a target exactly when each next token is the arg-max given the right
+    prefix), and it needs a single forward, the same on every rank, so sharded engines never wait
+    on each other the way a ``generate`` loop of data-dependent length would make them.
+
+    Args:
+        logits: ``[batch, target_length, vocab]`` decoder scores.
+        labels: ``[batch, target_length]`` target ids, ``-100`` where padded.
+
+    Returns:
+        ``(correct, total)`` over sequences.
+    """
+    hits = ((logits.argmax(dim=-1) == labels) | (labels == IGNORE_INDEX)).all(dim=-1)
+    return int(hits.sum()), int(labels.shape[0])
+
+
 def normalise_text(text: str) -> str:
     """The form compared by :func:`exact_match`: lower case, whitespace runs as one space, no outer spaces.
 

@@ -9,7 +9,6 @@ periodic evaluation and atomic checkpoints, and save the final delta as full ten
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import shutil
@@ -34,6 +33,7 @@ from opendelta_dist.inspect import (
 from opendelta_dist.saving import backbone_checksum, save_delta
 from opendelta_dist.train import checkpoint as ckpt
 from opendelta_dist.train.data import (
+    IGNORE_INDEX,
     DataConfig,
     TokenizedDataset,
     build_dataloader,
@@ -43,6 +43,7 @@ from opendelta_dist.train.data import (
 )
 from opendelta_dist.train.engines import OptimizerSpec, build_engine
 from opendelta_dist.train.loggers import MetricLogger
+from opendelta_dist.train.metrics import METRIC_NAMES, MetricAccumulator, accuracy, teacher_forced_exact_match
 from opendelta_dist.train.models import ModelConfig, build_model
 from opendelta_dist.train.topology import Topology
 
@@ -80,17 +81,6 @@ def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> li
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t.tolist()
-
-
-def sequence_exact_match(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """Sequences whose every target token is the argmax under teacher forcing.
-
-    This equals the exact match of greedy decoding (the target includes its end-of-sequence token),
-    and needs the same single forward on every rank, so sharded engines never wait on each other.
-    """
-    mask = labels != -100
-    hits = ((logits.argmax(-1) == labels) | ~mask).all(dim=-1)
-    return int(hits.sum()), int(labels.shape[0])
 
 
 class _Window:
@@ -148,6 +138,15 @@ class DeltaTuningRecipe:
         train_rows, eval_rows = load_rows(data_cfg, "train"), load_rows(data_cfg, "eval")
         self.train_set = TokenizedDataset(train_rows, self.tokenizer, data_cfg)
         self.eval_set = TokenizedDataset(eval_rows, self.tokenizer, data_cfg)
+        self.eval_loader = build_dataloader(
+            self.eval_set,
+            max(1, int(train.get("eval_batch_size", 32)) // self.topology.world_size),
+            self.topology.rank,
+            self.topology.world_size,
+            seed=0,
+            shuffle=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         self.loader = build_dataloader(
             self.train_set,
             self.micro_batch,
@@ -337,43 +336,28 @@ class DeltaTuningRecipe:
     def evaluate(self) -> dict[str, float]:
         """Loss and task metric (accuracy or exact match) on the evaluation set, over all ranks.
 
-        Every rank runs the same number of forward passes (sharded engines need it): the rows are split
-        across ranks and the shorter shards padded with a repeated row that is not counted.
+        The evaluation loader gives every rank the same number of batches and every example once,
+        so sharded engines run matching forwards and the metric does not depend on the world size.
         """
-        rank, world = self.topology.rank, self.topology.world_size
-        rows = list(range(len(self.eval_set)))
-        per_rank = math.ceil(len(rows) / world)
-        shard = rows[rank::world]
-        counted = len(shard)
-        shard = shard + shard[:1] * (per_rank - counted)
-        size = max(1, int(self.cfg["train"].get("eval_batch_size", 16)) // world)
+        metric = METRIC_NAMES[self.task]
+        sums = MetricAccumulator(metric)
         model = self.engine.model
         model.eval()
-        loss_sum = correct = total = 0.0
-        for start in range(0, per_rank, size):
-            ids = shard[start : start + size]
-            keep = max(0, min(len(ids), counted - start))
-            batch = self._to_device(self.loader.collate_fn([self.eval_set[i] for i in ids]))
-            out = self.engine.eval_forward(batch)
-            if keep == 0:
-                continue
-            logits, labels = out.logits[:keep].float(), batch["labels"][:keep]
+        for raw in self.eval_loader:
+            batch = self._to_device(raw)
+            logits, labels = self.engine.eval_forward(batch).logits.float(), batch["labels"]
             if self.task == "classification":
-                loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
-                hits = int((logits.argmax(-1) == labels).sum())
+                losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                correct, total = accuracy(logits, labels)
             else:
-                token_loss = torch.nn.functional.cross_entropy(
-                    logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
-                ).sum(-1) / (labels != -100).sum(-1).clamp(min=1)
-                loss = token_loss.sum()
-                hits, _ = sequence_exact_match(logits, labels)
-            loss_sum += float(loss)
-            correct += hits
-            total += keep
+                token_losses = torch.nn.functional.cross_entropy(
+                    logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+                )
+                losses = token_losses.sum(-1) / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
+                correct, total = teacher_forced_exact_match(logits, labels)
+            sums.update(correct, total, float(losses.sum()), int(losses.numel()))
         model.train()
-        loss_sum, correct, total = _all_reduce([loss_sum, correct, total], self.topology.device)
-        name = "accuracy" if self.task == "classification" else "exact_match"
-        return {"loss": loss_sum / max(total, 1), name: correct / max(total, 1)}
+        return sums.compute(self.topology.device)
 
     # ------------------------------------------------------------------ checkpoints
 
