@@ -225,6 +225,12 @@ class DeltaTuningRecipe:
         from safetensors.torch import load_file
 
         state = ckpt.read_trainer_state(source)
+        if state.get("engine") == "deepspeed" and state.get("world_size") != self.topology.world_size:
+            raise DeltaConfigError(
+                f"cannot resume from {source}: DeepSpeed's optimizer state is partitioned for "
+                f"{state.get('world_size')} ranks and this run has {self.topology.world_size}. Resume with the same "
+                "number of processes, or start from its delta alone (a new run_dir)."
+            )
         self.engine.load_delta(self.delta, load_file(source / "delta" / "delta_model.safetensors"))
         self.engine.load_training_state(source)
         self.loader.batch_sampler.load_state_dict(state["data"])
