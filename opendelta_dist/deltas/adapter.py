@@ -49,13 +49,17 @@ class BottleneckMLP(nn.Module):
         super().__init__()
         down = backend.linear(in_dim, bottleneck_dim, True, device, dtype)
         up = backend.linear(bottleneck_dim, out_dim, True, device, dtype)
-        for layer in (down, up):
-            if layer.weight.device.type != "meta":
-                nn.init.normal_(layer.weight, std=0.01)
-                nn.init.zeros_(layer.bias)
         self.modulelist = nn.Sequential(
             OrderedDict([("down_proj", down), ("non_linear", activation(non_linearity)), ("up_proj", up)])
         )
+        if down.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weights normal(0, 0.01), biases zero (also after materialising from the meta device)."""
+        for layer in (self.modulelist.down_proj, self.modulelist.up_proj):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The bottleneck MLP of ``x``, in ``x``'s dtype."""

@@ -24,6 +24,10 @@ class BiasLayer(nn.Module):
         super().__init__()
         self.bias = bias
 
+    def reset_parameters(self) -> None:
+        """The bias starts at zero."""
+        nn.init.zeros_(self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x + bias``."""
         return x + self.bias.to(x.dtype)

@@ -65,7 +65,12 @@ class LowRankLinear(nn.Module):
         self.lora_A = backend.parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = backend.parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         if self.lora_A.device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``lora_A`` Kaiming-uniform, ``lora_B`` zero (also after materialising from the meta device)."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The update for input ``x``; the caller adds it to the linear layer's output."""

@@ -14,6 +14,7 @@ import resource
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,8 @@ class DeltaTuningRecipe:
             grad_accum=self.accum,
         )
         self.engine.prepare(self.model, self.delta, spec)
+        if model_cfg.init_device == "meta" and model_cfg.name_or_path:
+            self._load_pretrained_into_shards(model_cfg)
 
         # the inspector, enforced: refuse to start unless the optimizer holds exactly the trainable parameters
         held = self.engine.optimized_parameters()
@@ -199,6 +202,19 @@ class DeltaTuningRecipe:
         )
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+
+    def _load_pretrained_into_shards(self, model_cfg: ModelConfig) -> None:
+        """A meta-built backbone has no weights: rank 0 reads the checkpoint and the engine shards it."""
+        load = getattr(self.engine, "load_pretrained", None)
+        if load is None:
+            raise DeltaConfigError(
+                f"model.init_device=meta with pretrained weights ({model_cfg.name_or_path}) needs an engine that "
+                f"loads them into its shards (engine=fsdp); the {self.engine.name} engine does not. "
+                "Use model.init_device=cpu with this engine."
+            )
+        state = build_model(replace(model_cfg, init_device="cpu")).state_dict() if self.main else {}
+        load(state)
+        del state
 
     def _resume_source(self) -> Path | None:
         resume = self.cfg.get("resume")

@@ -73,6 +73,24 @@ class Topology:
         prefixed = dist.PrefixStore(f"opendelta_dist/attempt{attempt}", store)
         dist.init_process_group(backend, store=prefixed, rank=self.rank, world_size=self.world_size)
 
+    def ensure_process_group(self) -> bool:
+        """Join the run's process group, or open a local one of size 1 for a single process (sharding
+        engines need a group even then).
+
+        Returns:
+            Whether a local group was opened (the caller closes it with :meth:`destroy_process_group`).
+        """
+        if dist.is_initialized():
+            return False
+        if self.distributed:
+            self.init_process_group()
+            return False
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return True
+
     def barrier(self) -> None:
         """Wait for every rank (no-op with one process)."""
         if dist.is_initialized():

@@ -161,19 +161,6 @@ class DeepSpeedEngine(Engine):
             )
         return spec.build_optimizer(params)
 
-    def _join_process_group(self) -> None:
-        # DeepSpeed wraps an existing torch process group; one process still needs a (local) group
-        if dist.is_initialized():
-            return
-        if self.topology.distributed:
-            self.topology.init_process_group()
-            return
-        backend = "nccl" if self.topology.device.type == "cuda" else "gloo"
-        if self.topology.device.type == "cuda":
-            torch.cuda.set_device(self.topology.device)
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        self._own_process_group = True
-
     def prepare(self, module: nn.Module, delta: DeltaBase, spec: OptimizerSpec) -> None:
         """Build the optimizer over the trainable parameters and hand module, optimizer and schedule to DeepSpeed.
 
@@ -181,7 +168,7 @@ class DeepSpeedEngine(Engine):
             BackendUnavailableError: DeepSpeed is not installed.
         """
         deepspeed = _import_deepspeed()
-        self._join_process_group()
+        self._own_process_group = self.topology.ensure_process_group()
         self.spec = spec
         optimizer = self.build_optimizer(spec, [p for p in module.parameters() if p.requires_grad])
         engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
