@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 
 from opendelta_dist import LoraModel
 from opendelta_dist.errors import BackendUnavailableError, DeltaConfigError
@@ -27,9 +27,8 @@ from opendelta_dist.train.engines.deepspeed import DeepSpeedEngine
 from opendelta_dist.train.engines.single import SingleEngine
 from opendelta_dist.train.topology import Topology
 from tests.train.distributed import run_distributed
+from tests.train.engines.common import PER_RANK, WORLD, global_batch, micro_batches, random_delta, tiny_t5
 
-WORLD = 2
-PER_RANK = 2  # sequences per rank and step: two micro-batches of one
 SPEC = OptimizerSpec(lr=1e-2, warmup_steps=0, total_steps=6, max_grad_norm=0.5, grad_accum=PER_RANK)
 STEPS = 4
 SAVE_AFTER = 2  # the training state is saved after this many steps, then training resumes from it
@@ -54,49 +53,13 @@ def build_model(frozen: tuple[str, ...] = ()) -> tuple[T5ForConditionalGeneratio
     Args:
         frozen: delta tensors to freeze too.
     """
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=99,
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    model = T5ForConditionalGeneration(config)
+    model = tiny_t5()
     delta = LoraModel(backbone_model=model)
     delta.freeze_module()
     tensors = dict(delta.named_delta_tensors())
     for key in frozen:
         tensors[key].requires_grad_(False)
     return model, delta
-
-
-def global_batch(step: int) -> dict[str, torch.Tensor]:
-    """The ``WORLD * PER_RANK`` sequences of optimizer step ``step``; every label counts in the loss."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    n = WORLD * PER_RANK
-    return {
-        "input_ids": torch.randint(2, 99, (n, 7), generator=gen),
-        "labels": torch.randint(2, 99, (n, 5), generator=gen),
-    }
-
-
-def micro_batches(step: int, rank: int) -> list[dict[str, torch.Tensor]]:
-    """This rank's share of the global batch, one sequence per micro-batch."""
-    batch = global_batch(step)
-    rows = range(rank * PER_RANK, (rank + 1) * PER_RANK)
-    return [{k: v[i : i + 1] for k, v in batch.items()} for i in rows]
-
-
-def random_delta(delta: LoraModel) -> dict[str, torch.Tensor]:
-    """Full tensors unlike the initial ones (LoRA's B starts at zero), the same on every rank."""
-    gen = torch.Generator().manual_seed(7)
-    return {k: 0.1 * torch.randn(tuple(p.shape), generator=gen) for k, p in delta.named_delta_tensors()}
 
 
 # ----------------------------------------------------------------- workers (one process per rank)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 
 from opendelta_dist import BitFitModel, LoraModel
 from opendelta_dist.basemodel import DeltaBase
@@ -29,9 +29,8 @@ from opendelta_dist.train.engines.single import SingleEngine
 from opendelta_dist.train.topology import Topology
 from tests.models import FAMILIES, build
 from tests.train.distributed import run_distributed
+from tests.train.engines.common import CONFIG, PER_RANK, WORLD, global_batch, micro_batches, random_delta, tiny_t5
 
-WORLD = 2
-PER_RANK = 2  # sequences per rank and step: two micro-batches of one
 SPEC = OptimizerSpec(lr=1e-2, warmup_steps=1, total_steps=6, max_grad_norm=0.5, grad_accum=PER_RANK)
 STEPS = 4
 SAVE_AFTER = 2  # the training state is saved after this many steps, then training resumes from it
@@ -46,49 +45,10 @@ NOISE_ONLY = ("SelfAttention.k.bias",)
 
 def build_model(kind: str = "lora", meta: bool = False) -> tuple[T5ForConditionalGeneration, DeltaBase]:
     """The tiny T5 with a frozen backbone and a delta (the same weights on every call unless on meta)."""
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=99,
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    if meta:
-        with torch.device("meta"):
-            model = T5ForConditionalGeneration(config)
-    else:
-        model = T5ForConditionalGeneration(config)
+    model = tiny_t5(meta)
     delta = DELTAS[kind](model)
     delta.freeze_module()
     return model, delta
-
-
-def global_batch(step: int) -> dict[str, torch.Tensor]:
-    """The ``WORLD * PER_RANK`` sequences of optimizer step ``step``; every label counts in the loss."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    n = WORLD * PER_RANK
-    return {
-        "input_ids": torch.randint(2, 99, (n, 7), generator=gen),
-        "labels": torch.randint(2, 99, (n, 5), generator=gen),
-    }
-
-
-def micro_batches(step: int, rank: int) -> list[dict[str, torch.Tensor]]:
-    """This rank's half of the global batch, one sequence per micro-batch."""
-    batch = global_batch(step)
-    return [{k: v[i : i + 1] for k, v in batch.items()} for i in range(rank * PER_RANK, (rank + 1) * PER_RANK)]
-
-
-def random_delta(delta: DeltaBase) -> dict[str, torch.Tensor]:
-    """Full tensors unlike the initial ones (LoRA's B and new biases start at zero), the same on every rank."""
-    gen = torch.Generator().manual_seed(7)
-    return {k: 0.1 * torch.randn(tuple(p.shape), generator=gen) for k, p in delta.named_delta_tensors()}
 
 
 # ----------------------------------------------------------------- workers (one process per rank)
@@ -426,8 +386,7 @@ def pretrained_worker(checkpoint: str) -> dict[str, Any]:
 
 def test_pretrained_weights_fill_a_meta_built_sharded_backbone(tmp_path: Path) -> None:
     torch.manual_seed(3)
-    reference, _ = build_model()
-    reference = T5ForConditionalGeneration(reference.config)
+    reference = T5ForConditionalGeneration(CONFIG)
     reference.save_pretrained(tmp_path / "ckpt")
     results = run_distributed(pretrained_worker, str(tmp_path / "ckpt"), world_size=WORLD)
     expected = reference.state_dict()
