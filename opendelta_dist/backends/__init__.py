@@ -11,6 +11,7 @@ imported only when asked for.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from enum import Enum
 from typing import Protocol
 
@@ -68,6 +69,8 @@ def get_backend(name: str) -> Backend:
     """
     if name not in _BACKENDS:
         raise DeltaConfigError(f"unknown backend {name!r}; choose one of {sorted(_BACKENDS)}")
+    if importlib.util.find_spec(_BACKENDS[name]) is None:
+        raise BackendUnavailableError(f"the {name!r} backend is not part of this version of opendelta_dist")
     try:
         module = importlib.import_module(_BACKENDS[name])
     except ImportError as exc:
