@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/engines_cpu.py                                    # every variant, warm-up 2, 4 timed steps
+    python benchmarks/engines_cpu.py                                    # every variant, 2 rounds of warm-up 2 + 4 steps
     python benchmarks/engines_cpu.py --variants ddp peft-ddp --steps 2  # a quick look at two of them
 
 Every variant trains the same randomly initialised ``T5ForConditionalGeneration`` (d_model 512, d_ff
@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    import transformers
+
     load_at_start = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
     with tempfile.TemporaryDirectory(prefix="engines_cpu_") as scratch:
@@ -383,7 +385,12 @@ def main(argv: list[str] | None = None) -> None:
             "load_average_1_5_15m_at_start": load_at_start,
         },
         "config": {
-            "model": {"class": "T5ForConditionalGeneration", "init": "random", **MODEL},
+            "model": {
+                "class": "T5ForConditionalGeneration",
+                "init": "random",
+                **MODEL,
+                "dropout_rate": transformers.T5Config(**MODEL).dropout_rate,
+            },
             "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "targets": TARGETS},
             "optimizer": {
                 "class": "AdamW",
@@ -392,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                 "max_grad_norm": MAX_GRAD_NORM,
                 "schedule": "constant",
             },
-            "variants": {**{v: engines[v] for v in args.variants if v in engines}, REFERENCE: "peft + torch DDP"},
+            "variants": {v: engines.get(v, "peft.get_peft_model + torch DDP") for v in args.variants},
             "reference": REFERENCE,
             "processes": args.nproc_per_node,
             "backend": "gloo",

@@ -12,6 +12,7 @@ only rank 0 writes files and logs.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -26,9 +27,16 @@ def main(cfg: DictConfig) -> None:
     """Run the composed recipe; a library error becomes one clear line and exit status 1."""
     try:
         run(cfg)
+        status = 0
     except OpenDeltaError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        status = 1
+    # The recipe has closed its loggers and left the process group. gloo's background threads outlive
+    # destroy_process_group() and can abort the interpreter's shutdown (SIGABRT after a finished run),
+    # which torchrun would report as a failed rank and restart: leave without that shutdown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
