@@ -17,6 +17,12 @@ VOCAB = 99
 _COMMON = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+#: the tiny T5 the tests share (also the engine tests' model)
+T5_CONFIG = T.T5Config(
+    d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, **_COMMON
+)
+
+
 @dataclass(frozen=True)
 class Family:
     """How to build and feed one model family."""
@@ -110,18 +116,7 @@ FAMILIES: dict[str, Family] = {
         seq2seq=True,
     ),
     "t5": Family(
-        lambda: T.T5ForConditionalGeneration(
-            T.T5Config(
-                d_model=32,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                dropout_rate=0.0,
-                decoder_start_token_id=0,
-                **_COMMON,
-            )
-        ),
+        lambda: T.T5ForConditionalGeneration(T5_CONFIG),
         seq2seq=True,
     ),
 }

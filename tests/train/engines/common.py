@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 
 from opendelta_dist.basemodel import DeltaBase
+from tests.models import T5_CONFIG
 
 WORLD = 2
 PER_RANK = 2  # sequences per rank and step: two micro-batches of one
-CONFIG = T5Config(
-    vocab_size=99,
-    d_model=32,
-    d_kv=8,
-    d_ff=37,
-    num_layers=2,
-    num_heads=4,
-    dropout_rate=0.0,
-    decoder_start_token_id=0,
-    pad_token_id=0,
-    eos_token_id=1,
-)
+CONFIG = T5_CONFIG
 
 
 def tiny_t5(meta: bool = False) -> T5ForConditionalGeneration:
