@@ -29,7 +29,13 @@ from opendelta_dist.errors import (
     HiddenSizeInferenceError,
     ModuleNotFoundInBackboneError,
 )
-from opendelta_dist.operations import Operation, UnfreezeParameter, delta_parameter_ids, pristine_named_parameters
+from opendelta_dist.operations import (
+    Operation,
+    UnfreezeParameter,
+    delta_parameter_ids,
+    is_fixed,
+    pristine_named_parameters,
+)
 from opendelta_dist.structure import role_keys
 
 DELTAS_TOKEN = "deltas"
@@ -344,7 +350,7 @@ class DeltaBase(nn.Module):
         keep.update(id(op.parameter) for op in self._unfrozen.values())
         # the backbone's own parameters that deltas swapped out are frozen too, for after a detach
         for p in itertools.chain(root.parameters(), (p for _, p in pristine_named_parameters(root))):
-            p.requires_grad_(id(p) in keep)
+            p.requires_grad_(id(p) in keep and not is_fixed(p))
         if set_state_dict:
             self.set_active_state_dict(root)
 

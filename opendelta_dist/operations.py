@@ -395,6 +395,20 @@ def pristine_named_parameters(root: nn.Module) -> Iterator[tuple[str, nn.Paramet
             yield (f"{mname}.{pname}" if mname else pname), p
 
 
+_FIXED = "_opendelta_fixed"
+
+
+def mark_fixed(param: nn.Parameter) -> nn.Parameter:
+    """Mark a delta parameter that is saved with its delta but never trained (e.g. a fixed random rule)."""
+    setattr(param, _FIXED, True)
+    return param.requires_grad_(False)
+
+
+def is_fixed(param: nn.Parameter) -> bool:
+    """Whether ``param`` was marked by :func:`mark_fixed`."""
+    return getattr(param, _FIXED, False)
+
+
 def delta_parameter_ids(root: nn.Module) -> set[int]:
     """``id()`` of every parameter that belongs to a delta attached anywhere in ``root``."""
     ids: set[int] = set()

@@ -2,7 +2,9 @@
 
 from opendelta_dist.deltas.adapter import AdapterConfig, AdapterModel
 from opendelta_dist.deltas.bitfit import BitFitConfig, BitFitModel
+from opendelta_dist.deltas.compacter import CompacterConfig, CompacterModel
 from opendelta_dist.deltas.lora import LoraConfig, LoraModel
+from opendelta_dist.deltas.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
 from opendelta_dist.deltas.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
 
 __all__ = [
@@ -10,8 +12,12 @@ __all__ = [
     "AdapterModel",
     "BitFitConfig",
     "BitFitModel",
+    "CompacterConfig",
+    "CompacterModel",
     "LoraConfig",
     "LoraModel",
+    "LowRankAdapterConfig",
+    "LowRankAdapterModel",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
 ]

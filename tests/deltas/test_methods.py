@@ -10,7 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opendelta_dist import AdapterModel, AutoDeltaModel, BitFitModel, LoraModel, ParallelAdapterModel
+from opendelta_dist import (
+    AdapterModel,
+    AutoDeltaModel,
+    BitFitModel,
+    CompacterModel,
+    LoraModel,
+    LowRankAdapterModel,
+    ParallelAdapterModel,
+)
 from opendelta_dist.operations import pristine_named_parameters
 from tests.models import FAMILIES, batch, build, logits
 
@@ -19,7 +27,11 @@ METHODS = {
     "adapter": AdapterModel,
     "parallel_adapter": ParallelAdapterModel,
     "bitfit": BitFitModel,
+    "lowrankadapter": LowRankAdapterModel,
+    "compacter": CompacterModel,
 }
+# the tiny models have 32 features: Compacter's bottleneck (32 // 16 = 2) must be a multiple of n = 4
+OPTIONS = {"compacter": {"reduction_factor": 4}}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -30,7 +42,7 @@ def test_life_cycle(method, family, tmp_path):
     pristine_logits = logits(model, inputs)
     pristine_state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    delta = METHODS[method](backbone_model=model)
+    delta = METHODS[method](backbone_model=model, **OPTIONS.get(method, {}))
     delta.freeze_module(exclude=["deltas"], set_state_dict=True)
     backbone_before = {n: p.detach().clone() for n, p in pristine_named_parameters(model)}
     delta_before = {k: p.detach().clone() for k, p in delta.named_delta_tensors()}
