@@ -16,7 +16,8 @@ with a tolerance that absorbs bf16/fp16 rounding). A delta trained in bf16 loads
 a delta loaded on other weights is refused unless ``check_hash=False``.
 
 OpenDelta 0.3.2 checkpoints (``config.json`` + ``pytorch_model.bin``) load too; their tensors are
-read with ``torch.load(weights_only=True)``, which executes no code from the file.
+read with ``torch.load(weights_only=True)``, which executes no code from the file. So do HF PEFT
+LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``, see :mod:`~opendelta_dist.peft_format`).
 """
 
 from __future__ import annotations
@@ -147,6 +148,23 @@ def write_json_atomic(file: Path, data: dict[str, Any]) -> None:
         Path(tmp_name).unlink(missing_ok=True)
 
 
+def write_safetensors_atomic(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> str:
+    """Write ``tensors`` (copied to CPU, contiguous) as safetensors, atomically; return the file's sha256."""
+    cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(cpu, tmp, metadata=metadata)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        sha = _file_sha256(tmp)
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return sha
+
+
 def save_delta(
     delta: DeltaBase,
     path: Path,
@@ -168,18 +186,7 @@ def save_delta(
     """
     tensors = dict(delta.named_delta_tensors()) if state_dict is None else state_dict
     path.mkdir(parents=True, exist_ok=True)
-    cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", dir=path)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(cpu, tmp, metadata={"format": "pt", "delta_type": delta.delta_type})
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        sha = _file_sha256(tmp)
-        os.replace(tmp, path / WEIGHTS_NAME)
-    finally:
-        tmp.unlink(missing_ok=True)
+    sha = write_safetensors_atomic(tensors, path / WEIGHTS_NAME, {"format": "pt", "delta_type": delta.delta_type})
     if save_config:
         from opendelta_dist import __version__
 
@@ -263,6 +270,12 @@ def load_delta(
         raise DeltaCheckpointError(
             f"{path} is not a directory; a delta checkpoint is a directory written by save_finetuned"
         )
+    from opendelta_dist.peft_format import is_peft_directory, load_peft
+
+    if is_peft_directory(path) and delta_config is None:
+        if expected_cls is not None and expected_cls.__name__ not in ("DeltaBase", "LoraModel"):
+            raise DeltaConfigError(f"{path} holds a PEFT LoRA adapter; load it with LoraModel or AutoDeltaModel")
+        return load_peft(path, backbone_model, **kwargs)
     file_config = read_config_file(path)
     legacy = "format_version" not in file_config
     if legacy:

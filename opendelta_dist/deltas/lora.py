@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -14,7 +15,7 @@ from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import Backend
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.config import BaseDeltaConfig
-from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
+from opendelta_dist.errors import DeltaConfigError, DeltaStateError, UnsupportedModuleError
 from opendelta_dist.operations import InsertParallel, Operation
 
 
@@ -72,6 +73,10 @@ class LowRankLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def delta_weight(self) -> torch.Tensor:
+        """The update as an (out, in) matrix, ``B A * alpha / r``, in float32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The update for input ``x``; the caller adds it to the linear layer's output."""
         # scaling the (tokens, r) intermediate is cheaper than scaling the (tokens, out) result
@@ -118,6 +123,8 @@ class LoraModel(DeltaBase):
         self.lora_r = lora_r
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
+        # while merged: each folded operation with the weight it had before (None: subtract to unmerge)
+        self._merged: list[tuple[int, InsertParallel, torch.Tensor | None]] = []
         super().__init__(
             backbone_model,
             modified_modules=modified_modules,
@@ -150,3 +157,109 @@ class LoraModel(DeltaBase):
             dtype=weight.dtype,
         )
         return [InsertParallel(name, layer, "lora")]
+
+    def save_peft(self, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+        """Save this delta in HF PEFT's format, for ``peft.PeftModel.from_pretrained(backbone, path)``.
+
+        See :func:`opendelta_dist.peft_format.save_peft`.
+        """
+        from opendelta_dist.peft_format import save_peft
+
+        if self._merged:
+            raise DeltaStateError("this LoRA is merged into the backbone's weights; call unmerge() before saving it")
+        return save_peft(self, path, base_model_name_or_path)
+
+    # ------------------------------------------------------------------ merging
+
+    @property
+    def merged(self) -> bool:
+        """Whether the LoRA updates are folded into the backbone's weights now."""
+        return bool(self._merged)
+
+    def _lora_operations(self) -> list[tuple[int, InsertParallel]]:
+        return [(i, op) for i, op in enumerate(self._operations) if isinstance(op, InsertParallel)]
+
+    def merge(self, exact_unmerge: bool = True) -> None:
+        """Fold every LoRA update into its linear layer's weight, for inference without overhead.
+
+        The LoRA branches are taken out of the backbone, so it computes at the speed of the plain
+        model, and ``backbone.state_dict()`` (thus ``save_pretrained``) holds the full merged weights:
+        the result saves and loads as a plain transformers model. Other parts of the delta (layers
+        unfrozen with ``unfrozen_modules``) stay in. Dropout on the LoRA input no longer applies.
+
+        Args:
+            exact_unmerge: keep a CPU copy of each modified weight so that :meth:`unmerge` restores it
+                bit for bit; without it, ``unmerge`` subtracts the update again (equal within the
+                weights' dtype rounding) and no memory is spent.
+
+        Raises:
+            DeltaStateError: the delta is merged already, or not attached.
+        """
+        if self._merged:
+            raise DeltaStateError("this LoRA is merged already; call unmerge() before merging again")
+        if not self._attached:
+            raise DeltaStateError("this LoRA is not attached; attach() it before merging it into the backbone")
+        merged: list[tuple[int, InsertParallel, torch.Tensor | None]] = []
+        try:
+            with torch.no_grad():
+                for i, op in self._lora_operations():
+                    target = op.target
+                    assert target is not None
+                    weight = target.weight
+                    original = weight.detach().to("cpu", copy=True) if exact_unmerge else None
+                    weight.add_(self._oriented(target, op.delta_module.delta_weight()).to(weight.dtype))
+                    op.uninstall()
+                    merged.append((i, op, original))
+        except BaseException:
+            self._merged = merged
+            if merged:
+                self.unmerge()
+            raise
+        self._merged = merged
+        if self._state_dict_handle is not None:  # the merged backbone saves in full
+            self._state_dict_handle.remove()
+            self._state_dict_handle = None
+
+    def unmerge(self) -> None:
+        """Take the folded updates out of the weights again and put the LoRA branches back.
+
+        Raises:
+            DeltaStateError: the delta is not merged.
+        """
+        if not self._merged:
+            raise DeltaStateError("this LoRA is not merged; nothing to unmerge")
+        with torch.no_grad():
+            for i, op, original in reversed(self._merged):
+                target = self.backbone_model.get_submodule(op.module_name)
+                weight = target.weight
+                if original is not None:
+                    weight.copy_(original)
+                else:
+                    weight.sub_(self._oriented(target, op.delta_module.delta_weight()).to(weight.dtype))
+                op.install(self.backbone_model, (self._serial, i))
+        self._merged = []
+        if self._filter_state_dict:
+            self.set_active_state_dict(self.backbone_model)
+
+    def _oriented(self, target: nn.Module, update: torch.Tensor) -> torch.Tensor:
+        # transformers' Conv1D stores its weight as (in, out)
+        return update if isinstance(target, nn.Linear) else update.T
+
+    def detach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
+        """As :meth:`DeltaBase.detach`; a merged LoRA is unmerged first, so the backbone is pristine."""
+        if self._merged:
+            self.unmerge()
+        super().detach(module, reset_state_dict)
+
+    def save_finetuned(self, finetuned_delta_path: str | Path = "./delta_checkpoints/", *args: Any, **kw: Any) -> Path:
+        """As :meth:`DeltaBase.save_finetuned`; refused while merged (the backbone's weights are not its own then).
+
+        Raises:
+            DeltaStateError: the delta is merged.
+        """
+        if self._merged:
+            raise DeltaStateError(
+                "this LoRA is merged into the backbone's weights; call unmerge() before save_finetuned() (a checkpoint "
+                "records the backbone it belongs to, which must be the unmerged one)"
+            )
+        return super().save_finetuned(finetuned_delta_path, *args, **kw)
