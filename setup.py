@@ -42,6 +42,7 @@ setup(
             "deepspeed>=0.16",
             "tensorboard>=2.14",
             "wandb>=0.19",
+            "selenium>=4.20",  # drives a real Chromium in the interactive_modify test
         ],
     },
     classifiers=[

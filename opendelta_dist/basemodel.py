@@ -60,7 +60,9 @@ class DeltaBase(nn.Module):
         unfrozen_modules: keys of modules ``freeze_module`` leaves trainable; ``"deltas"`` names the
             delta's own parameters; default ``["deltas"]``. Backbone parameters left trainable become
             part of the delta: they are saved with it and restored by ``detach``.
-        interactive_modify: choose the modules in a browser (not available yet in this version).
+        interactive_modify: choose ``modified_modules`` on a web page instead: True serves it on a free
+            port of 127.0.0.1, an int on that port; the call prints the address and waits for the
+            page's submit (see :mod:`~opendelta_dist.interactive`).
         common_structure: read ``modified_modules`` as common-structure roles (``attn.q``, ``ff.w2``).
         backend: ``"hf"`` (plain PyTorch) or ``"bmt"`` (BMTrain).
     """
@@ -91,10 +93,14 @@ class DeltaBase(nn.Module):
         # kept out of the module tree: the delta's own parameters are its state, not the backbone's
         self.__dict__["backbone_model"] = backbone_model
         if interactive_modify:
-            raise DeltaConfigError(
-                "interactive_modify is not available in this version of opendelta_dist; pass "
-                "modified_modules=[...] (print Visualization(model).structure_graph() to see module names)"
-            )
+            if modified_modules is not None or common_structure:
+                raise DeltaConfigError(
+                    "interactive_modify chooses the modules on a web page: pass it without modified_modules "
+                    "and common_structure, or pass modified_modules=[...] without interactive_modify"
+                )
+            from opendelta_dist.interactive import modules_from_browser  # the web server only when asked for
+
+            modified_modules = modules_from_browser(backbone_model, interactive_modify, type(self).__name__)
         if backend not in self._supported_backends:
             raise DeltaConfigError(
                 f"{type(self).__name__} supports the backends {list(self._supported_backends)}, not {backend!r}"

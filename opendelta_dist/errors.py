@@ -52,3 +52,7 @@ class OptimizerMismatchError(OpenDeltaError, RuntimeError):
 
 class BackendUnavailableError(OpenDeltaError, ImportError):
     """A backend was requested whose optional dependencies are not installed."""
+
+
+class InteractiveTimeoutError(OpenDeltaError, TimeoutError):
+    """No selection was submitted on the ``interactive_modify`` page within the time limit."""

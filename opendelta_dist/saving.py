@@ -40,6 +40,7 @@ from opendelta_dist.auto_delta import delta_method, read_config_file
 from opendelta_dist.config import BaseDeltaConfig
 from opendelta_dist.errors import BackboneMismatchError, DeltaCheckpointError, DeltaConfigError
 from opendelta_dist.operations import pristine_named_parameters
+from opendelta_dist.structure import OPENDELTA_ROLES, role_keys
 
 if TYPE_CHECKING:
     from opendelta_dist.basemodel import DeltaBase
@@ -238,8 +239,8 @@ def _read_tensors(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]
     )
 
 
-def _from_opendelta(config: dict[str, Any]) -> dict[str, Any]:
-    """Options of an OpenDelta 0.3.2 config in this library's terms."""
+def _from_opendelta(config: dict[str, Any], backbone: nn.Module) -> dict[str, Any]:
+    """Options of an OpenDelta 0.3.2 config in this library's terms, on ``backbone``."""
     options = dict(config)
     modules = options.get("modified_modules")
     if options.get("delta_type") == "parallel_adapter" and isinstance(modules, list) and len(modules) % 2 == 0:
@@ -250,6 +251,16 @@ def _from_opendelta(config: dict[str, Any]) -> dict[str, Any]:
         options["modified_modules"] = [m for m in modules if m != "lm_head@.proj@"]  # OpenDelta never matched it
     if "scaled" in options and options["scaled"] is None:
         del options["scaled"]  # OpenDelta saved its parallel adapter's scale as null
+    if options.get("common_structure") and isinstance(options.get("modified_modules"), list):
+        # roles become explicit module keys, placed where OpenDelta placed them (a span's ends one each)
+        keys: list[Any] = []
+        for item in options["modified_modules"]:
+            if isinstance(item, list):
+                keys.append([k for role in item for k in role_keys(backbone, [role], OPENDELTA_ROLES)])
+            else:
+                keys.extend(role_keys(backbone, [item], OPENDELTA_ROLES))
+        options["modified_modules"] = keys
+        options["common_structure"] = False
     return options
 
 
@@ -279,7 +290,7 @@ def load_delta(
     file_config = read_config_file(path)
     legacy = "format_version" not in file_config
     if legacy:
-        file_config = _from_opendelta(file_config)
+        file_config = _from_opendelta(file_config, backbone_model)
     if delta_config is None:
         config_dict = file_config
     elif isinstance(delta_config, BaseDeltaConfig):

@@ -160,6 +160,13 @@ FAMILIES: dict[str, dict[str, str]] = {
 
 ROLES = sorted({role for roles in FAMILIES.values() for role in roles})
 
+#: where OpenDelta 0.3.2 placed a role differently (T5's "attn" is the whole self-attention sub-layer
+#: there, BERT's "ff" only the output sub-layer): used to read OpenDelta checkpoints where they were
+OPENDELTA_ROLES: dict[str, dict[str, str]] = {
+    "t5": {"attn": r"(?:encoder|decoder)\.block\.\d+\.layer\.0"},
+    **{family: {"ff": r"encoder\.layer\.\d+\.output"} for family in ("bert", "roberta", "deberta-v2")},
+}
+
 
 def normalize_role(key: str) -> str:
     """``"attn@.q@"`` (OpenDelta's spelling) -> ``"attn.q"``."""
@@ -185,12 +192,16 @@ def find_models(backbone: nn.Module) -> list[tuple[str, str]]:
     return found
 
 
-def role_keys(backbone: nn.Module, roles: Sequence[str]) -> list[str]:
+def role_keys(
+    backbone: nn.Module, roles: Sequence[str], overrides: dict[str, dict[str, str]] | None = None
+) -> list[str]:
     """Translate roles into ``[r]`` module keys for every known model inside ``backbone``.
 
     Args:
         backbone: the model to modify.
         roles: role names (``attn.q`` or ``attn@.q@``).
+        overrides: per model type, roles placed elsewhere than :data:`FAMILIES` says
+            (e.g. :data:`OPENDELTA_ROLES`).
 
     Returns:
         One key per (model, role) pair whose family defines the role.
@@ -212,7 +223,7 @@ def role_keys(backbone: nn.Module, roles: Sequence[str]) -> list[str]:
         if role not in ROLES:
             raise DeltaConfigError(f"unknown common-structure role {role!r}; roles are: {', '.join(ROLES)}")
         for prefix, model_type in models:
-            pattern = FAMILIES[model_type].get(role)
+            pattern = (overrides or {}).get(model_type, {}).get(role) or FAMILIES[model_type].get(role)
             if pattern is None:
                 continue
             scope = re.escape(prefix) + r"\.(?:.*\.)?" if prefix else ""

@@ -18,7 +18,8 @@ Parameters are styled by status: :data:`DELTA_STYLE` for a delta's parameters, :
 for other trainable ones and :data:`FROZEN_STYLE` for frozen ones; the names of delta modules are in
 :data:`DELTA_MODULE_STYLE`. Consecutive numbered siblings (the blocks of a ``ModuleList``) whose
 subtrees are identical in classes, parameter names, shapes and statuses are drawn once, named by
-their range (``0-11``).
+their range (``0-11``). :meth:`Visualization.folded_tree` gives the same folded tree as data
+(:class:`FoldedModule`), for drawing it elsewhere (the ``interactive_modify`` page).
 """
 
 from __future__ import annotations
@@ -52,12 +53,16 @@ class _Param:
     trainable: bool
     delta: bool
 
+    @property
+    def label(self) -> str:
+        return f"{self.name}:[{','.join(map(str, self.shape))}]"
+
     def text(self) -> Text:
         if self.delta:
             style = DELTA_STYLE
         else:
             style = TRAINABLE_STYLE if self.trainable else FROZEN_STYLE
-        return Text(f"{self.name}:[{','.join(map(str, self.shape))}]", style=style)
+        return Text(self.label, style=style)
 
 
 @dataclass(frozen=True)
@@ -107,17 +112,25 @@ class _Summarizer:
         return result
 
 
-def _fold(children: tuple[tuple[str, _Summary], ...]) -> list[tuple[str, _Summary]]:
-    """Merge runs of consecutively numbered siblings with identical subtrees into one ``first-last`` entry."""
-    runs: list[tuple[str, str, _Summary]] = []  # (first name, last name, summary)
+def _fold(children: tuple[tuple[str, _Summary], ...]) -> list[tuple[str, tuple[str, ...], _Summary]]:
+    """Merge runs of consecutively numbered siblings with identical subtrees into one entry.
+
+    Returns:
+        ``(label, names, summary)`` per entry: a run is labelled ``first-last`` and ``names`` holds
+        every sibling name it stands for; any other child is its own one-name entry.
+    """
+    runs: list[tuple[list[str], _Summary]] = []
     for name, summary in children:
         if runs and name.isdecimal():
-            first, last, previous = runs[-1]
+            names, previous = runs[-1]
+            last = names[-1]
             if last.isdecimal() and int(last) + 1 == int(name) and previous.signature == summary.signature:
-                runs[-1] = (first, name, previous)
+                names.append(name)
                 continue
-        runs.append((name, name, summary))
-    return [(first if first == last else f"{first}-{last}", summary) for first, last, summary in runs]
+        runs.append(([name], summary))
+    return [
+        (names[0] if len(names) == 1 else f"{names[0]}-{names[-1]}", tuple(names), summary) for names, summary in runs
+    ]
 
 
 def _label(name: str, summary: _Summary, expand_params: bool) -> Text:
@@ -136,8 +149,36 @@ def _grow(tree: Tree, summary: _Summary, expand_params: bool) -> None:
     if expand_params:
         for param in summary.params:
             tree.add(param.text())
-    for name, child in _fold(summary.children):
-        _grow(tree.add(_label(name, child, expand_params)), child, expand_params)
+    for label, _, child in _fold(summary.children):
+        _grow(tree.add(_label(label, child, expand_params)), child, expand_params)
+
+
+@dataclass(frozen=True)
+class FoldedModule:
+    """One node of the folded module tree: a module, or a run of identical numbered sibling blocks.
+
+    Attributes:
+        label: the name drawn for the node: the module's name, or ``first-last`` for a run.
+        names: the sibling names the node stands for: ``("query",)``, or ``("0", "1", ..., "11")``
+            for a run; empty for the root.
+        class_name: the module's class.
+        params: its own parameters as drawn (``"weight:[32,32]"``).
+        delta: whether the module was created by a delta (it is not part of the backbone).
+        children: the folded children.
+    """
+
+    label: str
+    names: tuple[str, ...]
+    class_name: str
+    params: tuple[str, ...]
+    delta: bool
+    children: tuple[FoldedModule, ...]
+
+
+def _folded(label: str, names: tuple[str, ...], summary: _Summary) -> FoldedModule:
+    children = tuple(_folded(*entry) for entry in _fold(summary.children))
+    params = tuple(p.label for p in summary.params)
+    return FoldedModule(label, names, summary.class_name, params, summary.delta, children)
 
 
 class Visualization:
@@ -154,6 +195,24 @@ class Visualization:
         if not isinstance(plm, nn.Module):
             raise TypeError(f"Visualization needs a torch.nn.Module, not {type(plm).__name__}")
         self.plm = plm
+
+    def _root_summary(self, keep_non_params: bool) -> _Summary:
+        summarizer = _Summarizer(delta_parameter_ids(self.plm), keep_non_params)
+        # the root is drawn even when it has no parameters
+        return summarizer.summarize(self.plm) or _Summary(type(self.plm).__name__, False, (), (), -1)
+
+    def folded_tree(self, rootname: str = "root", keep_non_params: bool = False) -> FoldedModule:
+        """The module tree that :meth:`structure_graph` draws, as data.
+
+        Args:
+            rootname: the label of the root node.
+            keep_non_params: keep modules that have no parameter in their subtree.
+
+        Returns:
+            The root node. A node stands for every module whose dotted name takes one of ``names`` at
+            each level from the root's children down to it.
+        """
+        return _folded(rootname, (), self._root_summary(keep_non_params))
 
     def structure_graph(
         self,
@@ -176,9 +235,7 @@ class Visualization:
         Returns:
             The rich tree.
         """
-        summarizer = _Summarizer(delta_parameter_ids(self.plm), keep_non_params)
-        # the root is drawn even when it has no parameters
-        root = summarizer.summarize(self.plm) or _Summary(type(self.plm).__name__, False, (), (), -1)
+        root = self._root_summary(keep_non_params)
         tree = Tree(_label(rootname, root, expand_params))
         _grow(tree, root, expand_params)
         if printTree:

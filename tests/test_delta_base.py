@@ -52,7 +52,7 @@ def test_bad_options_are_refused():
     with pytest.raises(DeltaConfigError, match="list of keys"):
         LoraModel(model, modified_modules="query")
     with pytest.raises(DeltaConfigError, match="interactive_modify"):
-        LoraModel(model, interactive_modify=True)
+        LoraModel(model, modified_modules=["query"], interactive_modify=True)
 
 
 def test_bmt_backend_is_not_in_this_version_yet():

@@ -233,3 +233,35 @@ def test_checkpoint_of_other_delta_configuration_is_refused(tmp_path):
         AutoDeltaModel.from_finetuned(
             path, build("t5"), delta_config={"delta_type": "lora", "lora_r": 4, "modified_modules": ["q"]}
         )
+
+
+@pytest.mark.parametrize(
+    ("family", "delta_type", "options", "positions"),
+    [
+        # OpenDelta's "attn" on T5 is the whole self-attention sub-layer, its "ff" the feed-forward one
+        (
+            "t5",
+            "lowrankadapter",
+            {"reduction_factor": 4, "low_rank_rank": 1},
+            [r"[r](encoder|decoder)\.block\.\d+\.layer\.0", r"[r]encoder\.block\.\d+\.layer\.1", "layer.2"],
+        ),
+        # OpenDelta's "ff" on BERT is the output sub-layer only
+        ("bert", "compacter", {"reduction_factor": 4}, ["attention", r"[r]layer\.\d+\.output"]),
+    ],
+)
+def test_opendelta_checkpoints_with_default_positions_load_where_opendelta_put_them(
+    family, delta_type, options, positions, tmp_path
+):
+    reference = build(family)
+    delta = AutoDeltaModel.from_config({"delta_type": delta_type, **options, "modified_modules": positions}, reference)
+    with torch.no_grad():
+        for _, p in delta.named_delta_tensors():
+            p.normal_(std=0.1)
+    state = {k: p.detach().clone() for k, p in delta.named_delta_tensors()}
+    config = {"delta_type": delta_type, **options, "modified_modules": ["attn", "ff"], "common_structure": True}
+    _opendelta_checkpoint(tmp_path / "od", config, state)
+    fresh = build(family)
+    loaded = AutoDeltaModel.from_finetuned(tmp_path / "od", fresh)
+    assert sorted(k for k, _ in loaded.named_delta_tensors()) == sorted(state)
+    inputs = batch(family)
+    assert torch.equal(logits(fresh, inputs), logits(reference, inputs))
