@@ -36,3 +36,49 @@ def test_tune_tiny_with_two_processes(tmp_path):
     assert losses[-1] < losses[0] / 2, losses
     assert "reloaded on a fresh backbone" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "delta_model.safetensors"]
+
+
+def _load_example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_multitask_server_answers_each_request_with_exactly_its_delta(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from opendelta_dist import AutoDeltaModel
+
+    serve = _load_example("serve_multitask")
+    tokenizer = serve.ByT5Tokenizer()
+    for task in serve.TASKS:
+        serve.tune(task, tmp_path / task, steps=15, tokenizer=tokenizer)
+    texts = [r["sentence"] for r in serve.read_rows()[:4]]
+
+    def reference(task):
+        model = serve.build_backbone().eval()
+        AutoDeltaModel.from_finetuned(tmp_path / task, model)
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            return tokenizer.batch_decode(model.generate(**enc, max_new_tokens=12), skip_special_tokens=True)
+
+    expected = {task: reference(task) for task in serve.TASKS}
+    assert len({tuple(v) for v in expected.values()}) == len(expected), "the tasks' deltas answer differently"
+
+    server = serve.DeltaServer(serve.build_backbone(), tokenizer)
+    for task in serve.TASKS:
+        server.add(task, tmp_path / task)
+    order = ["sentiment", "length", "length", "first_word", "sentiment", "first_word", "length"]
+    for task in order:
+        assert server.generate(task, texts) == expected[task], task
+    assert server.switches == 6  # consecutive requests of a task keep its delta attached
+    with ThreadPoolExecutor(max_workers=3) as pool:  # requests from several threads at once
+        answers = list(pool.map(lambda t: (t, server.generate(t, texts)), order * 2))
+    assert all(answer == expected[task] for task, answer in answers)
+    with pytest.raises(KeyError, match="no delta for task 'translate'"):
+        server.generate("translate", texts)
