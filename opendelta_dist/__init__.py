@@ -25,6 +25,10 @@ from opendelta_dist.deltas import (
     LowRankAdapterModel,
     ParallelAdapterConfig,
     ParallelAdapterModel,
+    PrefixConfig,
+    PrefixModel,
+    SoftPromptConfig,
+    SoftPromptModel,
 )
 from opendelta_dist.errors import OpenDeltaError
 from opendelta_dist.inspect import check_optimizer, inspect_module_statistics, inspect_optimizer_statistics
@@ -50,6 +54,10 @@ __all__ = [
     "OpenDeltaError",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
+    "PrefixConfig",
+    "PrefixModel",
+    "SoftPromptConfig",
+    "SoftPromptModel",
     "Visualization",
     "__version__",
     "check_optimizer",

@@ -9,6 +9,10 @@ operation              effect on the target module
 ``Replace``            the delta module takes the target's place in its parent
 ``UnfreezeParameter``  one of the target's parameters is replaced by a trainable delta-owned copy
                        (or an empty ``bias`` slot is filled); the original is kept untouched
+``RewriteCall``        the delta rewrites the target's call arguments and its output (e.g. to give
+                       an attention layer extra keys and values)
+``HoldModule``         the delta module only becomes a child of the target (parameters that several
+                       operations of one delta share live there)
 =====================  =========================================================================
 
 ``install`` applies an operation and ``uninstall`` undoes it exactly: the module tree, parameters,
@@ -26,6 +30,7 @@ deltas unfreeze the same parameter, the one created last is in effect.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -475,3 +480,83 @@ class InsertParallelSpan(_ChildOperation):
                 "start at a module that runs before its end module in every forward"
             )
         return _map_primary(output, lambda out: out + delta.to(out.dtype))
+
+
+class CallRewriter(nn.Module):
+    """A delta module that rewrites its target's call (installed by :class:`RewriteCall`).
+
+    Subclasses override :meth:`before_call` and/or :meth:`after_call`; the defaults change nothing.
+    """
+
+    def before_call(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments ``module`` is called with instead of ``args``/``kwargs``."""
+        return args, kwargs
+
+    def after_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """What ``module``'s call returns instead of ``output`` (``args``/``kwargs`` as rewritten)."""
+        return output
+
+
+class RewriteCall(_ChildOperation):
+    """The delta module (a :class:`CallRewriter`) rewrites the target's arguments before its forward
+    and its output after it. Reversible like the other operations: a forward pre-hook and a forward
+    hook, both with keyword arguments, and the delta module as a child of the target.
+    """
+
+    delta_module: CallRewriter
+
+    def __init__(self, module_name: str, delta_module: CallRewriter, delta_name: str) -> None:
+        super().__init__(module_name, delta_module, delta_name)
+
+    def _add_hook(self, target: nn.Module, st: _ModuleState) -> None:
+        _insert_sorted(st.pre, self)
+        _insert_sorted(st.post, self)
+        if st.pre_handle is None:
+            st.pre_handle = target.register_forward_pre_hook(st.run_pre, with_kwargs=True)
+        if st.post_handle is None:
+            st.post_handle = target.register_forward_hook(st.run_post, with_kwargs=True)
+
+    def transform_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The target's call arguments, rewritten by the delta module."""
+        assert self.target is not None
+        return self.delta_module.before_call(self.target, args, kwargs)
+
+    def transform_output(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """The target's output, rewritten by the delta module."""
+        assert self.target is not None
+        return self.delta_module.after_call(self.target, args, kwargs, output)
+
+
+class HoldModule(_ChildOperation):
+    """The delta module becomes a child of the target and nothing more: the home of parameters that
+    several other operations of one delta use (so engines wrap and save them with the backbone)."""
+
+    def _add_hook(self, target: nn.Module, st: _ModuleState) -> None:
+        return None
+
+
+def call_as_keywords(
+    params: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Move a call's positional arguments into its keyword arguments.
+
+    Args:
+        params: the names of the forward's positional-or-keyword parameters, in order.
+        args: the positional arguments.
+        kwargs: the keyword arguments.
+
+    Returns:
+        ``((), kwargs)`` with every positional argument named; the call unchanged when there are more
+        positional arguments than names (a ``*args`` forward).
+    """
+    if len(args) > len(params):
+        return args, kwargs
+    return (), {**dict(zip(params, args, strict=False)), **kwargs}
+
+
+def positional_names(module: nn.Module) -> tuple[str, ...]:
+    """The names of ``module.forward``'s positional-or-keyword parameters, in order."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)
+    return tuple(n for n, p in inspect.signature(module.forward).parameters.items() if p.kind in kinds)

@@ -251,6 +251,11 @@ def _from_opendelta(config: dict[str, Any], backbone: nn.Module) -> dict[str, An
         options["modified_modules"] = [m for m in modules if m != "lm_head@.proj@"]  # OpenDelta never matched it
     if "scaled" in options and options["scaled"] is None:
         del options["scaled"]  # OpenDelta saved its parallel adapter's scale as null
+    if options.get("delta_type") == "soft_prompt":
+        options.pop("modified_modules", None)  # OpenDelta saved a placeholder ["root"]
+        options["common_structure"] = False
+    if options.get("delta_type") == "prefix":
+        options["reparameterize"] = False  # the per-layer prefixes are read as they are (see _opendelta_tensors)
     if options.get("common_structure") and isinstance(options.get("modified_modules"), list):
         # roles become explicit module keys, placed where OpenDelta placed them (a span's ends one each)
         keys: list[Any] = []
@@ -262,6 +267,41 @@ def _from_opendelta(config: dict[str, Any], backbone: nn.Module) -> dict[str, An
         options["modified_modules"] = keys
         options["common_structure"] = False
     return options
+
+
+def _opendelta_tensors(delta: DeltaBase, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """An OpenDelta 0.3.2 checkpoint's tensors under this library's keys and shapes.
+
+    Soft prompts: OpenDelta's ``soft_prompt_layer.soft_embeds`` is the one tensor of the delta.
+    Prefixes: each attention layer's ``prefix.past_key`` / ``past_value`` (tokens, heads x head size)
+    become ``prefix.key`` / ``value`` (heads, tokens, head size). OpenDelta's reparameterisation network
+    (saved with ``reparameterize=True``) is not read.
+
+    Raises:
+        DeltaCheckpointError: a reparameterised OpenDelta prefix checkpoint.
+    """
+    own = dict(delta.named_delta_tensors())
+    if delta.delta_type == "soft_prompt":
+        found = [v for k, v in tensors.items() if k.endswith("soft_embeds")]
+        return {next(iter(own)): found[0]} if len(found) == 1 and len(own) == 1 else tensors
+    if delta.delta_type == "prefix":
+        if any(".reparams." in k or k.startswith("reparams.") for k in tensors):
+            raise DeltaCheckpointError(
+                f"{path} is an OpenDelta prefix checkpoint saved with reparameterize=True: it holds OpenDelta's "
+                "reparameterisation network, which this library does not read. Save it from OpenDelta with "
+                "reparameterize=False (plain per-layer prefixes) to load it here."
+            )
+        converted = {}
+        for key, value in tensors.items():
+            for theirs, ours in ((".prefix.past_key", ".prefix.key"), (".prefix.past_value", ".prefix.value")):
+                if key.endswith(theirs):
+                    key = key.removesuffix(theirs) + ours
+                    if key in own:
+                        heads, tokens, size = own[key].shape
+                        value = value.reshape(tokens, heads, size).transpose(0, 1)
+            converted[key] = value
+        return converted
+    return tensors
 
 
 def load_delta(
@@ -309,6 +349,8 @@ def load_delta(
     tensors = _read_tensors(path, file_config)
     delta = cls.from_config(config, backbone_model)
     try:
+        if legacy:
+            tensors = _opendelta_tensors(delta, tensors, path)
         load_delta_tensors(delta, tensors, source=str(path))
     except BaseException:
         delta.detach()

@@ -265,3 +265,50 @@ def test_opendelta_checkpoints_with_default_positions_load_where_opendelta_put_t
     assert sorted(k for k, _ in loaded.named_delta_tensors()) == sorted(state)
     inputs = batch(family)
     assert torch.equal(logits(fresh, inputs), logits(reference, inputs))
+
+
+def test_opendelta_soft_prompt_checkpoint_loads(tmp_path):
+    from opendelta_dist import SoftPromptModel
+
+    reference = build("t5")
+    delta = SoftPromptModel(reference, soft_token_num=4)
+    ((_, embeds),) = delta.named_delta_tensors()
+    with torch.no_grad():
+        embeds.normal_()
+    config = {"delta_type": "soft_prompt", "soft_token_num": 4, "init_range": 0.5, "token_init": True}
+    state = {"encoder.soft_prompt_layer.soft_embeds": embeds.detach().clone()}  # OpenDelta's name
+    _opendelta_checkpoint(tmp_path / "od", {**config, "modified_modules": ["root"], "common_structure": False}, state)
+    fresh = build("t5")
+    AutoDeltaModel.from_finetuned(tmp_path / "od", fresh)
+    inputs = batch("t5")
+    assert torch.equal(logits(fresh, inputs), logits(reference, inputs))
+
+
+def test_opendelta_prefix_checkpoint_loads_and_a_reparameterised_one_is_refused(tmp_path):
+    from opendelta_dist import PrefixModel
+
+    reference = build("gpt2")
+    delta = PrefixModel(reference, prefix_token_num=3, reparameterize=False)
+    with torch.no_grad():
+        for _, p in delta.named_delta_tensors():
+            p.normal_()
+    # OpenDelta keeps each layer's prefix as (tokens, heads x head size) under past_key / past_value
+    state = {
+        k.replace(".prefix.key", ".prefix.past_key").replace(".prefix.value", ".prefix.past_value"): (
+            p.detach().transpose(0, 1).reshape(p.shape[1], -1).clone()
+        )
+        for k, p in delta.named_delta_tensors()
+    }
+    config = {"delta_type": "prefix", "prefix_token_num": 3, "reparameterize": False, "embed_dim": 512, "mid_dim": 512}
+    _opendelta_checkpoint(tmp_path / "od", {**config, "modified_modules": ["attn"], "common_structure": True}, state)
+    fresh = build("gpt2")
+    AutoDeltaModel.from_finetuned(tmp_path / "od", fresh)
+    inputs = batch("gpt2")
+    assert torch.equal(logits(fresh, inputs), logits(reference, inputs))
+
+    reparameterised = {**state, "transformer.h.0.attn.reparams.control_trans.0.weight": torch.zeros(2, 2)}
+    _opendelta_checkpoint(tmp_path / "od2", {**config, "reparameterize": True}, reparameterised)
+    other = build("gpt2")
+    with pytest.raises(DeltaCheckpointError, match="saved with reparameterize=True"):
+        AutoDeltaModel.from_finetuned(tmp_path / "od2", other)
+    assert torch.equal(logits(other, inputs), logits(build("gpt2"), inputs))

@@ -6,6 +6,8 @@ from opendelta_dist.deltas.compacter import CompacterConfig, CompacterModel
 from opendelta_dist.deltas.lora import LoraConfig, LoraModel
 from opendelta_dist.deltas.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
 from opendelta_dist.deltas.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
+from opendelta_dist.deltas.prefix import PrefixConfig, PrefixModel
+from opendelta_dist.deltas.soft_prompt import SoftPromptConfig, SoftPromptModel
 
 __all__ = [
     "AdapterConfig",
@@ -20,4 +22,8 @@ __all__ = [
     "LowRankAdapterModel",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
+    "PrefixConfig",
+    "PrefixModel",
+    "SoftPromptConfig",
+    "SoftPromptModel",
 ]

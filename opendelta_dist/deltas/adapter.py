@@ -137,14 +137,14 @@ class AdapterModel(DeltaBase):
     def update_module(self, name: str, module: nn.Module, io_dims: tuple[int, int] | None) -> list[Operation]:
         """An :class:`AdapterLayer` after the output of ``name``."""
         assert io_dims is not None
-        device, dtype = _placement(module)
+        device, dtype = placement(module)
         layer = AdapterLayer(
             io_dims[1], self.bottleneck_dim, self.non_linearity, self.backend_mapping, device=device, dtype=dtype
         )
         return [InsertSequential(name, layer, "adapter", position="after")]
 
 
-def _placement(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+def placement(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
     """Device and floating dtype of a module's first parameter (for new delta layers beside it)."""
     for p in module.parameters():
         if p.is_floating_point():

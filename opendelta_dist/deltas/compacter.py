@@ -21,7 +21,7 @@ from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import Backend
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.config import BaseDeltaConfig
-from opendelta_dist.deltas.adapter import _placement, activation
+from opendelta_dist.deltas.adapter import activation, placement
 from opendelta_dist.deltas.low_rank_adapter import ProjectionAdapter, bottleneck_size, check_positive_int, glorot_
 from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta_dist.operations import InsertSequential, Operation, mark_fixed
@@ -297,7 +297,7 @@ class CompacterModel(DeltaBase):
         assert io_dims is not None
         hidden = io_dims[1]
         down = bottleneck_size(name, hidden, self.reduction_factor)
-        device, dtype = _placement(module)
+        device, dtype = placement(module)
         layer = ProjectionAdapter(
             self._phm(name, "down", hidden, down, self.use_bias_down_sampler, device, dtype),
             self.non_linearity,

@@ -18,7 +18,7 @@ from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import Backend
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.config import BaseDeltaConfig
-from opendelta_dist.deltas.adapter import _placement, activation
+from opendelta_dist.deltas.adapter import activation, placement
 from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta_dist.operations import InsertSequential, Operation
 
@@ -192,7 +192,7 @@ class LowRankAdapterModel(DeltaBase):
         assert io_dims is not None
         hidden = io_dims[1]
         down = bottleneck_size(name, hidden, self.reduction_factor)
-        device, dtype = _placement(module)
+        device, dtype = placement(module)
 
         def projection(n_in: int, n_out: int) -> LowRankLinear:
             return LowRankLinear(

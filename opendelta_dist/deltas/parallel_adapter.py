@@ -11,7 +11,7 @@ from torch import nn
 from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.config import BaseDeltaConfig
-from opendelta_dist.deltas.adapter import BottleneckMLP, _placement, activation
+from opendelta_dist.deltas.adapter import BottleneckMLP, activation, placement
 from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.operations import InsertParallel, InsertParallelSpan, Operation
 
@@ -113,7 +113,7 @@ class ParallelAdapterModel(DeltaBase):
         dims = self.probe_io_dims(sorted({n for span in spans for n in span}))
         ops: list[Operation] = []
         for first, last in spans:
-            device, dtype = _placement(backbone.get_submodule(first))
+            device, dtype = placement(backbone.get_submodule(first))
             layer = ParallelAdapterLayer(
                 dims[first][0],
                 self.bottleneck_dim,

@@ -1,0 +1,577 @@
+"""Prefix tuning: learned keys and values prepended in every modified self-attention (Li & Liang, 2021).
+
+**Where the prefix enters.** A forward pre-hook on each modified attention module hands it, as its
+``past_key_values``, a stand-in for its cache (:class:`PrefixedCache`): the module computes its keys
+and values as usual (positions applied: rotary, relative or absolute), updates the real cache through
+the stand-in, and gets back ``[prefix; cached + new]`` to attend over. So:
+
+- the real cache never holds the prefix, and every forward adds it exactly once per layer: with
+  ``generate()`` the prefill and each decoding step see the prefix once, and the cache length (which
+  transformers derives positions from) stays the number of real tokens: GPT-2's absolute positions,
+  Llama's rotary positions and T5's relative positions do not shift;
+- the attention mask gets ``prefix_token_num`` always-attended columns in front; padded tokens stay
+  masked. Where transformers leaves the mask out of a causal module (``sdpa`` without padding relies on
+  ``is_causal``, which would misalign with the longer keys), an explicit causal mask is built;
+- T5's relative position bias gets zero columns for the prefix (the prefix has no position), and the
+  bias the module hands on to the next layers is cut back to the real keys.
+
+**Which modules.** Self-attention only (default: the ``attn`` role, i.e. every layer's self-attention,
+in the encoder and the decoder of encoder-decoder models). Cross-attention gets no prefix: its keys are
+the encoder's output, cached once per generation and read back without going through the cache's
+``update``; the encoder's self-attention prefixes already shape what the decoder attends to. Aiming
+the delta at a cross-attention module is an error.
+
+**Attention classes** are looked up in :data:`ATTENTION_SPECS` (first match wins); a new family whose
+attention updates its cache with ``past_key_values.update(key, value, layer_idx)`` is one entry.
+
+**Reparameterisation.** With ``reparameterize=True`` the per-layer keys and values are the output of a
+shared network (an embedding of ``prefix_token_num`` vectors of ``embed_dim`` -> linear -> tanh ->
+linear to every layer's keys and values), as in the paper; the network's tensors are what trains.
+``save_finetuned`` stores the plain per-layer tensors the network computes, with a config that says
+``reparameterize=False``: loading the checkpoint gives an equivalent delta holding those tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opendelta_dist.auto_delta import register_delta_method
+from opendelta_dist.backends import Backend
+from opendelta_dist.basemodel import DeltaBase
+from opendelta_dist.config import BaseDeltaConfig
+from opendelta_dist.deltas.adapter import placement
+from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
+from opendelta_dist.operations import (
+    CallRewriter,
+    HoldModule,
+    Operation,
+    RewriteCall,
+    call_as_keywords,
+    positional_names,
+)
+
+# ---------------------------------------------------------------------------------------------------
+# The attention classes a prefix can enter.
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How a prefix enters one attention class.
+
+    The class must take ``past_key_values``, update it with ``past_key_values.update(key, value,
+    layer_idx)`` (also when it is given without a real cache) and attend over what that returns, as
+    transformers 5's attention modules do.
+
+    Attributes:
+        module_path: the module defining the class (imported only when looked up).
+        class_name: the attention class.
+        heads: ``(key/value heads, head size)`` of an instance.
+        mask_arg: the name of its attention-mask argument.
+        cross_args: arguments that, when given, make a call cross-attention.
+        relative_position_bias: it takes T5's ``position_bias`` argument and returns it second.
+    """
+
+    module_path: str
+    class_name: str
+    heads: Callable[[nn.Module], tuple[int, int]]
+    mask_arg: str = "attention_mask"
+    cross_args: tuple[str, ...] = ()
+    relative_position_bias: bool = False
+
+    def attention_class(self) -> type | None:
+        """The class, or None when this transformers version has no such class."""
+        try:
+            return getattr(importlib.import_module(self.module_path), self.class_name)
+        except (ImportError, AttributeError):
+            return None
+
+
+def _bert_heads(m: nn.Module) -> tuple[int, int]:
+    return m.num_attention_heads, m.attention_head_size
+
+
+def _heads(m: nn.Module) -> tuple[int, int]:
+    return m.num_heads, m.head_dim
+
+
+def _t5_heads(m: nn.Module) -> tuple[int, int]:
+    return m.n_heads, m.key_value_proj_dim
+
+
+def _llama_heads(m: nn.Module) -> tuple[int, int]:
+    return m.config.num_key_value_heads, m.head_dim  # grouped-query attention: the key/value heads
+
+
+_TM = "transformers.models"
+
+#: The attention classes a prefix can enter; the first entry the module is an instance of applies.
+ATTENTION_SPECS: list[AttentionSpec] = [
+    AttentionSpec(f"{_TM}.bert.modeling_bert", "BertSelfAttention", _bert_heads),
+    AttentionSpec(f"{_TM}.roberta.modeling_roberta", "RobertaSelfAttention", _bert_heads),
+    AttentionSpec(f"{_TM}.gpt2.modeling_gpt2", "GPT2Attention", _heads, cross_args=("encoder_hidden_states",)),
+    AttentionSpec(f"{_TM}.bart.modeling_bart", "BartAttention", _heads, cross_args=("key_value_states",)),
+    AttentionSpec(f"{_TM}.opt.modeling_opt", "OPTAttention", _heads),
+    AttentionSpec(
+        f"{_TM}.t5.modeling_t5",
+        "T5Attention",
+        _t5_heads,
+        mask_arg="mask",
+        cross_args=("key_value_states",),
+        relative_position_bias=True,
+    ),
+    AttentionSpec(f"{_TM}.llama.modeling_llama", "LlamaAttention", _llama_heads),
+]
+
+#: Names under which transformers models keep their cross-attention modules.
+_CROSS_ATTENTION_NAMES = ("EncDecAttention", "encoder_attn", "crossattention")
+_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def attention_spec(module: nn.Module) -> AttentionSpec | None:
+    """The entry of :data:`ATTENTION_SPECS` for ``module``, or None."""
+    for spec in ATTENTION_SPECS:
+        cls = spec.attention_class()
+        if cls is not None and isinstance(module, cls):
+            return spec
+    return None
+
+
+def _supported_names() -> str:
+    return ", ".join(s.class_name for s in ATTENTION_SPECS)
+
+
+def find_attention(name: str, module: nn.Module) -> tuple[str, nn.Module, AttentionSpec]:
+    """The self-attention module a prefix enters for the selected module ``name``.
+
+    A block that wraps exactly one supported attention module (BERT's ``BertAttention`` around
+    ``BertSelfAttention``) stands for that module.
+
+    Returns:
+        ``(name, module, spec)`` of the attention module.
+
+    Raises:
+        UnsupportedModuleError: the module is not a supported self-attention module.
+    """
+    spec = attention_spec(module)
+    if spec is None:
+        inner = [(f"{name}.{n}", c, s) for n, c in module.named_children() if (s := attention_spec(c)) is not None]
+        if len(inner) == 1:
+            name, module, spec = inner[0]
+    if spec is None:
+        raise UnsupportedModuleError(
+            f"PrefixModel cannot add a prefix to {name!r}: it is a {type(module).__name__}, and the supported "
+            f"attention classes are {_supported_names()}. Aim modified_modules at self-attention modules of those "
+            "classes (or add an AttentionSpec for this class to opendelta_dist.deltas.prefix.ATTENTION_SPECS)."
+        )
+    if name.rpartition(".")[2] in _CROSS_ATTENTION_NAMES or getattr(module, "is_cross_attention", False):
+        raise UnsupportedModuleError(
+            f"{name!r} is a cross-attention module; PrefixModel adds prefixes to self-attention only "
+            "(the default, the 'attn' role). Remove it from modified_modules."
+        )
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if implementation is not None and implementation not in _ATTN_IMPLEMENTATIONS:
+        raise UnsupportedModuleError(
+            f"{name!r} uses attn_implementation={implementation!r}; PrefixModel works with "
+            f"{' or '.join(_ATTN_IMPLEMENTATIONS)} attention. Build the model with attn_implementation='sdpa'."
+        )
+    return name, module, spec
+
+
+# ---------------------------------------------------------------------------------------------------
+# The prefix inside one attention call.
+
+
+class PrefixedCache:
+    """Stands in for an attention module's cache during one call: what ``update`` returns starts with
+    the prefix, while the real cache (if any) stores only the real keys and values.
+
+    Args:
+        inner: the module's real (self-attention) cache, or None.
+        key: the prefix keys, ``(heads, prefix_len, head_dim)``.
+        value: the prefix values, same shape.
+    """
+
+    def __init__(self, inner: Any, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.inner = inner
+        self.key = key
+        self.value = value
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values to attend over: the prefix, then the cached and new ones."""
+        if self.inner is not None:
+            key_states, value_states = self.inner.update(key_states, value_states, layer_idx, *args, **kwargs)
+        batch = key_states.shape[0]
+        key = self.key.to(key_states.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+        value = self.value.to(value_states.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+        return torch.cat([key, key_states], dim=2), torch.cat([value, value_states], dim=2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The number of real tokens cached (the prefix is not counted)."""
+        return self.inner.get_seq_length(layer_idx) if self.inner is not None else 0
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+
+def prefix_mask(
+    mask: Any, prefix_len: int, q_len: int, past: int, causal: bool, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """An attention mask with ``prefix_len`` always-attended key columns in front.
+
+    Args:
+        mask: the module's 4-d mask (boolean: True attends; float: added to the scores), or None.
+        prefix_len: the number of prefix tokens.
+        q_len: the number of queries in this call.
+        past: the number of real keys cached before this call.
+        causal: the module is causal (a None mask then means "causal", which is made explicit).
+        dtype: the dtype of a mask built here (the hidden states').
+        device: where to build it.
+
+    Raises:
+        UnsupportedModuleError: the mask is not a 4-d tensor (e.g. flash-attention's 2-d masks).
+    """
+    if mask is None:
+        if not causal or q_len == 1:
+            return None  # every key is attended, the prefix included
+        keys = torch.arange(past + q_len, device=device)
+        allowed = keys[None, :] <= torch.arange(q_len, device=device)[:, None] + past
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = mask[None, None]
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        what = f"a {mask.dim()}-d tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise UnsupportedModuleError(
+            f"PrefixModel extends 4-d attention masks, but the attention module got {what}; use "
+            "attn_implementation='eager' or 'sdpa'"
+        )
+    fill = True if mask.dtype == torch.bool else 0
+    return torch.cat([mask.new_full((*mask.shape[:-1], prefix_len), fill), mask], dim=-1)
+
+
+class PrefixReparameterization(nn.Module):
+    """The shared network whose output is every modified layer's prefix keys and values.
+
+    ``embedding`` (prefix_len, embed_dim) -> ``down`` (embed_dim -> mid_dim) -> tanh -> ``up``
+    (mid_dim -> the keys and values of all layers, 2 * heads * head_dim per layer and token).
+
+    Args:
+        prefix_len: the number of prefix tokens.
+        embed_dim: the size of the prefix embedding.
+        mid_dim: the hidden size of the network.
+        layers: ``(heads, head_dim)`` of each modified layer, in order.
+        backend: makes the parameters.
+        device: where to put them.
+        dtype: their dtype.
+    """
+
+    def __init__(
+        self,
+        prefix_len: int,
+        embed_dim: int,
+        mid_dim: int,
+        layers: list[tuple[int, int]],
+        backend: Backend,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.prefix_len = prefix_len
+        self.layers = list(layers)
+        sizes = [2 * heads * dim for heads, dim in self.layers]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.embedding = backend.parameter(torch.empty(prefix_len, embed_dim, device=device, dtype=dtype))
+        self.down = backend.linear(embed_dim, mid_dim, True, device, dtype)
+        self.up = backend.linear(mid_dim, sum(sizes), True, device, dtype)
+        if self.embedding.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Embedding normal(0, 1), linear layers as ``nn.Linear`` (also after materialising from meta)."""
+        nn.init.normal_(self.embedding)
+        for layer in (self.down, self.up):
+            layer.reset_parameters()
+
+    def key_value(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix keys and values of layer ``index``, each ``(heads, prefix_len, head_dim)``."""
+        heads, dim = self.layers[index]
+        rows = slice(self.offsets[index], self.offsets[index] + 2 * heads * dim)
+        hidden = torch.tanh(self.down(self.embedding))
+        # only this layer's rows of the output projection: each layer pays for its own keys and values
+        out = F.linear(hidden, self.up.weight[rows], self.up.bias[rows])
+        key, value = out.view(self.prefix_len, 2, heads, dim).permute(1, 2, 0, 3).unbind(0)
+        return key, value
+
+
+class PrefixLayer(CallRewriter):
+    """The prefix of one attention module, and the rewriting of its calls (see the module docstring).
+
+    Holds ``key`` and ``value`` parameters of shape ``(heads, prefix_len, head_dim)``, or, with a
+    ``network``, takes them from that (shared) network.
+
+    Args:
+        spec: how the prefix enters the module's class.
+        params: the names of the module's positional parameters.
+        heads: key/value heads of the module.
+        head_dim: their size.
+        prefix_len: the number of prefix tokens.
+        backend: makes the parameters.
+        device: where to put them.
+        dtype: their dtype.
+        network: the reparameterisation network to take the keys and values from.
+        index: this layer's index in the network.
+    """
+
+    def __init__(
+        self,
+        spec: AttentionSpec,
+        params: tuple[str, ...],
+        heads: int,
+        head_dim: int,
+        prefix_len: int,
+        backend: Backend,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        network: PrefixReparameterization | None = None,
+        index: int = 0,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.params = params
+        self.prefix_len = prefix_len
+        self.index = index
+        # the network belongs to the whole delta (a child of the backbone root), not to this layer
+        self.__dict__["network"] = network
+        if network is None:
+            shape = (heads, prefix_len, head_dim)
+            self.key = backend.parameter(torch.empty(shape, device=device, dtype=dtype))
+            self.value = backend.parameter(torch.empty(shape, device=device, dtype=dtype))
+            if self.key.device.type != "meta":
+                self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Plain prefixes start normal(0, 0.02)."""
+        for p in self.parameters():
+            nn.init.normal_(p, std=0.02)
+
+    def key_value(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's prefix keys and values, each ``(heads, prefix_len, head_dim)``."""
+        if self.network is not None:
+            return self.network.key_value(self.index)
+        return self.key, self.value
+
+    def before_call(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Give the module the prefixed cache, the extended mask (and T5's extended position bias)."""
+        from transformers.cache_utils import EncoderDecoderCache
+
+        args, kwargs = call_as_keywords(self.params, args, kwargs)
+        for name in self.spec.cross_args:
+            if kwargs.get(name) is not None:
+                raise UnsupportedModuleError(
+                    f"a {type(module).__name__} with a prefix was called as cross-attention ({name} given); "
+                    "PrefixModel adds prefixes to self-attention only"
+                )
+        hidden = args[0] if args else kwargs["hidden_states"]
+        q_len = hidden.shape[-2]
+        cache = kwargs.get("past_key_values")
+        inner = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        layer_idx = getattr(module, "layer_idx", None) or 0
+        past = int(inner.get_seq_length(layer_idx)) if inner is not None else 0
+        key, value = self.key_value()
+        kwargs["past_key_values"] = PrefixedCache(inner, key, value)
+        causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+        kwargs[self.spec.mask_arg] = prefix_mask(
+            kwargs.get(self.spec.mask_arg), self.prefix_len, q_len, past, causal, hidden.dtype, hidden.device
+        )
+        if self.spec.relative_position_bias:
+            bias = kwargs.get("position_bias")
+            if bias is None and getattr(module, "has_relative_attention_bias", False):
+                # computed here over the real keys only: computed by the module, it would count the prefix
+                bias = module.compute_bias(q_len, past + q_len, device=hidden.device, past_seen_tokens=past)
+            if bias is not None:
+                kwargs["position_bias"] = F.pad(bias, (self.prefix_len, 0))
+        return args, kwargs
+
+    def after_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """Hand T5's position bias on without the prefix columns (the next layers add their own)."""
+        if self.spec.relative_position_bias:
+            return (output[0], output[1][..., self.prefix_len :], *output[2:])
+        return output
+
+
+# ---------------------------------------------------------------------------------------------------
+# The delta method.
+
+
+@dataclass
+class PrefixConfig(BaseDeltaConfig):
+    """Options of :class:`PrefixModel`."""
+
+    delta_type: ClassVar[str] = "prefix"
+
+    prefix_token_num: int = 6
+    reparameterize: bool = True
+    embed_dim: int = 512
+    mid_dim: int = 512
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DeltaConfigError(f"{name} must be a positive integer, not {value!r}")
+
+
+@register_delta_method
+class PrefixModel(DeltaBase):
+    """Prefix tuning: ``prefix_token_num`` learned keys and values prepended in each modified
+    self-attention module. Supported attention classes: :data:`ATTENTION_SPECS` (BERT, RoBERTa,
+    GPT-2, BART, OPT, T5, Llama), with ``eager`` or ``sdpa`` attention.
+
+    Args:
+        backbone_model: the model to modify.
+        prefix_token_num: the number of prefix tokens per layer.
+        reparameterize: compute the prefixes with a shared network while training (see the module
+            docstring); ``save_finetuned`` then stores the plain prefixes it computes.
+        embed_dim: the network's prefix-embedding size.
+        mid_dim: the network's hidden size.
+        modified_modules: keys of the self-attention modules to modify; default every self-attention
+            (the ``attn`` role).
+        exclude_modules, unfrozen_modules, common_structure, interactive_modify, backend: as
+            :class:`~opendelta_dist.basemodel.DeltaBase` (``backend="hf"`` only).
+
+    Raises:
+        DeltaConfigError: an option has an invalid value.
+        UnsupportedModuleError: a selected module is not a supported self-attention module.
+    """
+
+    delta_type: ClassVar[str] = "prefix"
+    config_class = PrefixConfig
+    default_modified_modules: ClassVar[list[Any]] = ["attn"]
+    _supported_backends: ClassVar[tuple[str, ...]] = ("hf",)
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        prefix_token_num: int = 6,
+        reparameterize: bool = True,
+        embed_dim: int = 512,
+        mid_dim: int = 512,
+        modified_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        unfrozen_modules: list[str] | None = None,
+        common_structure: bool | None = None,
+        interactive_modify: bool | int = False,
+        backend: str = "hf",
+    ) -> None:
+        _positive_int("prefix_token_num", prefix_token_num)
+        _positive_int("embed_dim", embed_dim)
+        _positive_int("mid_dim", mid_dim)
+        if not isinstance(reparameterize, bool):
+            raise DeltaConfigError(f"reparameterize must be True or False, not {reparameterize!r}")
+        self.prefix_token_num = prefix_token_num
+        self.reparameterize = reparameterize
+        self.embed_dim = embed_dim
+        self.mid_dim = mid_dim
+        self._layers: list[RewriteCall] = []
+        self._network: PrefixReparameterization | None = None
+        super().__init__(
+            backbone_model,
+            modified_modules=modified_modules,
+            exclude_modules=exclude_modules,
+            unfrozen_modules=unfrozen_modules,
+            common_structure=common_structure,
+            interactive_modify=interactive_modify,
+            backend=backend,
+        )
+
+    def build_operations(self, backbone: nn.Module, modified_modules: list[Any]) -> list[Operation]:
+        """One :class:`RewriteCall` per attention module, plus (reparameterised) the shared network,
+        held by the backbone root as ``prefix_network``."""
+        targets: dict[str, tuple[nn.Module, AttentionSpec]] = {}
+        for selected in self.select(modified_modules):
+            name, module, spec = find_attention(selected, backbone.get_submodule(selected))
+            targets.setdefault(name, (module, spec))
+        ops: list[Operation] = []
+        if self.reparameterize:
+            device, dtype = placement(next(iter(targets.values()))[0])
+            shapes = [spec.heads(module) for module, spec in targets.values()]
+            self._network = PrefixReparameterization(
+                self.prefix_token_num, self.embed_dim, self.mid_dim, shapes, self.backend_mapping, device, dtype
+            )
+            ops.append(HoldModule("", self._network, "prefix_network"))
+        for name, (module, _) in targets.items():
+            ops.extend(self.update_module(name, module, None))
+        return ops
+
+    def update_module(self, name: str, module: nn.Module, io_dims: tuple[int, int] | None) -> list[Operation]:
+        """The prefix of the attention module ``name`` (the next layer of the network, if any)."""
+        name, module, spec = find_attention(name, module)
+        heads, head_dim = spec.heads(module)
+        device, dtype = placement(module)
+        layer = PrefixLayer(
+            spec,
+            positional_names(module),
+            heads,
+            head_dim,
+            self.prefix_token_num,
+            self.backend_mapping,
+            device=device,
+            dtype=dtype,
+            network=self._network,
+            index=len(self._layers),
+        )
+        op = RewriteCall(name, layer, "prefix")
+        self._layers.append(op)
+        return [op]
+
+    def plain_prefix_tensors(self) -> dict[str, torch.Tensor]:
+        """Every layer's prefix keys and values as plain tensors, under the checkpoint keys of a
+        ``reparameterize=False`` delta (``<attention>.prefix.key`` / ``.value``)."""
+        tensors: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for op in self._layers:
+                key, value = op.delta_module.key_value()  # type: ignore[operator]
+                tensors[f"{op.module_name}.{op.delta_name}.key"] = key.detach().clone()
+                tensors[f"{op.module_name}.{op.delta_name}.value"] = value.detach().clone()
+        return tensors
+
+    def save_finetuned(
+        self,
+        finetuned_delta_path: str | Path = "./delta_checkpoints/",
+        save_config: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Save the delta; a reparameterised one is saved as the plain prefixes its network computes.
+
+        Args:
+            finetuned_delta_path: the checkpoint directory.
+            save_config: write ``config.json``.
+            state_dict: tensors keyed as :meth:`named_delta_tensors` (the network's, when
+                reparameterised) to save as they are, with this delta's config.
+            kwargs: as :meth:`DeltaBase.save_finetuned`.
+
+        Returns:
+            The checkpoint directory.
+        """
+        if not self.reparameterize or state_dict is not None:
+            return super().save_finetuned(finetuned_delta_path, save_config, state_dict, **kwargs)
+        live = self.config
+        self.config = dataclasses.replace(live, reparameterize=False)  # the config of what is saved
+        try:
+            return super().save_finetuned(finetuned_delta_path, save_config, self.plain_prefix_tensors(), **kwargs)
+        finally:
+            self.config = live

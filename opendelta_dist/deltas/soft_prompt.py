@@ -1,0 +1,413 @@
+"""Soft prompts: ``soft_token_num`` learned embeddings put in front of the input embeddings (Lester et al., 2021).
+
+**Where the prompt enters.** A forward pre-hook on the stack that embeds the input (the encoder of an
+encoder-decoder model, else the innermost module holding the input embeddings whose forward takes
+``inputs_embeds`` and ``attention_mask``: ``GPT2Model``, ``BertModel``, ``OPTDecoder``, ...) embeds
+``input_ids`` itself and passes ``inputs_embeds`` with the prompt right before each row's first real
+token: at the start of the row, or after its left padding (so a left-padded row keeps the distances
+between prompt and text that relative and rotary positions see). The inputs named in
+``other_expand_ids`` (default ``attention_mask`` with 1, ``token_type_ids`` with 0) get the same columns;
+explicit ``position_ids`` get positions ``0 .. soft_token_num - 1`` for the prompt and the real tokens'
+positions shifted after it. The prompt is always attended; padded tokens stay masked.
+
+**generate() and caches.** The prompt is inserted once, when the stack's cache is empty (the prefill).
+On later calls (a cache holding the prompt and earlier tokens) only the attention mask is made to cover
+the cached prompt, and explicit positions are shifted; the model's own positions come from the cache
+length, which counts the prompt, so cached and uncached runs compute the same thing.
+
+**Outputs.**
+
+- Decoder-only and encoder-only models: the stack's ``last_hidden_state`` loses the prompt positions
+  on the prefill, so heads see only the real tokens: causal-LM logits have the input's length and
+  ``labels`` are used as they are (``model(**batch).loss`` is the usual loss of the returned logits;
+  the prompt itself is never a prediction target). ``hidden_states``/``attentions``, when requested,
+  keep the prompt positions. BERT's pooler reads position 0, which is the first prompt token of a
+  row that is not left-padded.
+- Encoder-decoder models: only the encoder input is extended; the encoder output keeps the prompt
+  positions (the decoder cross-attends to them) and a hook on the decoder extends the
+  ``encoder_attention_mask`` it gets to cover them. Decoder inputs, logits and ``labels`` are unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from opendelta_dist.addressing import named_backbone_modules
+from opendelta_dist.auto_delta import register_delta_method
+from opendelta_dist.basemodel import DeltaBase
+from opendelta_dist.config import BaseDeltaConfig
+from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
+from opendelta_dist.operations import CallRewriter, Operation, RewriteCall, call_as_keywords, positional_names
+
+DEFAULT_EXPAND_IDS = {"attention_mask": 1, "token_type_ids": 0}
+_SPECIAL_TOKEN_KEYS = (
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "unk_token_id",
+    "sep_token_id",
+    "cls_token_id",
+    "mask_token_id",
+    "decoder_start_token_id",
+)
+
+
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, index[b, j], ...]`` for every row ``b`` and column ``j``."""
+    index = index.view(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])
+    return t.gather(1, index)
+
+
+def insert_at(t: torch.Tensor, lead: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``t`` (batch, length, ...) with ``values`` (batch, n, ...) inserted in each row ``b`` before
+    position ``lead[b]``."""
+    n, length = values.shape[1], t.shape[1]
+    cols = torch.arange(length + n, device=t.device).expand(t.shape[0], -1)
+    rel = cols - lead[:, None]
+    inside = (rel >= 0) & (rel < n)
+    own = _take(t, torch.where(rel < 0, cols, cols - n).clamp(0, max(length - 1, 0)))
+    new = _take(values, rel.clamp(0, n - 1))
+    return torch.where(inside.view(*inside.shape, *([1] * (t.dim() - 2))), new, own)
+
+
+def remove_at(t: torch.Tensor, lead: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` without the ``n`` positions that :func:`insert_at` put before ``lead``."""
+    cols = torch.arange(t.shape[1] - n, device=t.device).expand(t.shape[0], -1)
+    return _take(t, torch.where(cols < lead[:, None], cols, cols + n))
+
+
+def leading_padding(mask: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """The number of padded positions at the start of each row of a 2-d attention mask (zeros without one)."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return (mask.long().cumsum(-1) == 0).sum(-1)
+    return torch.zeros(batch, dtype=torch.long, device=device)
+
+
+def _extend(
+    name: str, value: torch.Tensor, fill: int, lead: torch.Tensor, n: int, q_len: int, total: int, prefill: bool
+) -> torch.Tensor:
+    """``value`` (batch, length) covering all ``total`` positions of this call's keys.
+
+    Raises:
+        ValueError: ``value`` is not 2-d or its length fits neither the real tokens nor all tokens.
+    """
+    if value.dim() != 2:
+        raise ValueError(
+            f"SoftPromptModel extends 2-d {name} tensors (batch, length), got shape {tuple(value.shape)}; pass a "
+            "2-d mask (static or compiled caches that need 4-d masks are not supported)"
+        )
+    length = value.shape[1]
+    if length == total or (not prefill and length == q_len):
+        return value  # covers the prompt already, or describes only the new tokens (token_type_ids)
+    if length == total - n:
+        value = value.expand(lead.shape[0], -1)
+        return insert_at(value, lead, value.new_full((value.shape[0], n), fill))
+    raise ValueError(
+        f"{name} has length {length}, but this call has {total - n} real positions "
+        f"({q_len} new" + (f", {total - n - q_len} cached" if not prefill else "") + ")"
+    )
+
+
+class SoftPrompt(CallRewriter):
+    """The learned prompt (``soft_embeds``, ``(soft_token_num, hidden)``) and the rewriting of the
+    calls of the stack that embeds the input (see the module docstring).
+
+    Args:
+        soft_embeds: the initial prompt.
+        embedding: the stack's input embedding (not owned: used to embed ``input_ids``).
+        params: the names of the stack's positional parameters.
+        other_expand_ids: inputs to extend, with the value of their prompt columns.
+        drop_prompt_output: drop the prompt positions from the stack's ``last_hidden_state``.
+    """
+
+    def __init__(
+        self,
+        soft_embeds: nn.Parameter,
+        embedding: nn.Module,
+        params: tuple[str, ...],
+        other_expand_ids: dict[str, int],
+        drop_prompt_output: bool,
+    ) -> None:
+        super().__init__()
+        self.soft_embeds = soft_embeds
+        self.__dict__["embedding"] = embedding  # the backbone's, not the delta's
+        self.params = params
+        self.other_expand_ids = dict(other_expand_ids)
+        self.drop_prompt_output = drop_prompt_output
+        # where the call in flight put the prompt in each row, if it is a prefill (the stack is not re-entered)
+        self._placed: torch.Tensor | None = None
+
+    @property
+    def soft_token_num(self) -> int:
+        """The number of prompt tokens."""
+        return self.soft_embeds.shape[0]
+
+    def before_call(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Insert the prompt on the prefill; extend the masks (and explicit positions) on every call."""
+        args, kwargs = call_as_keywords(self.params, args, kwargs)
+        n = self.soft_token_num
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        first = embeds if embeds is not None else ids
+        if first is None:
+            raise ValueError(f"{type(module).__name__} was called without input_ids or inputs_embeds")
+        batch, q_len = first.shape[:2]
+        cache = kwargs.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        prefill = past == 0
+        # the prompt goes right before each row's first real token: after left padding, not before it,
+        # so a padded row keeps the distances between prompt and text (relative and rotary positions)
+        lead = leading_padding(kwargs.get("attention_mask"), batch, first.device)
+        if prefill:
+            if embeds is None:
+                embeds = self.embedding(ids)
+            prompt = self.soft_embeds.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+            kwargs["inputs_embeds"] = insert_at(embeds, lead, prompt)
+            if "input_ids" in kwargs:
+                kwargs["input_ids"] = None
+        total = past + q_len + (n if prefill else 0)
+        for name, fill in self.other_expand_ids.items():
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor):
+                kwargs[name] = _extend(name, value, fill, lead, n, q_len, total, prefill)
+        positions = kwargs.get("position_ids")
+        if isinstance(positions, torch.Tensor) and positions.dim() == 2:
+            positions = positions + n  # the real tokens come after the prompt's positions 0 .. n - 1
+            if prefill:
+                own = torch.arange(n, device=positions.device, dtype=positions.dtype).expand(batch, n)
+                positions = insert_at(positions.expand(batch, -1), lead, own)
+            kwargs["position_ids"] = positions
+        self._placed = lead if prefill else None
+        return args, kwargs
+
+    def after_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """Drop the prompt positions from the last hidden state of a prefill (decoder-/encoder-only)."""
+        lead, self._placed = self._placed, None
+        if lead is None or not self.drop_prompt_output:
+            return output
+        n = self.soft_token_num
+        if isinstance(output, tuple):
+            return (remove_at(output[0], lead, n), *output[1:])
+        key = next(iter(output))
+        output[key] = remove_at(output[key], lead, n)
+        return output
+
+
+class EncoderPromptMask(CallRewriter):
+    """On a decoder: extend the ``encoder_attention_mask`` it gets over the encoder's prompt positions.
+
+    Args:
+        soft_token_num: the number of prompt tokens in the encoder output.
+        params: the names of the decoder's positional parameters.
+        fill: the mask value of the prompt positions.
+    """
+
+    def __init__(self, soft_token_num: int, params: tuple[str, ...], fill: int) -> None:
+        super().__init__()
+        self.soft_token_num = soft_token_num
+        self.params = params
+        self.fill = fill
+
+    def before_call(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Insert prompt columns into a 2-d mask ``soft_token_num`` shorter than the encoder output, where
+        the encoder put the prompt (after each row's left padding)."""
+        args, kwargs = call_as_keywords(self.params, args, kwargs)
+        states, mask = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
+        n = self.soft_token_num
+        fits = isinstance(states, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.dim() == 2
+        if fits and mask.shape[1] == states.shape[1] - n:
+            lead = leading_padding(mask, mask.shape[0], mask.device)
+            kwargs["encoder_attention_mask"] = insert_at(mask, lead, mask.new_full((mask.shape[0], n), self.fill))
+        return args, kwargs
+
+
+@dataclass
+class SoftPromptConfig(BaseDeltaConfig):
+    """Options of :class:`SoftPromptModel`."""
+
+    delta_type: ClassVar[str] = "soft_prompt"
+
+    soft_token_num: int = 100
+    init_range: float = 0.5
+    token_init: bool = True
+    other_expand_ids: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_EXPAND_IDS))
+
+
+def input_embeddings(module: nn.Module) -> nn.Module | None:
+    """``module.get_input_embeddings()``, or None when it has none."""
+    getter = getattr(module, "get_input_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        embedding = getter()
+    except (NotImplementedError, AttributeError):
+        return None
+    return embedding if isinstance(embedding, nn.Module) else None
+
+
+def input_stack(model: nn.Module, embedding: nn.Module) -> nn.Module | None:
+    """The module of ``model`` (or ``model``) that embeds the input: the innermost one holding
+    ``embedding`` whose forward takes ``inputs_embeds`` and ``attention_mask`` (``GPT2Model``,
+    ``BertModel``, ``OPTDecoder``: the one every head calls, not necessarily ``base_model``)."""
+    found = None
+    for _, module in named_backbone_modules(model):
+        params = inspect.signature(module.forward).parameters
+        takes_both = "inputs_embeds" in params and "attention_mask" in params
+        if takes_both and any(m is embedding for m in module.modules()):
+            found = module  # modules come outermost first: the last match is the innermost
+    return found
+
+
+@register_delta_method
+class SoftPromptModel(DeltaBase):
+    """Prompt tuning: ``soft_token_num`` learned input embeddings in front of every input's tokens.
+
+    Args:
+        backbone_model: the model to modify (a transformers model, or a module holding one).
+        soft_token_num: the number of prompt tokens.
+        init_range: without ``token_init``, the prompt starts uniform(-init_range, init_range).
+        token_init: start the prompt as the embeddings of the first non-special vocabulary tokens
+            (cycled if the vocabulary is smaller than the prompt).
+        other_expand_ids: inputs of shape (batch, length) to extend with the prompt, and the value of
+            their prompt columns.
+        modified_modules: default (None or []): the backbone itself. One key naming the transformers
+            model inside a wrapper backbone to prompt.
+        exclude_modules, unfrozen_modules, common_structure, interactive_modify, backend: as
+            :class:`~opendelta_dist.basemodel.DeltaBase` (``backend="hf"`` only).
+
+    Raises:
+        DeltaConfigError: an option has an invalid value.
+        UnsupportedModuleError: the model has no input embeddings, or its stack takes no ``inputs_embeds``.
+    """
+
+    delta_type: ClassVar[str] = "soft_prompt"
+    config_class = SoftPromptConfig
+    default_modified_modules: ClassVar[list[Any]] = []
+    _supported_backends: ClassVar[tuple[str, ...]] = ("hf",)
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        soft_token_num: int = 100,
+        init_range: float = 0.5,
+        token_init: bool = True,
+        other_expand_ids: dict[str, int] | None = None,
+        modified_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        unfrozen_modules: list[str] | None = None,
+        common_structure: bool | None = None,
+        interactive_modify: bool | int = False,
+        backend: str = "hf",
+    ) -> None:
+        if not isinstance(soft_token_num, int) or isinstance(soft_token_num, bool) or soft_token_num < 1:
+            raise DeltaConfigError(f"soft_token_num must be a positive integer, not {soft_token_num!r}")
+        if isinstance(init_range, bool) or not isinstance(init_range, (int, float)) or not init_range > 0:
+            raise DeltaConfigError(f"init_range must be a positive number, not {init_range!r}")
+        if not isinstance(token_init, bool):
+            raise DeltaConfigError(f"token_init must be True or False, not {token_init!r}")
+        expand = dict(DEFAULT_EXPAND_IDS) if other_expand_ids is None else other_expand_ids
+        if not isinstance(expand, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in expand.items()
+        ):
+            raise DeltaConfigError(
+                f"other_expand_ids must map input names to the integer value of their prompt columns, e.g. "
+                f"{DEFAULT_EXPAND_IDS}, not {other_expand_ids!r}"
+            )
+        self.soft_token_num = soft_token_num
+        self.init_range = float(init_range)
+        self.token_init = token_init
+        self.other_expand_ids = dict(expand)
+        super().__init__(
+            backbone_model,
+            modified_modules=modified_modules,
+            exclude_modules=exclude_modules,
+            unfrozen_modules=unfrozen_modules,
+            common_structure=common_structure,
+            interactive_modify=interactive_modify,
+            backend=backend,
+        )
+
+    def _prompted_model(self, backbone: nn.Module, modified_modules: list[Any]) -> nn.Module:
+        if not modified_modules:
+            return backbone
+        names = self.select(modified_modules)
+        if len(names) != 1:
+            raise DeltaConfigError(
+                f"SoftPromptModel prompts one model: modified_modules={list(modified_modules)} selects {len(names)} "
+                f"modules ({', '.join(names[:4])}); name the transformers model to prompt, or leave it empty"
+            )
+        return backbone.get_submodule(names[0])
+
+    def build_operations(self, backbone: nn.Module, modified_modules: list[Any]) -> list[Operation]:
+        """A :class:`SoftPrompt` on the stack that embeds the input, and for encoder-decoder models an
+        :class:`EncoderPromptMask` on the decoder."""
+        model = self._prompted_model(backbone, modified_modules)
+        embedding = input_embeddings(model)
+        if embedding is None:
+            raise UnsupportedModuleError(
+                f"SoftPromptModel puts learned embeddings in front of the model's input, but {type(model).__name__} "
+                "has no input embeddings (get_input_embeddings() is missing or returns None). Use a transformers "
+                "model, or name the transformers model inside your module with modified_modules=['<its name>']."
+            )
+        config = getattr(model, "config", None)
+        encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        if encoder_decoder:
+            stack, decoder = model.get_encoder(), model.get_decoder()
+        else:
+            stack, decoder = input_stack(model, embedding), None
+        if stack is None or "inputs_embeds" not in inspect.signature(stack.forward).parameters:
+            raise UnsupportedModuleError(
+                f"SoftPromptModel passes the prompt as inputs_embeds, but no module of {type(model).__name__} that "
+                "holds its input embeddings takes both inputs_embeds and attention_mask"
+            )
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if isinstance(limit, int) and self.soft_token_num >= limit:
+            raise DeltaConfigError(
+                f"soft_token_num={self.soft_token_num} leaves no room for input tokens: {type(model).__name__} has "
+                f"{limit} positions; use a smaller soft_token_num"
+            )
+        own = input_embeddings(stack)  # the table the stack itself embeds with, where it has one
+        embedding = own if own is not None else embedding
+        names = {id(m): n for n, m in named_backbone_modules(backbone)}
+        prompt = SoftPrompt(
+            self.backend_mapping.parameter(self._initial_prompt(embedding, config)),
+            embedding,
+            positional_names(stack),
+            self.other_expand_ids,
+            drop_prompt_output=not encoder_decoder,
+        )
+        ops: list[Operation] = [RewriteCall(names[id(stack)], prompt, "soft_prompt")]
+        if decoder is not None:
+            fill = self.other_expand_ids.get("attention_mask", 1)
+            mask = EncoderPromptMask(self.soft_token_num, positional_names(decoder), fill)
+            ops.append(RewriteCall(names[id(decoder)], mask, "soft_prompt"))
+        return ops
+
+    def _initial_prompt(self, embedding: nn.Module, config: Any) -> torch.Tensor:
+        weight = getattr(embedding, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise UnsupportedModuleError(
+                f"SoftPromptModel needs an embedding table (a 2-d weight), but the input embeddings are a "
+                f"{type(embedding).__name__}"
+            )
+        if not self.token_init:
+            return torch.empty(self.soft_token_num, weight.shape[1], device=weight.device, dtype=weight.dtype).uniform_(
+                -self.init_range, self.init_range
+            )
+        special: set[int] = set()
+        for key in _SPECIAL_TOKEN_KEYS:
+            value = getattr(config, key, None)
+            special.update(value if isinstance(value, (list, tuple)) else [value])
+        vocabulary = [i for i in range(weight.shape[0]) if i not in special]
+        ids = torch.tensor([vocabulary[i % len(vocabulary)] for i in range(self.soft_token_num)], device=weight.device)
+        with torch.no_grad():
+            # through the embedding module, so scaled embeddings (BART) start at the scale they are used at
+            return embedding(ids).detach().clone()
