@@ -123,3 +123,9 @@ class BaseDeltaConfig:
                 f"its options are: {', '.join(names)}"
             )
         return cls(**{k: v for k, v in merged.items() if k in names})
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise :class:`~opendelta_dist.errors.DeltaConfigError` unless ``value`` (option ``name``) is a positive int."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DeltaConfigError(f"{name} must be a positive integer, not {value!r}")

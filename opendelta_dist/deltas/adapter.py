@@ -12,7 +12,7 @@ from torch import nn
 from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import Backend
 from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig
+from opendelta_dist.config import BaseDeltaConfig, check_positive_int
 from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.operations import InsertSequential, Operation
 
@@ -119,8 +119,7 @@ class AdapterModel(DeltaBase):
         interactive_modify: bool | int = False,
         backend: str = "hf",
     ) -> None:
-        if not isinstance(bottleneck_dim, int) or bottleneck_dim < 1:
-            raise DeltaConfigError(f"bottleneck_dim must be a positive integer, not {bottleneck_dim!r}")
+        check_positive_int("bottleneck_dim", bottleneck_dim)
         activation(non_linearity)
         self.bottleneck_dim = bottleneck_dim
         self.non_linearity = non_linearity

@@ -20,9 +20,9 @@ from torch import nn
 from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import Backend
 from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig
+from opendelta_dist.config import BaseDeltaConfig, check_positive_int
 from opendelta_dist.deltas.adapter import activation, placement
-from opendelta_dist.deltas.low_rank_adapter import ProjectionAdapter, bottleneck_size, check_positive_int, glorot_
+from opendelta_dist.deltas.low_rank_adapter import ProjectionAdapter, bottleneck_size, glorot_
 from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta_dist.operations import InsertSequential, Operation, mark_fixed
 

@@ -14,7 +14,7 @@ from torch import nn
 from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import Backend
 from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig
+from opendelta_dist.config import BaseDeltaConfig, check_positive_int
 from opendelta_dist.errors import DeltaConfigError, DeltaStateError, UnsupportedModuleError
 from opendelta_dist.operations import InsertParallel, Operation
 
@@ -116,8 +116,7 @@ class LoraModel(DeltaBase):
         interactive_modify: bool | int = False,
         backend: str = "hf",
     ) -> None:
-        if not isinstance(lora_r, int) or isinstance(lora_r, bool) or lora_r < 1:
-            raise DeltaConfigError(f"lora_r must be a positive integer, not {lora_r!r}")
+        check_positive_int("lora_r", lora_r)
         if not 0.0 <= lora_dropout < 1.0:
             raise DeltaConfigError(f"lora_dropout must be in [0, 1), not {lora_dropout!r}")
         self.lora_r = lora_r

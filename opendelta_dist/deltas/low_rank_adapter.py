@@ -17,7 +17,7 @@ from torch import nn
 from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import Backend
 from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig
+from opendelta_dist.config import BaseDeltaConfig, check_positive_int
 from opendelta_dist.deltas.adapter import activation, placement
 from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta_dist.operations import InsertSequential, Operation
@@ -125,12 +125,6 @@ class LowRankAdapterConfig(BaseDeltaConfig):
     non_linearity: str = "gelu_new"
     low_rank_w_init: str = "glorot-uniform"
     low_rank_rank: int = 1
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    """Raise :class:`DeltaConfigError` unless ``value`` is a positive integer."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise DeltaConfigError(f"{name} must be a positive integer, not {value!r}")
 
 
 @register_delta_method

@@ -47,7 +47,7 @@ from torch import nn
 from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import Backend
 from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig
+from opendelta_dist.config import BaseDeltaConfig, check_positive_int
 from opendelta_dist.deltas.adapter import placement
 from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta_dist.operations import (
@@ -429,11 +429,6 @@ class PrefixConfig(BaseDeltaConfig):
     mid_dim: int = 512
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise DeltaConfigError(f"{name} must be a positive integer, not {value!r}")
-
-
 @register_delta_method
 class PrefixModel(DeltaBase):
     """Prefix tuning: ``prefix_token_num`` learned keys and values prepended in each modified
@@ -476,9 +471,9 @@ class PrefixModel(DeltaBase):
         interactive_modify: bool | int = False,
         backend: str = "hf",
     ) -> None:
-        _positive_int("prefix_token_num", prefix_token_num)
-        _positive_int("embed_dim", embed_dim)
-        _positive_int("mid_dim", mid_dim)
+        check_positive_int("prefix_token_num", prefix_token_num)
+        check_positive_int("embed_dim", embed_dim)
+        check_positive_int("mid_dim", mid_dim)
         if not isinstance(reparameterize, bool):
             raise DeltaConfigError(f"reparameterize must be True or False, not {reparameterize!r}")
         self.prefix_token_num = prefix_token_num

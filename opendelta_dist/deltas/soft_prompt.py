@@ -40,7 +40,7 @@ from torch import nn
 from opendelta_dist.addressing import named_backbone_modules
 from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig
+from opendelta_dist.config import BaseDeltaConfig, check_positive_int
 from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta_dist.operations import CallRewriter, Operation, RewriteCall, call_as_keywords, positional_names
 
@@ -307,8 +307,7 @@ class SoftPromptModel(DeltaBase):
         interactive_modify: bool | int = False,
         backend: str = "hf",
     ) -> None:
-        if not isinstance(soft_token_num, int) or isinstance(soft_token_num, bool) or soft_token_num < 1:
-            raise DeltaConfigError(f"soft_token_num must be a positive integer, not {soft_token_num!r}")
+        check_positive_int("soft_token_num", soft_token_num)
         if isinstance(init_range, bool) or not isinstance(init_range, (int, float)) or not init_range > 0:
             raise DeltaConfigError(f"init_range must be a positive number, not {init_range!r}")
         if not isinstance(token_init, bool):
