@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,8 +53,14 @@ SAMPLES_PER_TENSOR = 8
 _RTOL = 2e-2  # bf16 keeps 8 significant bits: a relative error of at most 2**-8 per value
 
 
-def backbone_checksum(backbone: nn.Module) -> tuple[str, np.ndarray]:
+def backbone_checksum(backbone: nn.Module, replaced: Collection[str] = ()) -> tuple[str, np.ndarray]:
     """The backbone's structure hash and value fingerprint, ignoring attached deltas and dtype.
+
+    Args:
+        backbone: the model.
+        replaced: names of parameters a delta trains as its own copies (e.g. a task head the delta
+            saves): their values are left out of the fingerprint (NaN), so the delta also loads onto a
+            backbone whose copy of them was initialised differently.
 
     Returns:
         ``(sha256 hex of parameter names and shapes, float32 array of sampled parameter values)``.
@@ -63,13 +70,18 @@ def backbone_checksum(backbone: nn.Module) -> tuple[str, np.ndarray]:
     for name, p in pristine_named_parameters(backbone):
         structure.update(f"{name}:{tuple(p.shape)};".encode())
         flat = p.detach().reshape(-1)
-        if flat.numel() == 0 or flat.device.type == "meta":
+        if flat.numel() == 0 or flat.device.type == "meta" or name in replaced:
             samples.append(np.full(min(SAMPLES_PER_TENSOR, flat.numel()), np.nan, dtype=np.float32))
             continue
         idx = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel()), device=flat.device).long()
         samples.append(flat[idx].float().cpu().numpy())
     values = np.concatenate(samples) if samples else np.zeros(0, dtype=np.float32)
     return structure.hexdigest(), values
+
+
+def replaced_parameter_names(delta: DeltaBase) -> set[str]:
+    """Names of the backbone parameters ``delta`` trains as its own copies (``unfrozen_modules``, BitFit)."""
+    return {f"{module}.{param}" if module else param for module, param in delta._unfrozen}
 
 
 def _encode(values: np.ndarray) -> str:
@@ -191,7 +203,9 @@ def save_delta(
     if save_config:
         from opendelta_dist import __version__
 
-        structure, values = checksum if checksum is not None else backbone_checksum(delta.backbone_model)
+        if checksum is None:
+            checksum = backbone_checksum(delta.backbone_model, replaced_parameter_names(delta))
+        structure, values = checksum
         name_or_path = getattr(getattr(delta.backbone_model, "config", None), "_name_or_path", "") or None
         config = {
             **delta.config.to_dict(),

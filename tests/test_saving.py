@@ -312,3 +312,21 @@ def test_opendelta_prefix_checkpoint_loads_and_a_reparameterised_one_is_refused(
     with pytest.raises(DeltaCheckpointError, match="saved with reparameterize=True"):
         AutoDeltaModel.from_finetuned(tmp_path / "od2", other)
     assert torch.equal(logits(other, inputs), logits(build("gpt2"), inputs))
+
+
+def test_a_delta_with_its_own_task_head_loads_onto_a_differently_initialised_head(tmp_path):
+    model = build("bert")
+    delta = LoraModel(model, unfrozen_modules=["deltas", "classifier"])
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+    inputs = batch("bert")
+    tuned = logits(model, inputs)
+    delta.save_finetuned(tmp_path / "d")
+    fresh = build("bert")
+    with torch.no_grad():
+        fresh.classifier.weight.normal_()  # another random head: the delta brings its own
+    AutoDeltaModel.from_finetuned(tmp_path / "d", fresh)
+    assert torch.equal(logits(fresh, inputs), tuned)
+    other = build("bert", seed=3)  # but other backbone weights are still refused
+    with pytest.raises(BackboneMismatchError):
+        AutoDeltaModel.from_finetuned(tmp_path / "d", other)

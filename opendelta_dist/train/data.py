@@ -27,6 +27,7 @@ import transformers
 from torch.utils.data import DataLoader, Dataset
 
 from opendelta_dist.errors import OpenDeltaError
+from opendelta_dist.train.models import resolve_name_or_path
 
 DATA_DIR = Path(__file__).parent / "assets" / "tiny_t2t"
 """The embedded default data set: ``train.jsonl`` and ``dev.jsonl`` with ``input``/``target`` fields."""
@@ -328,16 +329,19 @@ def build_tokenizer(model_name_or_path: str | None) -> transformers.PreTrainedTo
 
     Args:
         model_name_or_path: ``None`` or ``"byt5"`` for ``ByT5Tokenizer()`` (bytes + 3 special tokens and
-            125 sentinels: 384 ids, pad 0, eos 1); otherwise passed to ``AutoTokenizer.from_pretrained``.
+            125 sentinels: 384 ids, pad 0, eos 1); a ``pkg://PACKAGE/SUBDIR`` name (see
+            ``models.resolve_name_or_path``); otherwise passed to ``AutoTokenizer.from_pretrained``.
 
     Returns:
         The tokenizer.
 
     Raises:
         DataError: the tokenizer could not be loaded (missing directory, no network for a hub name).
+        DeltaConfigError: a ``pkg://`` name's package is not installed.
     """
     if model_name_or_path is None or model_name_or_path == "byt5":
         return transformers.ByT5Tokenizer()
+    model_name_or_path = resolve_name_or_path(model_name_or_path)
     # A path-looking name that is not there would otherwise be retried as a hub name (slow offline)
     if model_name_or_path.startswith(("/", "./", "../", "~")) and not Path(model_name_or_path).expanduser().is_dir():
         raise DataError(f"tokenizer directory {model_name_or_path!r} does not exist; fix the path")

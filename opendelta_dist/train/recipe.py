@@ -4,6 +4,12 @@ It turns a run configuration (composed by Hydra from ``configs/`` and ``recipes/
 build the backbone, attach the delta, freeze the rest, let the engine wrap/shard it, prove with the
 inspector that only the delta trains, then loop with gradient accumulation, clipping, warm-up + decay,
 periodic evaluation and atomic checkpoints, and save the final delta as full tensors.
+
+Full fine-tuning is the one run without a delta: ``delta=none`` (``delta_type: none``) attaches nothing
+and leaves every parameter trainable. The inspector still proves that the optimizer holds exactly the
+trainable parameters (here: all of them); checkpoints and the final save hold the whole model instead of
+a delta (``model/`` and ``final_model/``: ``config.json`` + ``model.safetensors``, loadable with
+``from_pretrained``). It runs on the engines that keep a whole model on every rank (``single``, ``ddp``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from opendelta_dist.auto_delta import AutoDeltaConfig, AutoDeltaModel, read_config_file
+from opendelta_dist.basemodel import DeltaBase
+from opendelta_dist.config import BaseDeltaConfig
 from opendelta_dist.errors import DeltaConfigError, OpenDeltaError
 from opendelta_dist.inspect import (
     check_gradients,
@@ -31,7 +39,7 @@ from opendelta_dist.inspect import (
     inspect_module_statistics,
     print_module_statistics,
 )
-from opendelta_dist.saving import backbone_checksum, save_delta
+from opendelta_dist.saving import backbone_checksum, replaced_parameter_names, save_delta
 from opendelta_dist.train import checkpoint as ckpt
 from opendelta_dist.train.data import (
     IGNORE_INDEX,
@@ -52,6 +60,12 @@ from opendelta_dist.train.topology import Topology
 #: step in the first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT=0).
 FAIL_AT_STEP_ENV = "OPENDELTA_DIST_FAIL_AT_STEP"
 FAIL_RANK_ENV = "OPENDELTA_DIST_FAIL_RANK"
+
+FULL_FINE_TUNING = "none"
+"""The ``delta_type`` of a run without a delta, in which every parameter trains (``configs/delta/none.yaml``)."""
+FULL_FINE_TUNING_ENGINES = ("single", "ddp")
+"""Engines that keep the whole model on every rank, so that rank 0 can save it as it is."""
+MODEL_WEIGHTS = "model.safetensors"
 
 
 class TrainingDivergedError(OpenDeltaError, RuntimeError):
@@ -74,6 +88,78 @@ def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def save_full_model(module: torch.nn.Module, path: Path) -> Path:
+    """Write a whole model into the directory ``path``, atomically (assembled aside, then renamed).
+
+    ``model.safetensors`` holds every tensor of ``module.state_dict()`` (tensors shared by several names,
+    such as tied embeddings, once); ``config.json`` is the transformers config, when the model has one,
+    so ``AutoModel...from_pretrained(path)`` loads the result. :func:`load_full_model` reads it back
+    exactly.
+
+    Args:
+        module: the model (unwrapped, unsharded).
+        path: the directory to write; an existing one is replaced.
+
+    Returns:
+        ``path``.
+    """
+    from safetensors.torch import save_model
+
+    staging = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_model(module, str(staging / MODEL_WEIGHTS))
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(staging)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(staging, path)
+    return path
+
+
+def load_full_model(module: torch.nn.Module, path: Path) -> None:
+    """Copy the weights :func:`save_full_model` wrote into ``module`` (every tensor must fit).
+
+    Raises:
+        DeltaConfigError: ``path`` holds no whole model, or its tensors do not fit ``module``.
+    """
+    from safetensors.torch import load_model
+
+    file = path / MODEL_WEIGHTS
+    if not file.is_file():
+        raise DeltaConfigError(f"{path} holds no {MODEL_WEIGHTS}: it is not a fully fine-tuned model's checkpoint")
+    try:
+        load_model(module, str(file), strict=True)
+    except RuntimeError as error:
+        raise DeltaConfigError(
+            f"the weights in {file} do not fit this model ({error}); resume with the model the run started with"
+        ) from error
+
+
+def delta_config(options: dict[str, Any]) -> BaseDeltaConfig | None:
+    """The run's delta configuration (the ``delta`` group), or None for full fine-tuning.
+
+    Args:
+        options: ``delta_type`` and the method's options; ``delta_type: none`` means no delta.
+
+    Returns:
+        The validated config of the delta method, or None when every parameter trains.
+
+    Raises:
+        DeltaConfigError: unknown ``delta_type`` or option, or options given with ``delta_type: none``.
+    """
+    if options.get("delta_type") != FULL_FINE_TUNING:
+        return AutoDeltaConfig.from_dict(dict(options))
+    extra = sorted(k for k, v in options.items() if k != "delta_type" and v is not None)
+    if extra:
+        raise DeltaConfigError(
+            f"delta_type {FULL_FINE_TUNING!r} (full fine-tuning: no delta, every parameter trains) takes no "
+            f"options, but {', '.join(extra)} are set; remove them, or choose a delta (e.g. delta=lora)"
+        )
+    return None
 
 
 def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
@@ -99,6 +185,31 @@ class _Window:
         self.steps += 1
 
 
+def attach_delta(model: torch.nn.Module, options: dict[str, Any], engine: str) -> DeltaBase | None:
+    """Attach the configured delta to ``model`` and freeze everything else.
+
+    Returns:
+        The delta; None for full fine-tuning (``delta_type: none``: nothing frozen).
+
+    Raises:
+        DeltaConfigError: the delta configuration is invalid (see :func:`delta_config`), or full
+            fine-tuning is asked on an engine that shards the model.
+    """
+    config = delta_config(options)
+    if config is not None:
+        delta = AutoDeltaModel.from_config(config, model)
+        delta.freeze_module(set_state_dict=False)
+        return delta
+    if engine not in FULL_FINE_TUNING_ENGINES:
+        raise DeltaConfigError(
+            f"full fine-tuning (delta_type {FULL_FINE_TUNING!r}) runs on the engines that keep the whole model "
+            f"on every rank ({', '.join(FULL_FINE_TUNING_ENGINES)}), not on engine={engine}; use "
+            "engine=ddp, or train a delta with this engine"
+        )
+    model.requires_grad_(True)
+    return None
+
+
 class DeltaTuningRecipe:
     """Delta-tune a backbone on one engine; see the module docstring.
 
@@ -114,7 +225,7 @@ class DeltaTuningRecipe:
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
-        """Build everything, prove the optimizer holds only delta parameters, resume if asked."""
+        """Build everything, prove the optimizer holds exactly the trainable parameters, resume if asked."""
         cfg = self.cfg
         train = cfg["train"]
         self.topology = Topology.from_environment(cfg.get("device", "auto"))
@@ -159,10 +270,11 @@ class DeltaTuningRecipe:
         )
 
         self.model = build_model(model_cfg)
-        self.delta_config = AutoDeltaConfig.from_dict(dict(cfg["delta"]))
-        self.delta = AutoDeltaModel.from_config(self.delta_config, self.model)
-        self.delta.freeze_module(set_state_dict=False)
-        self.checksum = backbone_checksum(self.model)  # before any engine shards the weights
+        self.delta = attach_delta(self.model, dict(cfg["delta"]), str(cfg["engine"]["name"]))
+        # before any engine shards the weights
+        self.checksum = (
+            backbone_checksum(self.model, replaced_parameter_names(self.delta)) if self.delta is not None else None
+        )
         stats = inspect_module_statistics(self.model, verbose=False)
 
         resume_from = self._resume_source()
@@ -186,6 +298,8 @@ class DeltaTuningRecipe:
         held = self.engine.optimized_parameters()
         if self.main:
             print_module_statistics(stats, memory=False)
+            if self.delta is None:
+                self.console.print("full fine-tuning (delta_type: none): no delta, every parameter trains")
             self.console.print(
                 f"optimizer ({self.engine.name}): {len(held)} tensors, "
                 f"{sum(getattr(p, 'ds_numel', p.numel()) for p in held):,} parameters"
@@ -202,6 +316,11 @@ class DeltaTuningRecipe:
         )
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+
+    @property
+    def _tuned_name(self) -> str:
+        """What a checkpoint holds of this run: ``delta``, or ``model`` for full fine-tuning."""
+        return "model" if self.delta is None else "delta"
 
     def _load_pretrained_into_shards(self, model_cfg: ModelConfig) -> None:
         """A meta-built backbone has no weights: rank 0 reads the checkpoint and the engine shards it."""
@@ -227,6 +346,16 @@ class DeltaTuningRecipe:
         return path
 
     def _check_same_delta(self, source: Path) -> None:
+        holds = "model" if (source / "model").is_dir() else "delta"
+        if holds != self._tuned_name:
+            what = {"model": "a fully fine-tuned model (delta_type none)", "delta": "a delta"}
+            raise DeltaConfigError(
+                f"cannot resume from {source}: it holds {what[holds]} and this run trains {what[self._tuned_name]}. "
+                "Resume with the delta configuration it was written with, or start a new run (another run_dir, "
+                "or resume=null)."
+            )
+        if self.delta is None:
+            return
         saved = AutoDeltaConfig.from_dict(read_config_file(source / "delta")).to_dict()
         wanted = self.delta.config.to_dict()
         differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
@@ -247,7 +376,10 @@ class DeltaTuningRecipe:
                 f"{state.get('world_size')} ranks and this run has {self.topology.world_size}. Resume with the same "
                 "number of processes, or start from its delta alone (a new run_dir)."
             )
-        self.engine.load_delta(self.delta, load_file(source / "delta" / "delta_model.safetensors"))
+        if self.delta is None:
+            load_full_model(self.engine.module, source / "model")
+        else:
+            self.engine.load_delta(self.delta, load_file(source / "delta" / "delta_model.safetensors"))
         self.engine.load_training_state(source)
         self.loader.batch_sampler.load_state_dict(state["data"])
         ckpt.load_rng(source, self.topology.rank)
@@ -257,10 +389,29 @@ class DeltaTuningRecipe:
 
     # ------------------------------------------------------------------ loop
 
-    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Training batches of this rank, endlessly, from the sampler's current position."""
         # the sampler advances its epoch when one is exhausted, so this runs for as many epochs as needed
         while True:
             yield from self.loader
+
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, int, float | None]:
+        """One optimizer step: ``grad_accum`` micro-batches forward and backward, then clip, step, zero.
+
+        Args:
+            batches: what :meth:`batches` returns.
+
+        Returns:
+            The mean loss of the micro-batches, their token count, and the gradient norm before
+            clipping (None when ``optim.max_grad_norm`` is null).
+
+        Raises:
+            TrainingDivergedError: the loss is not finite.
+        """
+        loss, tokens = self._optimizer_step(batches)
+        grad_norm = self.engine.optimizer_step()
+        self.step += 1
+        return loss, tokens, grad_norm
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.topology.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -277,7 +428,7 @@ class DeltaTuningRecipe:
             int(os.environ.get(FAIL_RANK_ENV, -1)) == self.topology.rank
             and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         )
-        batches = self._batches()
+        batches = self.batches()
         self.engine.model.train()
         window = _Window()
         progress = Progress(
@@ -294,9 +445,7 @@ class DeltaTuningRecipe:
             while self.step < max_steps:
                 if fail_here and self.step == fail_at:
                     os._exit(17)  # an abrupt death, as a killed rank: no clean-up, no checkpoint
-                loss, tokens = self._optimizer_step(batches)
-                grad_norm = self.engine.optimizer_step()
-                self.step += 1
+                loss, tokens, grad_norm = self.train_step(batches)
                 window.add(loss, tokens)
                 if self.step % log_every == 0 or self.step == max_steps:
                     metrics = self._window_metrics(window, grad_norm)
@@ -390,9 +539,7 @@ class DeltaTuningRecipe:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self.topology.barrier()
-        tensors = self.engine.gather_delta(self.delta)
-        if self.main:
-            save_delta(self.delta, staging / "delta", state_dict=tensors, checksum=self.checksum)
+        self._save_tuned(staging / self._tuned_name)
         self.engine.save_training_state(staging)
         ckpt.save_rng(staging, self.topology.rank)
         self.topology.barrier()
@@ -411,13 +558,27 @@ class DeltaTuningRecipe:
         self.topology.barrier()
         return final
 
-    def save_final(self) -> Path:
-        """Save the final delta (full tensors, ``save_finetuned`` format) to ``<run_dir>/final_delta``."""
-        path = self.run_dir / "final_delta"
+    def _save_tuned(self, path: Path) -> None:
+        """Write what this run trains into ``path``; collective, rank 0 writes.
+
+        A delta: its full tensors in the ``save_finetuned`` format. Full fine-tuning: the whole model
+        (:func:`save_full_model`; the engines it runs on hold it unsharded on every rank).
+        """
+        if self.delta is None:
+            if self.main:
+                save_full_model(self.engine.module, path)
+            return
         tensors = self.engine.gather_delta(self.delta)
         if self.main:
             save_delta(self.delta, path, state_dict=tensors, checksum=self.checksum)
-            self.console.print(f"saved the final delta to {path}")
+
+    def save_final(self) -> Path:
+        """Save the final delta (full tensors, ``save_finetuned`` format) to ``<run_dir>/final_delta``, or
+        the whole model after full fine-tuning to ``<run_dir>/final_model`` (:func:`save_full_model`)."""
+        path = self.run_dir / f"final_{self._tuned_name}"
+        self._save_tuned(path)
+        if self.main:
+            self.console.print(f"saved the final {self._tuned_name} to {path}")
         self.topology.barrier()
         return path
 

@@ -6,10 +6,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from opendelta_dist.auto_delta import AutoDeltaConfig
 from opendelta_dist.train.data import DataConfig
 from opendelta_dist.train.engines import OptimizerSpec
 from opendelta_dist.train.models import ModelConfig
+from opendelta_dist.train.recipe import delta_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
@@ -33,7 +33,7 @@ def test_recipe_composes_and_binds(recipe):
     assert cfg["run_dir"] == f"outputs/{recipe}"
     ModelConfig(**cfg["model"])
     DataConfig(**cfg["data"])
-    AutoDeltaConfig.from_dict(dict(cfg["delta"]))
+    delta_config(cfg["delta"])
     optim = {k: v for k, v in cfg["optim"].items() if k != "betas"}
     OptimizerSpec(**optim, betas=tuple(cfg["optim"]["betas"]))
     assert cfg["engine"]["name"] in {"single", "ddp", "fsdp", "deepspeed", "bmt"}
