@@ -33,6 +33,8 @@ setup(
         "bmt": ["bmtrain>=1.0.1", "model-center>=1.0.2", "requests", "six", "sentencepiece", "tqdm"],
         "wandb": ["wandb>=0.19"],
         "tensorboard": ["tensorboard>=2.14"],
+        # sweeps on Slurm (launch/train.py -m hydra/launcher=slurm): Hydra's submitit launcher
+        "slurm": ["hydra-submitit-launcher>=1.2", "submitit>=1.5"],
         # the tests exercise every engine and logger that runs on CPU
         "dev": [
             "pytest>=8",
@@ -43,6 +45,8 @@ setup(
             "tensorboard>=2.14",
             "wandb>=0.19",
             "selenium>=4.20",  # drives a real Chromium in the interactive_modify test
+            "hydra-submitit-launcher>=1.2",  # the Slurm sweep tests (the slurm extra)
+            "submitit>=1.5",
         ],
     },
     classifiers=[

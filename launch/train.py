@@ -3,11 +3,13 @@
     torchrun --standalone --nproc_per_node=2 launch/train.py +recipe=lora_t5_tiny
     torchrun --nproc_per_node=8 launch/train.py +recipe=lora_t5_11b engine=fsdp
     python launch/train.py +recipe=lora_t5_tiny engine=single train.max_steps=20
+    python launch/train.py -m hydra/launcher=slurm +recipe=lora_t5_base optim.lr=1e-4,3e-4   # a Slurm sweep
 
 The configuration is composed by Hydra from configs/ (defaults) and recipes/ (what a recipe changes);
 any key can be overridden on the command line. Every rank composes the same configuration and
 writes under the same run_dir (no timestamp in it: the same command resumes with resume=auto);
-only rank 0 writes files and logs.
+only rank 0 writes files and logs. With ``-m hydra/launcher=slurm`` every point of a sweep is a Slurm
+job that runs torchrun on its nodes (launch/hydra_plugins/, configs/hydra/launcher/slurm.yaml).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from opendelta_dist.errors import OpenDeltaError
@@ -25,6 +29,9 @@ from opendelta_dist.train.recipe import run
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Run the composed recipe; a library error becomes one clear line and exit status 1."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        run(cfg)  # jobs of a local sweep share this process: it must outlive each of them
+        return
     try:
         run(cfg)
         status = 0

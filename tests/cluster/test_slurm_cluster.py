@@ -1,0 +1,219 @@
+"""launch/slurm on a real single-node Slurm cluster: sbatch jobs, requeue and resume, a Hydra sweep.
+
+The node has 2+ CPUs and eight fake GPUs; jobs keep the script's GPU defaults and run 2 CPU processes
+(NPROC_PER_NODE=2) of the tiny recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opendelta_dist import AutoDeltaModel
+from opendelta_dist.train.models import ModelConfig, build_model
+from tests.cluster.slurm import SlurmCluster
+from tests.train.launch import ROOT, metrics
+
+pytestmark = pytest.mark.slow  # each test runs Slurm jobs of 2 processes (about 10-30 s each)
+SCRIPT = ROOT / "launch" / "slurm" / "train.sbatch"
+TINY = ["+recipe=lora_t5_tiny", "train.eval_every=0"]
+
+
+def job_env(cluster: SlurmCluster) -> dict[str, str]:
+    """What a user's shell has at sbatch time: the environment active, the repository, CPU processes."""
+    return {
+        **cluster.env,
+        "PYTHON": sys.executable,
+        "OPENDELTA_DIST_ROOT": str(ROOT),
+        "NPROC_PER_NODE": "2",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def sbatch(cluster: SlurmCluster, submit_dir: Path, overrides: list[str], *options: str) -> tuple[str, Path]:
+    """Submit train.sbatch from ``submit_dir``; returns the job id and its log."""
+    gpu_options = [] if cluster.gpus else ["--gpus-per-node=0"]
+    result = subprocess.run(
+        ["sbatch", "--parsable", *gpu_options, *options, str(SCRIPT), *overrides],
+        env=job_env(cluster),
+        cwd=submit_dir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    job_id = result.stdout.strip().split(";")[0]
+    assert job_id.isdigit(), result.stdout + result.stderr
+    return job_id, submit_dir / f"opendelta-{job_id}.out"
+
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
+def run_job(cluster: SlurmCluster, submit_dir: Path, overrides: list[str]) -> tuple[str, Path, dict[str, str]]:
+    """Submit train.sbatch and wait for the job to end (polling: ``sbatch --wait`` backs off to 30 s)."""
+    job_id, log = sbatch(cluster, submit_dir, overrides)
+    return job_id, log, cluster.wait_for(job_id, ENDED, timeout=300)
+
+
+def load_final_delta(run_dir: Path) -> None:
+    """The delta checkpoint loads onto a fresh tiny T5 and sets exactly the saved tensors."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = OmegaConf.to_container(compose("config", overrides=["+recipe=lora_t5_tiny"]), resolve=True)
+    torch.manual_seed(cfg["seed"])  # the tiny T5 is randomly initialised: the same seed gives the same backbone
+    model = build_model(ModelConfig(**cfg["model"]))
+    AutoDeltaModel.from_finetuned(run_dir / "final_delta", model)
+    saved = load_file(run_dir / "final_delta" / "delta_model.safetensors")
+    params = dict(model.named_parameters())
+    assert saved
+    for name, tensor in saved.items():
+        torch.testing.assert_close(params[name], tensor, rtol=0, atol=0)
+
+
+def test_sbatch_trains_the_tiny_recipe_on_two_processes(slurm_cluster, tmp_path):
+    job_id, log, info = run_job(slurm_cluster, tmp_path, [*TINY, "train.max_steps=8", "checkpoint.every=4"])
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    assert "--nnodes=1 --nproc_per_node=2 --rdzv_backend=c10d" in text
+    assert f"--rdzv_endpoint=localhost:{20000 + int(job_id) % 10000} --rdzv_id={job_id}" in text
+
+    run_dir = tmp_path / "outputs" / "lora_t5_tiny" / f"slurm-{job_id}"  # relative to the submit directory
+    assert [r["step"] for r in metrics(run_dir)][-1] == 8
+    state = json.loads((run_dir / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    load_final_delta(run_dir)
+
+
+def test_a_failing_job_fails(slurm_cluster, tmp_path):
+    _, log, info = run_job(slurm_cluster, tmp_path, [*TINY, "train.global_batch_size=15"])
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0"
+    assert "not divisible by world size 2" in log.read_text()
+
+
+def _wait_for_checkpoint(run_dir: Path, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((run_dir / "checkpoints").glob("step_*/trainer_state.json")):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no job log"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("interruption", ["scontrol requeue", "time-limit signal"])
+def test_a_requeued_job_resumes_from_its_last_checkpoint(slurm_cluster, tmp_path, interruption):
+    """Preemption-style requeue (Slurm signals every process), or the time-limit warning that the
+    script traps (--signal=B:USR1@300; sent here at once with scancel) and answers with a requeue."""
+    steps = 100
+    overrides = [*TINY, f"train.max_steps={steps}", "checkpoint.every=5", "train.log_every=1"]
+    job_id, log = sbatch(slurm_cluster, tmp_path, overrides)
+    run_dir = tmp_path / "outputs" / "lora_t5_tiny" / f"slurm-{job_id}"
+    _wait_for_checkpoint(run_dir, log)
+    if interruption == "scontrol requeue":
+        slurm_cluster.run("scontrol", "requeue", job_id)
+    else:
+        slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    deadline = time.monotonic() + 60
+    while slurm_cluster.job(job_id).get("Restarts") != "1":
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.3)
+    slurm_cluster.start_now(job_id)
+    info = slurm_cluster.wait_for(job_id, ENDED, timeout=180)
+
+    text = log.read_text()  # --open-mode=append: both runs are in it
+    assert info["JobState"] == "COMPLETED", text
+    assert (
+        f"job {job_id} run 1 (SLURM_RESTART_COUNT=0)" in text and f"job {job_id} run 2 (SLURM_RESTART_COUNT=1)" in text
+    )
+    if interruption == "time-limit signal":
+        assert f"time limit near: requeueing job {job_id}" in text
+    resumed = re.search(r"resumed from (\S+)/step_(\d+) at step (\d+)", text)
+    assert resumed, text
+    resumed_at = int(resumed.group(3))
+    assert 5 <= resumed_at < steps and resumed_at % 5 == 0
+    # the second run continued from the checkpoint: it logged every step after it, up to the last
+    logged = [r["step"] for r in metrics(run_dir)]
+    assert logged[resumed_at - steps :] == list(range(resumed_at + 1, steps + 1))
+    load_final_delta(run_dir)
+
+
+def sweep_command(cluster: SlurmCluster, sweep: Path, overrides: list[str]) -> list[str]:
+    """``launch/train.py -m hydra/launcher=slurm`` with the sweep in ``sweep``, 2 CPU processes per job."""
+    gpu = [] if cluster.gpus else ["hydra.launcher.gpus_per_node=0"]
+    return [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        "-m",
+        "hydra/launcher=slurm",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.launcher.nproc_per_node=2",
+        "hydra.launcher.timeout_min=10",
+        *gpu,
+        *TINY,
+        *overrides,
+    ]
+
+
+def sweep_logs(sweep: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(sweep.glob(".submitit/*/*.out")))
+
+
+def test_hydra_multirun_on_slurm_runs_each_job_under_torchrun(slurm_cluster, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        sweep_command(slurm_cluster, sweep, ["train.max_steps=4,6"]),
+        env={**slurm_cluster.env, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    logs = sweep_logs(sweep)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs
+    for num, steps in ((0, 4), (1, 6)):
+        run_dir = sweep / str(num)  # each job trains in its own Hydra job directory
+        assert [r["step"] for r in metrics(run_dir)][-1] == steps
+        load_final_delta(run_dir)
+    assert logs.count("--nnodes=1 --nproc_per_node=2 --rdzv_backend=c10d") == 2
+
+
+def test_a_requeued_sweep_job_resumes_and_the_sweep_waits_for_it(slurm_cluster, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
+    sweep, steps = tmp_path / "sweep", 100
+    overrides = [f"train.max_steps={steps}", "checkpoint.every=5", "train.log_every=1"]
+    process = subprocess.Popen(
+        sweep_command(slurm_cluster, sweep, overrides),
+        env={**slurm_cluster.env, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for_checkpoint(sweep / "0", sweep / "multirun.yaml")
+        (submitted,) = sweep.glob(".submitit/*/*_submitted.pkl")
+        job_id = submitted.name.removesuffix("_submitted.pkl")
+        slurm_cluster.run("scontrol", "requeue", job_id)
+        deadline = time.monotonic() + 60
+        while slurm_cluster.job(job_id).get("Restarts") != "1":
+            assert time.monotonic() < deadline, sweep_logs(sweep)
+            time.sleep(0.3)
+        slurm_cluster.start_now(job_id)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    logs = sweep_logs(sweep)
+    assert process.returncode == 0, output[-3000:] + logs
+    assert "no result is reported" in logs and f"job {job_id} run 2" in logs
+    resumed = re.search(r"resumed from \S+ at step (\d+)", logs)
+    assert resumed and 5 <= int(resumed.group(1)) < steps, logs
+    assert [r["step"] for r in metrics(sweep / "0")][-1] == steps
+    load_final_delta(sweep / "0")
