@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -52,3 +53,13 @@ def test_unknown_recipe_and_key_are_hydra_errors():
         _compose(["+recipe=lora_t5_tinyy"])
     with pytest.raises(ConfigCompositionException, match="max_stepz"):
         _compose(["+recipe=lora_t5_tiny", "train.max_stepz=3"])
+
+
+def test_an_option_of_another_engine_is_refused_with_the_fix():
+    from opendelta_dist.errors import DeltaConfigError
+    from opendelta_dist.train.engines import build_engine
+    from opendelta_dist.train.topology import Topology
+
+    fix = r"engine ddp has no option mixed_precision .*~engine.options.mixed_precision"
+    with pytest.raises(DeltaConfigError, match=fix):
+        build_engine("ddp", Topology(0, 1, 0, torch.device("cpu")), {"mixed_precision": "bf16"})

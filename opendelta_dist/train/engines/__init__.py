@@ -7,6 +7,7 @@ imported only by their own engine.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from opendelta_dist.errors import DeltaConfigError
@@ -26,13 +27,22 @@ def build_engine(name: str, topology: Topology, options: dict[str, Any] | None =
     """The engine called ``name`` for this process.
 
     Raises:
-        DeltaConfigError: unknown engine name.
+        DeltaConfigError: unknown engine name, or an option the engine does not have (e.g. one a recipe
+            set for another engine).
         ImportError: the engine's optional dependency is missing (the message says what to install).
     """
     if name not in _ENGINES:
         raise DeltaConfigError(f"unknown engine {name!r}; choose one of {', '.join(_ENGINES)}")
     module_name, cls_name = _ENGINES[name].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
+    known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "topology")]
+    unknown = sorted(set(options or {}) - set(known))
+    if unknown:
+        drop = " ".join(f"~engine.options.{k}" for k in unknown)
+        raise DeltaConfigError(
+            f"engine {name} has no option {', '.join(unknown)} (its options: {', '.join(known) or 'none'}); a "
+            f"recipe written for another engine may set it: drop it with {drop}"
+        )
     return cls(topology, **(options or {}))
 
 
