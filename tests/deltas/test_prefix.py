@@ -1,7 +1,8 @@
 """PrefixModel: life cycle, padding, generate() with a cache, the reparameterisation network and what
 is saved of it, and the errors for modules it cannot modify.
 
-The life-cycle, padding, causality and generate checks are shared with test_soft_prompt.py.
+The padding, causality and generate checks are shared with test_soft_prompt.py; the life cycle of
+the defaults on every family is in test_methods.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from opendelta_dist import AutoDeltaModel
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.deltas.prefix import PrefixModel, PrefixReparameterization
 from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
-from opendelta_dist.operations import pristine_named_parameters
+from tests.deltas.lifecycle import check_life_cycle
 from tests.models import FAMILIES, VOCAB, batch, build, logits
 
 SUPPORTED = ["bart", "bert", "gpt2", "llama", "opt", "roberta", "t5"]
@@ -28,57 +29,6 @@ GENERATIVE = ["bart", "gpt2", "llama", "opt", "t5"]
 LEFT_PADDING = ["gpt2", "llama", "opt", "t5"]
 
 MakeDelta = Callable[[nn.Module], DeltaBase]
-
-
-def check_life_cycle(make_delta: MakeDelta, family: str, tmp_path) -> DeltaBase:
-    """freeze -> 3 steps (only delta tensors change) -> save -> reload on a fresh backbone (identical
-    logits) -> detach (pristine, bit-exact) -> attach (tuned again); the flow of test_methods.py."""
-    model = build(family)
-    inputs = batch(family)
-    pristine_logits = logits(model, inputs)
-    pristine_state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    delta = make_delta(model)
-    delta.freeze_module(exclude=["deltas"], set_state_dict=True)
-    backbone_before = {n: p.detach().clone() for n, p in pristine_named_parameters(model)}
-    delta_before = {k: p.detach().clone() for k, p in delta.named_delta_tensors()}
-    assert delta_before, "the delta has no tensors"
-    trainable = delta.trainable_parameters()
-    assert {id(p) for p in trainable} == {id(p) for _, p in delta.named_delta_tensors()}
-    assert set(model.state_dict()) == set(delta.trainable_parameters_names())
-
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(3):
-        loss = model(**inputs).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] != losses[0]
-    for name, p in pristine_named_parameters(model):
-        assert torch.equal(p, backbone_before[name]), f"backbone tensor {name} changed"
-        assert p.grad is None, f"frozen backbone tensor {name} got a gradient"
-    changed = [k for k, p in delta.named_delta_tensors() if not torch.equal(p, delta_before[k])]
-    assert changed == list(delta_before), "every delta tensor is trained"
-
-    tuned = logits(model, inputs)
-    assert not torch.allclose(tuned, pristine_logits)
-    delta.save_finetuned(tmp_path / "delta")
-    fresh = build(family)
-    loaded = AutoDeltaModel.from_finetuned(tmp_path / "delta", backbone_model=fresh)
-    assert type(loaded) is type(delta)
-    assert torch.equal(logits(fresh, inputs), tuned)
-
-    delta.detach()
-    assert torch.equal(logits(model, inputs), pristine_logits)
-    restored = model.state_dict()
-    assert list(restored) == list(pristine_state)
-    assert all(torch.equal(restored[k], v) for k, v in pristine_state.items())
-    delta.attach()
-    assert torch.equal(logits(model, inputs), tuned)
-    return delta
 
 
 def check_padding(model: nn.Module, family: str, side: str) -> None:
@@ -177,12 +127,6 @@ def check_left_padded_generate(model: nn.Module, family: str, steps: int = 4) ->
 
 
 # ------------------------------------------------------------------------------------------ life cycle
-
-
-@pytest.mark.parametrize("family", SUPPORTED)
-def test_life_cycle(family, tmp_path):
-    delta = check_life_cycle(lambda m: PrefixModel(backbone_model=m), family, tmp_path)
-    assert delta.reparameterize
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
