@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.lora_overhead import MODEL, _machine, _proc_status_kb, _release_free_heap  # noqa: E402
+from benchmarks.common import machine_info, memory_baseline, peak_rss_kb, reset_peak_rss  # noqa: E402
+from benchmarks.lora_overhead import MODEL  # noqa: E402
 
 REFERENCE = "peft-ddp"
 # variant -> (engine name, engine options); the reference has no engine
@@ -203,11 +204,9 @@ def run_worker(args: argparse.Namespace) -> None:
         setup = _reference_setup(args) if variant is None else _engine_setup(args, *variant)
         for _ in range(args.warmup):
             setup.step()
-        trimmed = _release_free_heap()
-        baseline_kb = _proc_status_kb("VmRSS")
+        baseline_kb, trimmed = memory_baseline()
         setup.step()  # untimed: the pages the trim gave back are faulted in again here, not in a timed step
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
+        reset_peak_rss()
         times, cpu_times, losses = [], [], []
         for _ in range(args.steps):
             # every rank starts the step together, so rank 0's time is the step's, not a wait for a straggler
@@ -216,7 +215,7 @@ def run_worker(args: argparse.Namespace) -> None:
             losses.append(setup.step())
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-        peak_kb = _proc_status_kb("VmHWM")
+        peak_kb = peak_rss_kb()
         mine = {
             "rank": dist.get_rank(),
             "step_s": times,
@@ -380,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "benchmark": "engines_cpu",
         "machine": {
-            **_machine(),
+            **machine_info("peft", "deepspeed"),
             "deepspeed": importlib.metadata.version("deepspeed"),
             "load_average_1_5_15m_at_start": load_at_start,
         },

@@ -20,12 +20,7 @@ peak RSS is the high-water mark after them and the working set is ``peak - basel
 from __future__ import annotations
 
 import argparse
-import ctypes
-import datetime
-import gc
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # run as a script from a checkout: make the package importable without installing it
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine_info, memory_baseline, peak_rss_kb, reset_peak_rss  # noqa: E402
 
 VARIANTS = ("ours", "peft")
 TARGETS = ["q", "v"]
@@ -72,30 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------- worker
-
-
-def _proc_status_kb(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field} (this benchmark needs Linux)")
-
-
-def _release_free_heap() -> bool:
-    """Give freed heap memory back to the OS, so the baseline RSS holds only live data.
-
-    Returns:
-        whether glibc's ``malloc_trim`` was available and called.
-    """
-    gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    libc.malloc_trim(0)
-    return True
 
 
 def _build(variant: str, seed: int) -> tuple[Any, list[Any]]:
@@ -146,16 +119,14 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     for _ in range(args.warmup):
         step()
-    trimmed = _release_free_heap()
-    baseline_kb = _proc_status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
+    baseline_kb, trimmed = memory_baseline()
+    reset_peak_rss()
     times, losses = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - start)
-    peak_kb = _proc_status_kb("VmHWM")
+    peak_kb = peak_rss_kb()
     return {
         "variant": args.worker,
         "step_s": times,
@@ -187,33 +158,6 @@ def _spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"the {variant} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _machine() -> dict[str, Any]:
-    """Where the numbers were taken."""
-    import peft
-    import torch
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        # other work on the machine slows both variants; a load well above 0 means noisier timings
-        "load_average_1_5_15m_at_end": os.getloadavg(),
-    }
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -289,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     report = {
         "benchmark": "lora_overhead",
-        "machine": _machine(),
+        "machine": machine_info("peft"),
         "config": {
             "model": {"class": "T5ForConditionalGeneration", "init": "random", **MODEL},
             "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "targets": TARGETS},

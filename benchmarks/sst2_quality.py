@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.lora_overhead import _machine, _proc_status_kb, _release_free_heap  # noqa: E402
+from benchmarks.common import machine_info, memory_baseline, peak_rss_kb, reset_peak_rss  # noqa: E402
 
 OURS, REFERENCE = "ours-lora", "peft-lora"
 #: variant -> the recipe that configures it (PEFT's LoRA takes the model, data and optimizer of ours)
@@ -288,10 +288,8 @@ def run_worker(args: argparse.Namespace) -> None:
     os.dup2(2, 1)
     torch.set_num_threads(args.threads)
     trainer = _Trainer(args)
-    trimmed = _release_free_heap()
-    baseline_kb = _proc_status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
+    baseline_kb, trimmed = memory_baseline()
+    reset_peak_rss()
     replies.write(json.dumps({"ready": True}) + "\n")
     steps: list[dict[str, float]] = []
     for line in sys.stdin:
@@ -299,7 +297,7 @@ def run_worker(args: argparse.Namespace) -> None:
             steps.append(trainer.step())
             replies.write(json.dumps(steps[-1]) + "\n")
             continue
-        peak_kb = _proc_status_kb("VmHWM")
+        peak_kb = peak_rss_kb()
         measurement = {
             "step_s": [s["step_s"] for s in steps],
             "cpu_s": [s["cpu_s"] for s in steps],
@@ -477,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
             "ours_lora_time_ratio_at_most_1": ratios["median_step_time"] <= 1.0,
             "ours_lora_reload_reproduces_dev_accuracy_exactly": summary[OURS]["reload_reproduces_dev_exactly"],
         }
-    machine = _machine()
+    machine = machine_info("peft")
     machine.update(load_average_1_5_15m_at_start=load_at_start, load_average_1_5_15m_every_25_steps=load_during)
     first = next(iter(results.values()))
     report = {

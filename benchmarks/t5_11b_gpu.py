@@ -40,10 +40,8 @@ with the machine.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -54,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # run as a script from a checkout: make the package importable without installing it
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine_info  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "t5_11b_gpu.json"
 TOLERANCE = 0.15
@@ -206,19 +206,15 @@ def worker(variant: str, warmup: int, steps: int, cap_gb: float) -> dict[str, An
 
 
 def _machine() -> dict[str, Any]:
+    """:func:`benchmarks.common.machine_info` plus the GPU."""
     import torch
-    import transformers
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **machine_info("peft"),
         "gpu": gpu,
         "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory if gpu else None,
-        "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -2,7 +2,7 @@
 
     python examples/serve_multitask.py
 
-One tiny T5 (random weights, byte-level tokenizer: nothing is downloaded) stays in memory. Three
+One tiny T5 (tune_tiny.py's: random weights, byte-level tokenizer, nothing is downloaded) stays in memory. Three
 deltas of different methods are tuned on three toy tasks over the same sentences (sentiment, first
 word, number of words), saved, and loaded back detached. :class:`DeltaServer` then answers a mixed
 stream of requests: before a request it attaches that task's delta (detaching the previous one),
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+from transformers import ByT5Tokenizer
+from tune_tiny import build_backbone  # the tiny T5 of the other example (this directory is on the path)
 
 from opendelta_dist import AdapterModel, AutoDeltaModel, DeltaBase, LoraModel, LowRankAdapterModel
 
@@ -30,24 +31,6 @@ TASKS: dict[str, tuple[Callable[[nn.Module], DeltaBase], Callable[[dict[str, str
     "first_word": (lambda m: AdapterModel(m, bottleneck_dim=16), lambda row: row["sentence"].split()[0]),
     "length": (lambda m: LowRankAdapterModel(m, reduction_factor=4), lambda row: str(len(row["sentence"].split()))),
 }
-
-
-def build_backbone() -> T5ForConditionalGeneration:
-    """The same tiny T5 on every call (fixed seed)."""
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=384,
-        d_model=64,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_heads=4,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5ForConditionalGeneration(config)
 
 
 class DeltaServer:

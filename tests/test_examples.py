@@ -38,23 +38,24 @@ def test_tune_tiny_with_two_processes(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "delta_model.safetensors"]
 
 
-def _load_example(name: str):
+def _load_example(name: str, monkeypatch):
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))  # as when the example runs as a script
     spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_multitask_server_answers_each_request_with_exactly_its_delta(tmp_path):
+def test_multitask_server_answers_each_request_with_exactly_its_delta(tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
     from opendelta_dist import AutoDeltaModel
 
-    serve = _load_example("serve_multitask")
+    serve = _load_example("serve_multitask", monkeypatch)
     tokenizer = serve.ByT5Tokenizer()
     for task in serve.TASKS:
         serve.tune(task, tmp_path / task, steps=15, tokenizer=tokenizer)
