@@ -19,8 +19,8 @@ setup(
     package_data={"opendelta_dist.train": ["assets/*/*"]},
     python_requires=">=3.11",
     install_requires=[
-        "torch>=2.4",
-        "transformers>=4.56",
+        "torch>=2.6",  # FSDP2 (torch.distributed.fsdp.fully_shard) is public from 2.6
+        "transformers>=5.15",  # T5 attention on the attention interface (opendelta_dist/transformers_calls.py)
         "safetensors>=0.4.3",
         "numpy>=1.24",
         "rich>=13",
@@ -38,9 +38,10 @@ setup(
         # the tests exercise every engine and logger that runs on CPU
         "dev": [
             "pytest>=8",
+            "uv>=0.9",  # scripts/lock.sh and scripts/test-deps.sh resolve with it
             "pytest-timeout>=2.3",
             "ruff>=0.8",
-            "peft>=0.17",
+            "peft>=0.18",
             "deepspeed>=0.16",
             "tensorboard>=2.14",
             "wandb>=0.19",
@@ -51,7 +52,6 @@ setup(
     },
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: Apache Software License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )

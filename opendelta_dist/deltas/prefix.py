@@ -1,9 +1,10 @@
 """Prefix tuning: learned keys and values prepended in every modified self-attention (Li & Liang, 2021).
 
 **Where the prefix enters.** A forward pre-hook on each modified attention module hands it, as its
-``past_key_values``, a stand-in for its cache (:class:`PrefixedCache`): the module computes its keys
-and values as usual (positions applied: rotary, relative or absolute), updates the real cache through
-the stand-in, and gets back ``[prefix; cached + new]`` to attend over. So:
+cache argument (``cache`` or ``past_key_values``, whichever its forward declares: see
+:mod:`opendelta_dist.transformers_calls`), a stand-in for its cache (:class:`PrefixedCache`): the
+module computes its keys and values as usual (positions applied: rotary, relative or absolute),
+updates the real cache through the stand-in, and gets back ``[prefix; cached + new]`` to attend over. So:
 
 - the real cache never holds the prefix, and every forward adds it exactly once per layer: with
   ``generate()`` the prefill and each decoding step see the prefix once, and the cache length (which
@@ -22,7 +23,7 @@ the encoder's output, cached once per generation and read back without going thr
 the delta at a cross-attention module is an error.
 
 **Attention classes** are looked up in :data:`ATTENTION_SPECS` (first match wins); a new family whose
-attention updates its cache with ``past_key_values.update(key, value, layer_idx)`` is one entry.
+attention updates the cache it is handed with ``.update(key, value, layer_idx)`` is one entry.
 
 **Reparameterisation.** With ``reparameterize=True`` the per-layer keys and values are the output of a
 shared network (an embedding of ``prefix_token_num`` vectors of ``embed_dim`` -> linear -> tanh ->
@@ -58,6 +59,13 @@ from opendelta_dist.operations import (
     call_as_keywords,
     positional_names,
 )
+from opendelta_dist.transformers_calls import (
+    CacheArgument,
+    cache_argument,
+    cached_length,
+    relative_position_bias,
+    self_attention_cache,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # The attention classes a prefix can enter.
@@ -67,9 +75,10 @@ from opendelta_dist.operations import (
 class AttentionSpec:
     """How a prefix enters one attention class.
 
-    The class must take ``past_key_values``, update it with ``past_key_values.update(key, value,
+    The class must take a cache argument (one of
+    :data:`~opendelta_dist.transformers_calls.CACHE_ARGUMENTS`), update it with ``.update(key, value,
     layer_idx)`` (also when it is given without a real cache) and attend over what that returns, as
-    transformers 5's attention modules do.
+    transformers' attention modules do.
 
     Attributes:
         module_path: the module defining the class (imported only when looked up).
@@ -324,6 +333,7 @@ class PrefixLayer(CallRewriter):
     Args:
         spec: how the prefix enters the module's class.
         params: the names of the module's positional parameters.
+        cache: how the module is handed its cache.
         heads: key/value heads of the module.
         head_dim: their size.
         prefix_len: the number of prefix tokens.
@@ -338,6 +348,7 @@ class PrefixLayer(CallRewriter):
         self,
         spec: AttentionSpec,
         params: tuple[str, ...],
+        cache: CacheArgument,
         heads: int,
         head_dim: int,
         prefix_len: int,
@@ -350,6 +361,7 @@ class PrefixLayer(CallRewriter):
         super().__init__()
         self.spec = spec
         self.params = params
+        self.cache = cache
         self.prefix_len = prefix_len
         self.index = index
         # the network belongs to the whole delta (a child of the backbone root), not to this layer
@@ -376,8 +388,6 @@ class PrefixLayer(CallRewriter):
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Give the module the prefixed cache, the extended mask (and T5's extended position bias)."""
-        from transformers.cache_utils import EncoderDecoderCache
-
         args, kwargs = call_as_keywords(self.params, args, kwargs)
         for name in self.spec.cross_args:
             if kwargs.get(name) is not None:
@@ -387,12 +397,10 @@ class PrefixLayer(CallRewriter):
                 )
         hidden = args[0] if args else kwargs["hidden_states"]
         q_len = hidden.shape[-2]
-        cache = kwargs.get("past_key_values")
-        inner = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-        layer_idx = getattr(module, "layer_idx", None) or 0
-        past = int(inner.get_seq_length(layer_idx)) if inner is not None else 0
+        inner = self_attention_cache(self.cache.get(kwargs))
+        past = cached_length(inner, getattr(module, "layer_idx", None) or 0)
         key, value = self.key_value()
-        kwargs["past_key_values"] = PrefixedCache(inner, key, value)
+        self.cache.set(kwargs, PrefixedCache(inner, key, value))
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         kwargs[self.spec.mask_arg] = prefix_mask(
             kwargs.get(self.spec.mask_arg), self.prefix_len, q_len, past, causal, hidden.dtype, hidden.device
@@ -401,7 +409,7 @@ class PrefixLayer(CallRewriter):
             bias = kwargs.get("position_bias")
             if bias is None and getattr(module, "has_relative_attention_bias", False):
                 # computed here over the real keys only: computed by the module, it would count the prefix
-                bias = module.compute_bias(q_len, past + q_len, device=hidden.device, past_seen_tokens=past)
+                bias = relative_position_bias(module, q_len, past, hidden.device)
             if bias is not None:
                 kwargs["position_bias"] = F.pad(bias, (self.prefix_len, 0))
         return args, kwargs
@@ -519,6 +527,7 @@ class PrefixModel(DeltaBase):
         layer = PrefixLayer(
             spec,
             positional_names(module),
+            cache_argument(module),
             heads,
             head_dim,
             self.prefix_token_num,

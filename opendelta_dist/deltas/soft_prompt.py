@@ -43,6 +43,7 @@ from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.config import BaseDeltaConfig, check_positive_int
 from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta_dist.operations import CallRewriter, Operation, RewriteCall, call_as_keywords, positional_names
+from opendelta_dist.transformers_calls import CacheArgument, cache_argument, cached_length
 
 DEFAULT_EXPAND_IDS = {"attention_mask": 1, "token_type_ids": 0}
 _SPECIAL_TOKEN_KEYS = (
@@ -121,6 +122,7 @@ class SoftPrompt(CallRewriter):
         soft_embeds: the initial prompt.
         embedding: the stack's input embedding (not owned: used to embed ``input_ids``).
         params: the names of the stack's positional parameters.
+        cache: how the stack is handed its cache.
         other_expand_ids: inputs to extend, with the value of their prompt columns.
         drop_prompt_output: drop the prompt positions from the stack's ``last_hidden_state``.
     """
@@ -130,6 +132,7 @@ class SoftPrompt(CallRewriter):
         soft_embeds: nn.Parameter,
         embedding: nn.Module,
         params: tuple[str, ...],
+        cache: CacheArgument,
         other_expand_ids: dict[str, int],
         drop_prompt_output: bool,
     ) -> None:
@@ -137,6 +140,7 @@ class SoftPrompt(CallRewriter):
         self.soft_embeds = soft_embeds
         self.__dict__["embedding"] = embedding  # the backbone's, not the delta's
         self.params = params
+        self.cache = cache
         self.other_expand_ids = dict(other_expand_ids)
         self.drop_prompt_output = drop_prompt_output
         # where the call in flight put the prompt in each row, if it is a prefill (the stack is not re-entered)
@@ -158,8 +162,7 @@ class SoftPrompt(CallRewriter):
         if first is None:
             raise ValueError(f"{type(module).__name__} was called without input_ids or inputs_embeds")
         batch, q_len = first.shape[:2]
-        cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None else 0
+        past = cached_length(self.cache.get(kwargs))
         prefill = past == 0
         # the prompt goes right before each row's first real token: after left padding, not before it,
         # so a padded row keeps the distances between prompt and text (relative and rotary positions)
@@ -380,6 +383,7 @@ class SoftPromptModel(DeltaBase):
             self.backend_mapping.parameter(self._initial_prompt(embedding, config)),
             embedding,
             positional_names(stack),
+            cache_argument(stack),
             self.other_expand_ids,
             drop_prompt_output=not encoder_decoder,
         )

@@ -27,7 +27,7 @@ import transformers
 from torch.utils.data import DataLoader, Dataset
 
 from opendelta_dist.errors import OpenDeltaError
-from opendelta_dist.train.models import resolve_name_or_path
+from opendelta_dist.train.models import is_local_path, resolve_name_or_path
 
 DATA_DIR = Path(__file__).parent / "assets" / "tiny_t2t"
 """The embedded default data set: ``train.jsonl`` and ``dev.jsonl`` with ``input``/``target`` fields."""
@@ -343,7 +343,7 @@ def build_tokenizer(model_name_or_path: str | None) -> transformers.PreTrainedTo
         return transformers.ByT5Tokenizer()
     model_name_or_path = resolve_name_or_path(model_name_or_path)
     # A path-looking name that is not there would otherwise be retried as a hub name (slow offline)
-    if model_name_or_path.startswith(("/", "./", "../", "~")) and not Path(model_name_or_path).expanduser().is_dir():
+    if is_local_path(model_name_or_path) and not Path(model_name_or_path).expanduser().is_dir():
         raise DataError(f"tokenizer directory {model_name_or_path!r} does not exist; fix the path")
     try:
         return transformers.AutoTokenizer.from_pretrained(model_name_or_path)

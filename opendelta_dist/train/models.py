@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from opendelta_dist.errors import DeltaConfigError
+from opendelta_dist.transformers_calls import enable_activation_checkpointing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PACKAGE_SCHEME = "pkg://"
@@ -62,6 +63,35 @@ def resolve_name_or_path(name_or_path: str) -> str:
             "that holds the model files (config.json, model.safetensors, tokenizer files)"
         )
     return str(directory)
+
+
+def is_local_path(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` names a local directory rather than a hub id.
+
+    It does when it is absolute or starts with ``~``, ``./`` or ``../``, has more than one ``/`` (a hub
+    id is ``NAME`` or ``OWNER/NAME``), or its parent directory exists. Such a name is never sent to the
+    hub, so a missing directory is reported as one, and at once, even without the network.
+    """
+    if name_or_path in (".", "..") or name_or_path.startswith(("/", "~", "./", "../")):
+        return True
+    parent = Path(name_or_path).parent
+    return name_or_path.count("/") > 1 or (parent != Path(".") and parent.is_dir())
+
+
+def _reason(error: Exception) -> str:
+    """The first line of a transformers error, which can run to pages (a list of every model type)."""
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else type(error).__name__
+    return first if len(first) <= 200 else f"{first[:200]}..."
+
+
+def _unloadable(name_or_path: str, error: Exception) -> DeltaConfigError:
+    """The error for a checkpoint transformers could not load."""
+    return DeltaConfigError(
+        f"model.name_or_path={name_or_path}: the model could not be loaded ({_reason(error)}); set "
+        "model.name_or_path to a local directory holding config.json and the weights, or to a hub id that exists "
+        "(with HF_HUB_OFFLINE=1 only one already in the cache)"
+    )
 
 
 @dataclass
@@ -136,12 +166,55 @@ def model_architecture(cfg: ModelConfig, local_files_only: bool = False) -> Any:
     return transformers.AutoConfig.from_pretrained(source, local_files_only=local_files_only, **extra)
 
 
+def check_model_source(cfg: ModelConfig) -> None:
+    """Refuse a backbone that cannot be built, reading at most its ``config.json``.
+
+    A local ``model.name_or_path`` (see :func:`is_local_path`) must be a directory holding ``config.json``;
+    a hub id must give its ``config.json`` (downloaded, or from the cache alone with ``HF_HUB_OFFLINE=1``).
+    Without a checkpoint, ``model.config`` must describe a known architecture.
+
+    Args:
+        cfg: the model configuration.
+
+    Raises:
+        DeltaConfigError: the checkpoint or the architecture cannot be found; the message names the key.
+    """
+    import transformers
+
+    if not cfg.name_or_path:
+        try:
+            model_architecture(cfg)
+        except DeltaConfigError:
+            raise
+        except ValueError as error:
+            raise DeltaConfigError(
+                f"model.config does not describe a transformers model ({_reason(error)}); fix model.config (its "
+                "model_type first), or set model.name_or_path to a checkpoint"
+            ) from error
+        return
+    source = resolve_name_or_path(cfg.name_or_path)
+    if is_local_path(source):
+        directory = Path(source).expanduser().absolute()
+        if not (directory / "config.json").is_file():
+            state = "holds no config.json" if directory.is_dir() else "does not exist"
+            raise DeltaConfigError(
+                f"model.name_or_path={cfg.name_or_path}: the local model directory {directory} {state}; set "
+                "model.name_or_path to a directory holding the model's config.json and weights (as save_pretrained "
+                "writes them), or to a hub id such as google-t5/t5-small"
+            )
+        return
+    try:
+        transformers.AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise _unloadable(cfg.name_or_path, error) from error
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Build the backbone described by ``cfg``.
 
     Raises:
-        DeltaConfigError: neither a checkpoint nor a config is given, an option is unknown, or a
-            ``pkg://`` model's package is not installed.
+        DeltaConfigError: neither a checkpoint nor a config is given, an option is unknown, a
+            ``pkg://`` model's package is not installed, or the checkpoint cannot be loaded.
     """
 
     if cfg.dtype not in DTYPES:
@@ -150,7 +223,10 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     auto = auto_model_class(cfg.task)
     extra = {"num_labels": cfg.num_labels} if cfg.task == "classification" else {}
     if cfg.name_or_path and cfg.init_device != "meta":
-        model = auto.from_pretrained(resolve_name_or_path(cfg.name_or_path), dtype=dtype, **extra)
+        try:
+            model = auto.from_pretrained(resolve_name_or_path(cfg.name_or_path), dtype=dtype, **extra)
+        except OSError as error:
+            raise _unloadable(cfg.name_or_path, error) from error
     elif cfg.name_or_path or cfg.config:
         # a meta build of a named model needs only its architecture (an engine loads the weights later)
         with torch.device(cfg.init_device):
@@ -158,7 +234,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     else:
         raise DeltaConfigError("set model.name_or_path (a checkpoint) or model.config (a random-weight model)")
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, {"use_reentrant": False})
         # with frozen embeddings nothing entering the first block requires grad; make it require grad
         model.enable_input_require_grads()
     return model

@@ -55,6 +55,7 @@ from opendelta_dist.train.loggers import MetricLogger
 from opendelta_dist.train.metrics import METRIC_NAMES, MetricAccumulator, accuracy, teacher_forced_exact_match
 from opendelta_dist.train.models import ModelConfig, build_model
 from opendelta_dist.train.topology import Topology
+from opendelta_dist.train.validation import validate_run_config
 
 #: For recovery tests: the rank named by OPENDELTA_DIST_FAIL_RANK exits abruptly when it reaches this
 #: step in the first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT=0).
@@ -228,17 +229,15 @@ class DeltaTuningRecipe:
         """Build everything, prove the optimizer holds exactly the trainable parameters, resume if asked."""
         cfg = self.cfg
         train = cfg["train"]
+        # the whole configuration is checked before anything is created: a process group, a model, run_dir
         self.topology = Topology.from_environment(cfg.get("device", "auto"))
+        validate_run_config(cfg)
+        self.accum = int(train.get("grad_accum", 1))
+        self.micro_batch = check_batch(int(train["global_batch_size"]), self.topology.world_size, self.accum)
         self.topology.init_process_group()
         self.main = self.topology.is_main
         self.run_dir = Path(cfg["run_dir"]).resolve()
         self.ckpt_root = self.run_dir / "checkpoints"
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-        self.accum = int(train.get("grad_accum", 1))
-        self.micro_batch = check_batch(int(train["global_batch_size"]), self.topology.world_size, self.accum)
         torch.manual_seed(int(cfg.get("seed", 0)))
 
         model_cfg = ModelConfig(**cfg["model"])
@@ -306,6 +305,10 @@ class DeltaTuningRecipe:
             )
         check_optimizer(held, self.engine.module)
 
+        # written once everything is built, so that a run refused during set-up leaves no run directory
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         self.logger = MetricLogger(
             list(cfg.get("logger", {}).get("backends", ["console"])),
             self.run_dir,

@@ -9,6 +9,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from opendelta_dist.errors import DeltaConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -42,11 +46,18 @@ class Topology:
 
         Args:
             device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+
+        Raises:
+            DeltaConfigError: the device is none of these, or it is ``cuda`` and this process has no GPU.
         """
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
         local = int(os.environ.get("LOCAL_RANK", 0))
+        if device not in DEVICES:
+            raise DeltaConfigError(f"device={device!r} is not a device; choose one of {', '.join(DEVICES)}")
         use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+        if use_cuda:
+            _check_gpu(device, local)
         return cls(rank, world, local, torch.device("cuda", local) if use_cuda else torch.device("cpu"))
 
     def init_process_group(self) -> None:
@@ -100,3 +111,28 @@ class Topology:
         """Leave the process group, if this process joined one."""
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_gpu(device: str, local_rank: int) -> None:
+    """Refuse a CUDA device (``device=cuda``, or ``auto`` on a GPU machine) where this process has no GPU
+    of its own.
+
+    Args:
+        device: the configured ``device``, for the message.
+        local_rank: this process's rank on its node: the index of its GPU.
+
+    Raises:
+        DeltaConfigError: CUDA is not available, or there are fewer GPUs than processes on this node.
+    """
+    if not torch.cuda.is_available():
+        why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise DeltaConfigError(
+            f"device=cuda, but CUDA is not available ({why}); train on the CPU with device=cpu, or use device=auto "
+            "to take a GPU when there is one"
+        )
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DeltaConfigError(
+            f"device={device}: the process of local rank {local_rank} needs GPU {local_rank}, but this node has "
+            f"{count}; start at most {count} processes per node (torchrun --nproc_per_node={count})"
+        )

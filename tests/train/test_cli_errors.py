@@ -1,0 +1,63 @@
+"""Mistaken values on the training command line: one clear line that names the key and the fix, exit status
+1, no traceback, and nothing written (launch/train.py run as a user runs it)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.train.launch import launch
+
+TINY = ["+recipe=lora_t5_tiny", "engine=single"]
+
+CASES = {
+    # CUDA_VISIBLE_DEVICES="" hides any GPU, so that this holds on GPU machines too
+    "device": (["device=cuda"], {"CUDA_VISIBLE_DEVICES": ""}, ["device=cuda", "CUDA is not available", "device=cpu"]),
+    "model": (
+        ["model.name_or_path=/nonexistent/model"],
+        {"HF_HUB_OFFLINE": "1"},
+        ["model.name_or_path=/nonexistent/model", "does not exist", "config.json", "hub id"],
+    ),
+    "hub_model": (
+        ["model.name_or_path=nosuch-org/nosuch-model"],
+        {"HF_HUB_OFFLINE": "1"},
+        ["model.name_or_path=nosuch-org/nosuch-model", "could not be loaded", "HF_HUB_OFFLINE=1"],
+    ),
+    "lr": (["optim.lr=-1"], {}, ["optim.lr=-1", "above 0"]),
+    "max_steps": (["train.max_steps=-5"], {}, ["train.max_steps=-5", "positive integer"]),
+    "grad_accum": (["train.grad_accum=0"], {}, ["train.grad_accum=0", "positive integer"]),
+}
+
+
+def _refused(result, expected: list[str]) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: DeltaConfigError: "), result.stderr[-4000:]
+    for part in expected:
+        assert part in line, line
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_mistaken_value_is_refused_before_anything_is_written(case, tmp_path):
+    overrides, env, expected = CASES[case]
+    result = launch([*TINY, *overrides, f"run_dir={tmp_path / 'run'}"], nproc=0, env=env)
+    _refused(result, expected)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_dir_that_cannot_be_created_is_refused(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = launch([*TINY, f"run_dir={tmp_path / 'a_file' / 'run'}"], nproc=0)
+    _refused(result, [f"run_dir={tmp_path / 'a_file' / 'run'}", "is a file, not a directory", "run_dir=outputs/"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc, where nothing can be created")
+def test_a_run_dir_under_proc_is_refused_even_for_root():
+    result = launch([*TINY, "run_dir=/proc/nope/run"], nproc=0)
+    _refused(result, ["run_dir=/proc/nope/run", "no directory can be created in /proc"])
+    assert not Path("/proc/nope").exists()

@@ -1,0 +1,23 @@
+"""Who this process is in a run (opendelta_dist.train.topology): the device is checked where it is chosen."""
+
+import pytest
+import torch
+
+from opendelta_dist.errors import DeltaConfigError
+from opendelta_dist.train.topology import Topology
+
+
+def test_cpu_and_auto():
+    assert Topology.from_environment("cpu").device == torch.device("cpu")
+    assert Topology.from_environment("auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_an_unknown_device_is_refused():
+    with pytest.raises(DeltaConfigError, match="device='gpu' is not a device; choose one of auto, cpu, cuda"):
+        Topology.from_environment("gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_refused_with_the_fix():
+    with pytest.raises(DeltaConfigError, match=r"device=cuda, but CUDA is not available .*device=cpu"):
+        Topology.from_environment("cuda")
