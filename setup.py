@@ -24,11 +24,11 @@ setup(
         "safetensors>=0.4.3",
         "numpy>=1.24",
         "rich>=13",
-        "hydra-core>=1.3",
+        "hydra-core>=1.3.1",  # 1.3.0 imports pkg_resources, which setuptools no longer ships
         "omegaconf>=2.3",
     ],
     extras_require={
-        "deepspeed": ["deepspeed>=0.16"],
+        "deepspeed": ["deepspeed>=0.17"],
         # model-center imports these without declaring them
         "bmt": ["bmtrain>=1.0.1", "model-center>=1.0.2", "requests", "six", "sentencepiece", "tqdm"],
         "wandb": ["wandb>=0.19"],
@@ -42,7 +42,7 @@ setup(
             "pytest-timeout>=2.3",
             "ruff>=0.8",
             "peft>=0.18",
-            "deepspeed>=0.16",
+            "deepspeed>=0.17",  # ZeRO-3 resumes exactly from 0.17 (scripts/test-deps.sh oldest)
             "tensorboard>=2.14",
             "wandb>=0.19",
             "selenium>=4.20",  # drives a real Chromium in the interactive_modify test
