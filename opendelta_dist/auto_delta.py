@@ -1,66 +1,46 @@
-"""``AutoDeltaConfig`` and ``AutoDeltaModel``: build any delta method from its ``delta_type``."""
+"""``AutoDeltaConfig`` and ``AutoDeltaModel``: build any delta method from its ``delta_type``, or load a checkpoint.
+
+Loading a checkpoint directory (:func:`load_delta`) works for three kinds of directory:
+
+- this library's (``config.json`` with a ``format_version``, ``delta_model.safetensors``);
+- OpenDelta 0.3.2's (``config.json`` without one, ``pytorch_model.bin``): the delta method converts
+  OpenDelta's options and tensors into its own (``DeltaBase.opendelta_options`` and
+  ``DeltaBase.opendelta_tensors``);
+- another library's format that a delta method registered (:mod:`~opendelta_dist.registry`; LoRA reads
+  HF PEFT adapters).
+"""
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from opendelta_dist.config import BaseDeltaConfig
 from opendelta_dist.errors import DeltaCheckpointError, DeltaConfigError
+from opendelta_dist.registry import (
+    DELTA_METHODS,
+    checkpoint_format,
+    delta_method,
+    delta_type_names,
+    register_delta_method,
+)
+from opendelta_dist.saving import check_backbone, load_delta_tensors, read_config_file, read_tensors
 
 if TYPE_CHECKING:
     from opendelta_dist.basemodel import DeltaBase
-    from opendelta_dist.config import BaseDeltaConfig
 
-#: delta_type -> delta method class, filled by :func:`register_delta_method`
-DELTA_METHODS: dict[str, type[DeltaBase]] = {}
-
-
-def register_delta_method(cls: type[DeltaBase]) -> type[DeltaBase]:
-    """Class decorator: make a delta method known to the auto classes under its ``delta_type``."""
-    if not cls.delta_type or cls.config_class.delta_type != cls.delta_type:
-        raise DeltaConfigError(f"{cls.__name__} and its config class must declare the same delta_type")
-    DELTA_METHODS[cls.delta_type] = cls
-    return cls
-
-
-def delta_method(delta_type: str) -> type[DeltaBase]:
-    """The delta method class of ``delta_type``.
-
-    Raises:
-        DeltaConfigError: no method has that delta_type.
-    """
-    importlib.import_module("opendelta_dist.deltas")  # registers the built-in methods
-    if delta_type not in DELTA_METHODS:
-        close = difflib.get_close_matches(str(delta_type), list(DELTA_METHODS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DeltaConfigError(
-            f"unknown delta_type {delta_type!r}{hint}; known delta types: {', '.join(sorted(DELTA_METHODS))}"
-        )
-    return DELTA_METHODS[delta_type]
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The dict in a checkpoint's ``config.json`` (``path`` is the directory or the file).
-
-    Raises:
-        DeltaCheckpointError: the file is missing or not a JSON object.
-    """
-    path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise DeltaCheckpointError(f"no delta config at {file}: a delta checkpoint directory holds a config.json")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeltaCheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupted") from exc
-    if not isinstance(data, dict) or "delta_type" not in data:
-        raise DeltaCheckpointError(f"{file} is not a delta config: it has no 'delta_type'")
-    return data
+__all__ = [
+    "DELTA_METHODS",
+    "AutoDeltaConfig",
+    "AutoDeltaModel",
+    "delta_method",
+    "delta_type_names",
+    "load_delta",
+    "read_config_file",
+    "register_delta_method",
+]
 
 
 class AutoDeltaConfig:
@@ -77,7 +57,7 @@ class AutoDeltaConfig:
             DeltaConfigError: ``delta_type`` is missing or unknown, or an option is unknown.
         """
         if "delta_type" not in config_dict:
-            raise DeltaConfigError(f"the config has no 'delta_type'; known types: {sorted(delta_type_names())}")
+            raise DeltaConfigError(f"the config has no 'delta_type'; known types: {delta_type_names()}")
         return delta_method(config_dict["delta_type"]).config_class.from_dict(config_dict, **kwargs)
 
     @classmethod
@@ -104,12 +84,70 @@ class AutoDeltaModel:
     @classmethod
     def from_finetuned(cls, finetuned_delta_path: str | Path, backbone_model: nn.Module, **kwargs: Any) -> DeltaBase:
         """Load a saved delta of any method onto ``backbone_model``; see ``DeltaBase.from_finetuned``."""
-        from opendelta_dist.saving import load_delta
-
         return load_delta(finetuned_delta_path, backbone_model, **kwargs)
 
 
-def delta_type_names() -> list[str]:
-    """The known delta types."""
-    importlib.import_module("opendelta_dist.deltas")
-    return sorted(DELTA_METHODS)
+def load_delta(
+    finetuned_delta_path: str | Path,
+    backbone_model: nn.Module,
+    expected_cls: type[DeltaBase] | None = None,
+    delta_config: BaseDeltaConfig | dict[str, Any] | None = None,
+    check_hash: bool = True,
+    **kwargs: Any,
+) -> DeltaBase:
+    """Build a saved delta on ``backbone_model`` and load its tensors; see ``DeltaBase.from_finetuned``.
+
+    Args:
+        finetuned_delta_path: the checkpoint directory.
+        backbone_model: the model to modify.
+        expected_cls: the delta method the caller asked for (None: any).
+        delta_config: a config to use instead of the checkpoint's ``config.json``.
+        check_hash: refuse a backbone other than the one the delta was saved with.
+        kwargs: options overriding those of the config.
+
+    Raises:
+        DeltaCheckpointError: the checkpoint is missing, corrupted or does not fit the backbone.
+        DeltaConfigError: the checkpoint holds another delta method than ``expected_cls``.
+
+    On any error the backbone is left as it was.
+    """
+    path = Path(finetuned_delta_path)
+    if not path.is_dir():
+        raise DeltaCheckpointError(
+            f"{path} is not a directory; a delta checkpoint is a directory written by save_finetuned"
+        )
+    foreign = checkpoint_format(path) if delta_config is None else None
+    if foreign is not None:
+        _check_expected(delta_method(foreign.delta_type), expected_cls, f"{path} holds a {foreign.name}")
+        return foreign(path, backbone_model, **kwargs)
+    file_config = read_config_file(path)
+    legacy = "format_version" not in file_config
+    if legacy:
+        file_config = delta_method(file_config["delta_type"]).opendelta_options(file_config, backbone_model)
+    if delta_config is None:
+        config_dict = file_config
+    elif isinstance(delta_config, BaseDeltaConfig):
+        config_dict = delta_config.to_dict()
+    else:
+        config_dict = dict(delta_config)
+    cls = delta_method(config_dict.get("delta_type", ""))
+    _check_expected(cls, expected_cls, f"{path} holds a {cls.delta_type!r} delta")
+    config = cls.config_class.from_dict(config_dict, **kwargs)
+    if check_hash and not legacy:
+        check_backbone(file_config, backbone_model)
+    tensors = read_tensors(path, file_config)
+    delta = cls.from_config(config, backbone_model)
+    try:
+        if legacy:
+            tensors = delta.opendelta_tensors(tensors, path)
+        load_delta_tensors(delta, tensors, source=str(path))
+    except BaseException:
+        delta.detach()
+        raise
+    return delta
+
+
+def _check_expected(cls: type[DeltaBase], expected_cls: type[DeltaBase] | None, holds: str) -> None:
+    if expected_cls is not None and not issubclass(cls, expected_cls):
+        raise DeltaConfigError(f"{holds}; load it with {cls.__name__} or AutoDeltaModel, not {expected_cls.__name__}")
+

@@ -6,27 +6,34 @@ into reversible operations (:mod:`~opendelta_dist.operations`), and the operatio
 From then on ``detach``/``attach`` take the delta out of the backbone and put it back, exactly;
 ``freeze_module`` freezes everything else; ``save_finetuned``/``from_finetuned`` move the delta's
 tensors (only those) through a checkpoint.
+
+A method declares its options once, in its config class (:func:`~opendelta_dist.config.option`);
+:meth:`DeltaBase.__init_subclass__` gives the method class its signature, the Args section of its
+docstring and a read-only attribute per option from there, and the options live in ``delta.config``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
+import operator
+import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_type_hints
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from opendelta_dist.addressing import match_any, named_backbone_modules, select_modules
-from opendelta_dist.backends import Backend, get_backend
-from opendelta_dist.config import BaseDeltaConfig
+from opendelta_dist.auto_delta import load_delta
+from opendelta_dist.backends import Backend, available_backends, backend_capabilities, full_numel, get_backend
+from opendelta_dist.config import OPTIONS, BaseDeltaConfig
 from opendelta_dist.errors import (
     DeltaConfigError,
     DeltaStateError,
-    HiddenSizeInferenceError,
     ModuleNotFoundInBackboneError,
 )
 from opendelta_dist.operations import (
@@ -36,7 +43,9 @@ from opendelta_dist.operations import (
     is_fixed,
     pristine_named_parameters,
 )
-from opendelta_dist.structure import role_keys
+from opendelta_dist.probe import dummy_forward_dims
+from opendelta_dist.saving import save_delta
+from opendelta_dist.structure import OPENDELTA_ROLES, role_keys
 
 DELTAS_TOKEN = "deltas"
 _SERIAL = itertools.count(1)
@@ -51,6 +60,10 @@ def _excluded(name: str, exclude: Sequence[str]) -> bool:
 class DeltaBase(nn.Module):
     """Base class of every delta method.
 
+    A method's own options are the fields of its ``config_class`` beyond :class:`BaseDeltaConfig`'s;
+    the method reads them from ``self.config``. Its class takes them as parameters, in the positional
+    order of ``config_class.parameter_order`` (see :meth:`__init_subclass__`).
+
     Args:
         backbone_model: the model to modify. It is modified in place and not registered as a
             submodule of the delta (``delta.state_dict()`` holds the delta's tensors only).
@@ -60,10 +73,10 @@ class DeltaBase(nn.Module):
         unfrozen_modules: keys of modules ``freeze_module`` leaves trainable; ``"deltas"`` names the
             delta's own parameters; default ``["deltas"]``. Backbone parameters left trainable become
             part of the delta: they are saved with it and restored by ``detach``.
+        common_structure: read ``modified_modules`` as common-structure roles (``attn.q``, ``ff.w2``).
         interactive_modify: choose ``modified_modules`` on a web page instead: True serves it on a free
             port of 127.0.0.1, an int on that port; the call prints the address and waits for the
             page's submit (see :mod:`~opendelta_dist.interactive`).
-        common_structure: read ``modified_modules`` as common-structure roles (``attn.q``, ``ff.w2``).
         backend: ``"hf"`` (plain PyTorch) or ``"bmt"`` (BMTrain).
     """
 
@@ -72,22 +85,55 @@ class DeltaBase(nn.Module):
     default_modified_modules: ClassVar[list[Any]] = []
     default_exclude_modules: ClassVar[list[str]] = ["lm_head"]
     default_unfrozen_modules: ClassVar[list[str]] = [DELTAS_TOKEN]
-    _supported_backends: ClassVar[tuple[str, ...]] = ("hf", "bmt")
+    #: what the method needs of a backend besides the protocol (see :mod:`opendelta_dist.backends`)
+    required_capabilities: ClassVar[frozenset[str]] = frozenset()
     _need_pseudo_data: ClassVar[bool] = False
 
     backbone_model: nn.Module
+    config: BaseDeltaConfig
 
-    def __init__(
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give a method class its signature, its docstring's Args section and its option attributes.
+
+        All three come from ``cls.config_class``: each option is a parameter with the config's type
+        and default, a line of the Args section with the option's documentation, and a read-only
+        attribute reading ``self.config`` (``delta.lora_r``, as OpenDelta's methods have).
+        """
+        super().__init_subclass__(**kwargs)
+        cls.__signature__ = _delta_signature(cls.config_class)
+        if cls.__dict__.get("__doc__"):
+            cls.__doc__ = _with_args_section(cls.__doc__, cls.config_class)
+        for f in cls.config_class.method_options():
+            if not hasattr(cls, f.name):
+                setattr(cls, f.name, property(operator.attrgetter(f"config.{f.name}"), doc=f.metadata["doc"]))
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Bind the arguments to the class's signature (OpenDelta's positional order differs between
+        methods) and build the delta with :meth:`_build`.
+
+        Raises:
+            TypeError: the arguments do not fit the signature.
+        """
+        super().__init__()
+        try:
+            bound = inspect.signature(type(self)).bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{type(self).__name__}(): {exc}") from None
+        self._build(**bound.arguments)
+
+    def _build(
         self,
         backbone_model: nn.Module,
         modified_modules: Sequence[Any] | None = None,
         exclude_modules: Sequence[str] | None = None,
         unfrozen_modules: Sequence[str] | None = None,
-        interactive_modify: bool | int = False,
         common_structure: bool | None = False,
+        interactive_modify: bool | int = False,
         backend: str = "hf",
+        **options: Any,
     ) -> None:
-        super().__init__()
+        # the method's options are checked first, before a web page is served or the backbone changed
+        self.config = self.config_class(**options)
         if not isinstance(backbone_model, nn.Module):
             raise TypeError(f"backbone_model must be a torch.nn.Module, not {type(backbone_model).__name__}")
         # kept out of the module tree: the delta's own parameters are its state, not the backbone's
@@ -101,9 +147,11 @@ class DeltaBase(nn.Module):
             from opendelta_dist.interactive import modules_from_browser  # the web server only when asked for
 
             modified_modules = modules_from_browser(backbone_model, interactive_modify, type(self).__name__)
-        if backend not in self._supported_backends:
+        missing = sorted(self.required_capabilities - backend_capabilities(backend))
+        if missing:
             raise DeltaConfigError(
-                f"{type(self).__name__} supports the backends {list(self._supported_backends)}, not {backend!r}"
+                f"{type(self).__name__} needs {', '.join(map(repr, missing))} of its backend, which backend "
+                f"{backend!r} does not provide; it runs on the backends {self.supported_backends()}"
             )
         self.backend = backend
         self.backend_mapping: Backend = get_backend(backend)
@@ -136,9 +184,9 @@ class DeltaBase(nn.Module):
     # ------------------------------------------------------------------ configuration
 
     def create_config_from_model(self) -> BaseDeltaConfig:
-        """The config that rebuilds this delta: every option, read from the delta's attributes."""
-        names = [f.name for f in dataclasses.fields(self.config_class)]
-        return self.config_class(**{n: getattr(self, n) for n in names})
+        """The config that rebuilds this delta: its method's options, with the common options as resolved."""
+        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(BaseDeltaConfig)}
+        return dataclasses.replace(self.config, **common)
 
     @classmethod
     def from_config(
@@ -169,7 +217,7 @@ class DeltaBase(nn.Module):
     def _module_keys(self, keys: Sequence[str]) -> list[str]:
         if not self.common_structure:
             return list(keys)
-        resolved = role_keys(self.backbone_model, keys)
+        resolved = role_keys(self.backbone_model, keys, families=self.backend_mapping.families)
         if not resolved:
             raise DeltaConfigError(f"none of the roles {list(keys)} exists in this model family")
         return resolved
@@ -216,8 +264,14 @@ class DeltaBase(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement update_module")
 
+    @classmethod
+    def supported_backends(cls) -> list[str]:
+        """The installed backends that provide what this method needs."""
+        return [b for b in available_backends() if cls.required_capabilities <= backend_capabilities(b)]
+
     def add_operation(self, op: Operation) -> None:
-        """Register an operation of this delta (installed by the next ``attach``)."""
+        """Register an operation of this delta (installed by the next ``attach``); its backend prepares its module."""
+        self.backend_mapping.prepare_module(op.delta_module)
         self._operations.append(op)
         self.delta_modules.append(op.delta_module)
         if isinstance(op, UnfreezeParameter):
@@ -230,7 +284,7 @@ class DeltaBase(nn.Module):
         """
         op = self._unfrozen.get((module_name, param_name))
         if op is None:
-            op = UnfreezeParameter(module_name, param_name, self.backend_mapping.parameter(initial))
+            op = UnfreezeParameter(module_name, param_name, self.backend_mapping.parameter_from(initial))
         return op
 
     def _unfreeze_key(self, key: str) -> None:
@@ -243,7 +297,7 @@ class DeltaBase(nn.Module):
                     current = module._parameters[pname]
                     if current is None or (sub, pname) in self._unfrozen:
                         continue
-                    op = self.unfreeze_parameter(sub, pname, current.detach().clone())
+                    op = self.unfreeze_parameter(sub, pname, self.backend_mapping.full_tensor(current).clone())
                     self.add_operation(op)
                     new_ops.append(op)
         if self._attached:
@@ -269,10 +323,25 @@ class DeltaBase(nn.Module):
             else:
                 unknown[name] = module
         if unknown:
-            dims.update(_dummy_forward_dims(self.backbone_model, unknown))
+            dims.update(dummy_forward_dims(self.backbone_model, unknown))
         return dims
 
     # ------------------------------------------------------------------ attach / detach
+
+    def reset_delta_parameters(self) -> None:
+        """Initialise the delta's parameters again, as when they were made (after materialising them
+        from the meta device); copies of backbone parameters start at zero."""
+        for op in self._operations:
+            self.backend_mapping.reset_module(op.delta_module)
+
+    def replaced_parameter_names(self) -> set[str]:
+        """Names of the backbone parameters this delta trains as its own copies (``unfrozen_modules``, BitFit)."""
+        return {f"{module}.{param}" if module else param for module, param in self._unfrozen}
+
+    @property
+    def operations(self) -> tuple[Operation, ...]:
+        """The delta's operations, in the order they are installed (read-only view)."""
+        return tuple(self._operations)
 
     @property
     def attached(self) -> bool:
@@ -388,12 +457,12 @@ class DeltaBase(nn.Module):
 
     def num_trainable_parameters(self, module: nn.Module | None = None) -> int:
         """Number of trainable scalars in ``module`` (default: the delta)."""
-        return sum(p.numel() for p in self.trainable_parameters(module))
+        return sum(full_numel(p) for p in self.trainable_parameters(module))
 
     def num_total_parameters(self, module: nn.Module | None = None) -> int:
         """Number of scalars in ``module`` (default: the delta)."""
         root = self if module is None else module
-        return sum(p.numel() for p in root.parameters())
+        return sum(full_numel(p) for p in root.parameters())
 
     def log(
         self,
@@ -420,6 +489,34 @@ class DeltaBase(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
 
+    @classmethod
+    def opendelta_options(cls, options: dict[str, Any], backbone: nn.Module) -> dict[str, Any]:
+        """An OpenDelta 0.3.2 ``config.json`` in this method's terms, on ``backbone``.
+
+        OpenDelta's common-structure roles become explicit module keys, placed where OpenDelta placed
+        them (a span's two ends one each). A method whose OpenDelta options differ further converts
+        them first and then calls this.
+        """
+        options = dict(options)
+        if options.get("common_structure") and isinstance(options.get("modified_modules"), list):
+            keys: list[Any] = []
+            for item in options["modified_modules"]:
+                if isinstance(item, list):
+                    keys.append([k for role in item for k in role_keys(backbone, [role], OPENDELTA_ROLES)])
+                else:
+                    keys.extend(role_keys(backbone, [item], OPENDELTA_ROLES))
+            options["modified_modules"] = keys
+            options["common_structure"] = False
+        return options
+
+    def opendelta_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+        """An OpenDelta 0.3.2 checkpoint's tensors under this delta's keys and shapes (the same by default).
+
+        Raises:
+            DeltaCheckpointError: the checkpoint holds tensors this method cannot read.
+        """
+        return tensors
+
     def save_finetuned(
         self,
         finetuned_delta_path: str | Path = "./delta_checkpoints/",
@@ -441,8 +538,6 @@ class DeltaBase(nn.Module):
         Returns:
             The checkpoint directory.
         """
-        from opendelta_dist.saving import save_delta
-
         if kwargs.pop("push_to_dc", False):
             raise DeltaConfigError("uploading to OpenDelta's Delta Center (push_to_dc) is not supported")
         return save_delta(self, Path(finetuned_delta_path), save_config=save_config, state_dict=state_dict)
@@ -470,8 +565,6 @@ class DeltaBase(nn.Module):
             DeltaCheckpointError: the checkpoint is missing, corrupted or does not fit the backbone.
             BackboneMismatchError: the backbone is not the one the delta was trained on.
         """
-        from opendelta_dist.saving import load_delta
-
         return load_delta(
             finetuned_delta_path,
             backbone_model,
@@ -482,69 +575,49 @@ class DeltaBase(nn.Module):
         )
 
 
+def _delta_signature(config_class: type[BaseDeltaConfig]) -> inspect.Signature:
+    """The signature of a method class: ``backbone_model``, then the method's options (with the
+    config's types and defaults) and :meth:`DeltaBase._build`'s parameters, in ``config_class.parameter_order``."""
+    own = inspect.signature(DeltaBase._build, eval_str=True).parameters
+    hints = get_type_hints(config_class)
+    options = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            # read off the field, not from a config built here: its checks may import transformers
+            default=f.default_factory() if f.default is dataclasses.MISSING else f.default,
+            annotation=hints[f.name],
+        )
+        for f in config_class.method_options()
+    ]
+    parameters = [own["backbone_model"]]
+    for name in config_class.parameter_order:
+        parameters.extend(options if name == OPTIONS else [own[name]])
+    return inspect.Signature(parameters)
+
+
+def _with_args_section(doc: str, config_class: type[BaseDeltaConfig]) -> str:
+    """A method class's docstring with an Args section made from its config (before its Raises section)."""
+    common = [name for name in config_class.parameter_order if name != OPTIONS]
+    entries = [
+        ("backbone_model", "the model to modify."),
+        *((f.name, f.metadata["doc"]) for f in config_class.method_options()),
+        (", ".join(common), "as :class:`~opendelta_dist.basemodel.DeltaBase`."),
+    ]
+    lines = [
+        textwrap.fill(
+            f"{name}: {text}", 100, initial_indent="    ", subsequent_indent="        ", break_on_hyphens=False
+        )
+        for name, text in entries
+    ]
+    head, raises, tail = inspect.cleandoc(doc).partition("\nRaises:")
+    return "\n".join([head.rstrip(), "", "Args:", *lines, *(["", f"Raises:{tail}"] if raises else [])])
+
+
+DeltaBase.__signature__ = _delta_signature(BaseDeltaConfig)
+
+
 def _trainable_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     keep = {prefix + n for n, p in module.named_parameters() if p.requires_grad}
     for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
         del state_dict[key]
-
-
-def _dummy_forward_dims(backbone: nn.Module, targets: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
-    from opendelta_dist.operations import _first_tensor, _map_primary
-
-    runners = _dummy_runners(backbone)
-    fix = (
-        "Either aim the delta at modules whose sizes are known without running the model (linear layers), "
-        "or give the backbone an attribute `dummy_inputs` (a dict of keyword arguments for a small valid "
-        "forward), e.g. model.dummy_inputs = {'input_ids': torch.tensor([[1, 2, 3]])}."
-    )
-    if not runners:
-        raise HiddenSizeInferenceError(
-            f"the hidden sizes of {sorted(targets)[:3]} are needed and can only be found by a dummy forward, "
-            f"but {type(backbone).__name__} has no `dummy_inputs`. {fix}"
-        )
-    dims: dict[str, tuple[int, int]] = {}
-    handles = []
-    for name, module in targets.items():
-
-        def record(mod: nn.Module, args: tuple, kwargs: dict, output: Any, name: str = name) -> None:
-            _, x = _first_tensor(args, kwargs)
-            out: list[int] = []
-            _map_primary(output, lambda t: out.append(t.shape[-1]) or t)
-            dims[name] = (x.shape[-1], out[0])
-
-        handles.append(module.register_forward_hook(record, with_kwargs=True))
-    training = backbone.training
-    try:
-        backbone.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            for runner, inputs in runners:
-                runner(**inputs)
-    except Exception as exc:
-        raise HiddenSizeInferenceError(
-            f"the dummy forward that finds the hidden sizes of the modified modules failed: "
-            f"{type(exc).__name__}: {exc}. {fix}"
-        ) from exc
-    finally:
-        for h in handles:
-            h.remove()
-        backbone.train(training)
-    missing = [n for n in targets if n not in dims]
-    if missing:
-        raise HiddenSizeInferenceError(f"the dummy forward did not call the modules {missing[:5]}. {fix}")
-    return dims
-
-
-def _dummy_runners(backbone: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
-    """The modules to call for a dummy forward, with their inputs on the right device."""
-    candidates: list[tuple[str, nn.Module]] = []
-    for name, module in named_backbone_modules(backbone):
-        if any(name.startswith(p + ".") or p == "" for p, _ in candidates):
-            continue
-        if isinstance(getattr(module, "dummy_inputs", None), dict):
-            candidates.append((name, module))
-    runners = []
-    for _, module in candidates:
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in module.dummy_inputs.items()}
-        runners.append((module, inputs))
-    return runners

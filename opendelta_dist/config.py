@@ -1,17 +1,23 @@
 """Delta configurations: every option of a delta method, validated, and a JSON round trip.
 
 Each delta method has a dataclass config (``LoraConfig``, ...) deriving from
-:class:`BaseDeltaConfig`. ``from_dict`` refuses unknown options (with a "did you mean") and values of
-the wrong type instead of silently dropping them, so every option survives ``to_dict``/``from_dict``.
+:class:`BaseDeltaConfig`, where each of its options is declared once, with :func:`option`: its type,
+default, documentation and check. The method's class takes its signature and the Args section of
+its docstring from there (see :class:`~opendelta_dist.basemodel.DeltaBase`). ``from_dict`` refuses
+unknown options (with a "did you mean") and values of the wrong type instead of silently dropping
+them, so every option survives ``to_dict``/``from_dict``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import types
 import typing
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import Field, dataclass, fields
 from typing import Any, ClassVar, get_type_hints
 
 from opendelta_dist.errors import DeltaConfigError
@@ -32,6 +38,33 @@ METADATA_KEYS = frozenset(
         "transformers_version",
     }
 )
+
+#: Validates an option's value: called with the option's name and the value, it raises
+#: :class:`~opendelta_dist.errors.DeltaConfigError` naming the option. It runs before the type check and
+#: judges the values of the kind it knows (numbers, for a numeric check), so that ``reduction_factor=1.5``
+#: gets its message; values of other kinds it leaves to the type check.
+Check = Callable[[str, Any], None]
+
+#: Stands for a method's own options, in the order they are declared, in
+#: :attr:`BaseDeltaConfig.parameter_order`.
+OPTIONS = "*options"
+
+
+def option(default: Any, doc: str, check: Check | None = None) -> Any:
+    """Declare one option of a delta method: a config field with its default, documentation and check.
+
+    Args:
+        default: the default value; a list or dict is copied for every config.
+        doc: what the option does (a line of the method class's Args section).
+        check: validates a value (see :data:`Check`); the type is checked after it in any case.
+
+    Returns:
+        The :func:`dataclasses.field` to assign to the option's annotated name in a config class.
+    """
+    metadata = {"doc": doc, "check": check}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=functools.partial(copy.deepcopy, default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _check_type(value: Any, hint: Any) -> bool:
@@ -71,6 +104,17 @@ class BaseDeltaConfig:
     """
 
     delta_type: ClassVar[str] = ""
+    #: The parameters of the method class after ``backbone_model``, in their positional order
+    #: (OpenDelta's, which differs between methods); :data:`OPTIONS` stands for the method's own.
+    parameter_order: ClassVar[tuple[str, ...]] = (
+        OPTIONS,
+        "modified_modules",
+        "exclude_modules",
+        "unfrozen_modules",
+        "common_structure",
+        "interactive_modify",
+        "backend",
+    )
 
     modified_modules: list[str | list[str]] | None = None
     exclude_modules: list[str] | None = None
@@ -82,14 +126,26 @@ class BaseDeltaConfig:
         hints = get_type_hints(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
+            # kept as JSON gives it back: a tuple as a list, an int given for a float as that float
             if isinstance(value, tuple):
                 value = list(value)
-                setattr(self, f.name, value)
+            elif hints[f.name] is float and type(value) is int:
+                value = float(value)
+            setattr(self, f.name, value)
+            check = f.metadata.get("check")
+            if check is not None:
+                check(f.name, value)
             if not _check_type(value, hints[f.name]):
                 raise DeltaConfigError(
                     f"option {f.name}={value!r} of delta_type {self.delta_type!r} must be of type "
                     f"{hints[f.name]}, not {type(value).__name__}"
                 )
+
+    @classmethod
+    def method_options(cls) -> list[Field]:
+        """The fields of the method's own options (those it adds to :class:`BaseDeltaConfig`'s), in order."""
+        common = {f.name for f in fields(BaseDeltaConfig)}
+        return [f for f in fields(cls) if f.name not in common]
 
     def to_dict(self) -> dict[str, Any]:
         """All options plus ``delta_type``, as JSON-ready values."""
@@ -126,6 +182,49 @@ class BaseDeltaConfig:
 
 
 def check_positive_int(name: str, value: Any) -> None:
-    """Raise :class:`~opendelta_dist.errors.DeltaConfigError` unless ``value`` (option ``name``) is a positive int."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    """Raise :class:`~opendelta_dist.errors.DeltaConfigError` if the number ``value`` (option ``name``)
+    is not a positive int."""
+    if isinstance(value, (int, float)) and not (_check_type(value, int) and value >= 1):
         raise DeltaConfigError(f"{name} must be a positive integer, not {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Raise :class:`~opendelta_dist.errors.DeltaConfigError` if the number ``value`` (option ``name``)
+    is not above zero."""
+    if isinstance(value, (int, float)) and not value > 0:
+        raise DeltaConfigError(f"{name} must be positive, not {value!r}")
+
+
+def in_range(low: float, high: float) -> Check:
+    """A check that a number lies in ``[low, high)``.
+
+    Args:
+        low: the smallest value allowed.
+        high: the bound above the values allowed.
+
+    Returns:
+        The :data:`Check`.
+    """
+
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, (int, float)) and not low <= value < high:
+            raise DeltaConfigError(f"{name} must be in [{low}, {high}), not {value!r}")
+
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    """A check that a string is one of ``choices``.
+
+    Args:
+        choices: the values allowed.
+
+    Returns:
+        The :data:`Check`.
+    """
+
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, str) and value not in choices:
+            raise DeltaConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+    return check

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from opendelta_dist.backends import full_numel
 from opendelta_dist.errors import OptimizerMismatchError
 from opendelta_dist.operations import delta_parameter_ids
 
@@ -56,7 +57,7 @@ def _cuda_memory_gb() -> tuple[float, float]:
 def inspect_module_statistics(module: nn.Module, verbose: bool = True) -> dict[str, float]:
     """Count the parameters of ``module`` (deltas included) and read the CUDA memory in use.
 
-    A parameter shared by several modules is counted once.
+    A parameter shared by several modules is counted once; a sharded parameter counts with its whole size.
 
     Args:
         module: the model, usually a backbone with deltas attached.
@@ -69,9 +70,9 @@ def inspect_module_statistics(module: nn.Module, verbose: bool = True) -> dict[s
     """
     params = list(module.parameters())  # parameters() yields a shared parameter once
     delta_ids = delta_parameter_ids(module)
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    delta = sum(p.numel() for p in params if id(p) in delta_ids)
+    total = sum(full_numel(p) for p in params)  # whole tensors, not the partitions of a sharded backend
+    trainable = sum(full_numel(p) for p in params if p.requires_grad)
+    delta = sum(full_numel(p) for p in params if id(p) in delta_ids)
     cudamem, maxcudamem = _cuda_memory_gb()
     stats: dict[str, float] = {
         "total_parameters": total,
@@ -161,8 +162,8 @@ def inspect_optimizer_statistics(
     stats: dict[str, dict[str, Any]] = {}
     for i, group in enumerate(optimizer.param_groups):
         tensors = _unique(group["params"])
-        total = sum(t.numel() for t in tensors)
-        trainable = sum(t.numel() for t in tensors if t.requires_grad)
+        total = sum(full_numel(t) for t in tensors)
+        trainable = sum(full_numel(t) for t in tensors if t.requires_grad)
         entry: dict[str, Any] = {
             "num_tensors": len(tensors),
             "total_parameters": total,

@@ -15,9 +15,14 @@ independent of dtype) and ``backbone_fingerprint`` (a few sampled values of ever
 with a tolerance that absorbs bf16/fp16 rounding). A delta trained in bf16 loads on an fp32 backbone;
 a delta loaded on other weights is refused unless ``check_hash=False``.
 
-OpenDelta 0.3.2 checkpoints (``config.json`` + ``pytorch_model.bin``) load too; their tensors are
-read with ``torch.load(weights_only=True)``, which executes no code from the file. So do HF PEFT
-LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``, see :mod:`~opendelta_dist.peft_format`).
+OpenDelta 0.3.2's weights file (``pytorch_model.bin``) is read too, with
+``torch.load(weights_only=True)``, which executes no code from the file.
+
+This module reads and writes files and nothing else: turning a checkpoint into a delta (and another
+library's checkpoint into this library's terms) is :mod:`~opendelta_dist.auto_delta`'s and the delta
+methods' business. Every tensor is read and written whole, through the backend that made it
+(:func:`opendelta_dist.backends.full_tensor`), so a sharded parameter is never saved or hashed as a
+partition.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import os
 import tempfile
 from collections.abc import Collection
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +43,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from opendelta_dist.auto_delta import delta_method, read_config_file
-from opendelta_dist.config import BaseDeltaConfig
-from opendelta_dist.errors import BackboneMismatchError, DeltaCheckpointError, DeltaConfigError
+from opendelta_dist.backends import backend_of, full_tensor
+from opendelta_dist.errors import BackboneMismatchError, DeltaCheckpointError
 from opendelta_dist.operations import pristine_named_parameters
-from opendelta_dist.structure import OPENDELTA_ROLES, role_keys
 
 if TYPE_CHECKING:
     from opendelta_dist.basemodel import DeltaBase
@@ -68,8 +72,9 @@ def backbone_checksum(backbone: nn.Module, replaced: Collection[str] = ()) -> tu
     structure = hashlib.sha256()
     samples: list[np.ndarray] = []
     for name, p in pristine_named_parameters(backbone):
-        structure.update(f"{name}:{tuple(p.shape)};".encode())
-        flat = p.detach().reshape(-1)
+        whole = p if p.device.type == "meta" else full_tensor(p)
+        structure.update(f"{name}:{tuple(backend_of(p).full_shape(p))};".encode())
+        flat = whole.detach().reshape(-1)
         if flat.numel() == 0 or flat.device.type == "meta" or name in replaced:
             samples.append(np.full(min(SAMPLES_PER_TENSOR, flat.numel()), np.nan, dtype=np.float32))
             continue
@@ -77,11 +82,6 @@ def backbone_checksum(backbone: nn.Module, replaced: Collection[str] = ()) -> tu
         samples.append(flat[idx].float().cpu().numpy())
     values = np.concatenate(samples) if samples else np.zeros(0, dtype=np.float32)
     return structure.hexdigest(), values
-
-
-def replaced_parameter_names(delta: DeltaBase) -> set[str]:
-    """Names of the backbone parameters ``delta`` trains as its own copies (``unfrozen_modules``, BitFit)."""
-    return {f"{module}.{param}" if module else param for module, param in delta._unfrozen}
 
 
 def _encode(values: np.ndarray) -> str:
@@ -124,7 +124,7 @@ def check_backbone(config: dict[str, Any], backbone: nn.Module) -> None:
 def _names_at(backbone: nn.Module, positions: np.ndarray) -> list[str]:
     names, bounds, total = [], [], 0
     for name, p in pristine_named_parameters(backbone):
-        total += min(SAMPLES_PER_TENSOR, p.numel())
+        total += min(SAMPLES_PER_TENSOR, backend_of(p).full_shape(p).numel())
         names.append(name)
         bounds.append(total)
     hits = sorted({int(np.searchsorted(bounds, pos, side="right")) for pos in positions})
@@ -197,14 +197,12 @@ def save_delta(
     Returns:
         ``path``.
     """
-    tensors = dict(delta.named_delta_tensors()) if state_dict is None else state_dict
+    tensors = {k: full_tensor(p) for k, p in delta.named_delta_tensors()} if state_dict is None else state_dict
     path.mkdir(parents=True, exist_ok=True)
     sha = write_safetensors_atomic(tensors, path / WEIGHTS_NAME, {"format": "pt", "delta_type": delta.delta_type})
     if save_config:
-        from opendelta_dist import __version__
-
         if checksum is None:
-            checksum = backbone_checksum(delta.backbone_model, replaced_parameter_names(delta))
+            checksum = backbone_checksum(delta.backbone_model, delta.replaced_parameter_names())
         structure, values = checksum
         name_or_path = getattr(getattr(delta.backbone_model, "config", None), "_name_or_path", "") or None
         config = {
@@ -216,14 +214,46 @@ def save_delta(
             "weights_file": WEIGHTS_NAME,
             "weights_sha256": sha,
             "format_version": FORMAT_VERSION,
-            "opendelta_dist_version": __version__,
+            "opendelta_dist_version": _package_version(),
         }
         write_json_atomic(path / "config.json", config)
     _fsync_dir(path)
     return path
 
 
-def _read_tensors(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _package_version() -> str:
+    try:
+        return version("opendelta-dist")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The dict in a checkpoint's ``config.json`` (``path`` is the directory or the file).
+
+    Raises:
+        DeltaCheckpointError: the file is missing or not a JSON object with a ``delta_type``.
+    """
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise DeltaCheckpointError(f"no delta config at {file}: a delta checkpoint directory holds a config.json")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DeltaCheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupted") from exc
+    if not isinstance(data, dict) or "delta_type" not in data:
+        raise DeltaCheckpointError(f"{file} is not a delta config: it has no 'delta_type'")
+    return data
+
+
+def read_tensors(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint directory ``path`` whose ``config.json`` holds ``config``.
+
+    Raises:
+        DeltaCheckpointError: no weights file, or one that is corrupted, does not match its recorded
+            sha256, or (OpenDelta's pickle) holds anything but tensors.
+    """
     weights = path / config.get("weights_file", WEIGHTS_NAME)
     legacy = path / LEGACY_WEIGHTS_NAME
     if weights.is_file():
@@ -253,125 +283,6 @@ def _read_tensors(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]
     )
 
 
-def _from_opendelta(config: dict[str, Any], backbone: nn.Module) -> dict[str, Any]:
-    """Options of an OpenDelta 0.3.2 config in this library's terms, on ``backbone``."""
-    options = dict(config)
-    modules = options.get("modified_modules")
-    if options.get("delta_type") == "parallel_adapter" and isinstance(modules, list) and len(modules) % 2 == 0:
-        # OpenDelta lists parallel adapters as consecutive (first, last) module pairs
-        pairs = zip(modules[::2], modules[1::2], strict=True)
-        options["modified_modules"] = [a if a == b else [a, b] for a, b in pairs]
-    if options.get("delta_type") == "bitfit" and isinstance(modules, list):
-        options["modified_modules"] = [m for m in modules if m != "lm_head@.proj@"]  # OpenDelta never matched it
-    if "scaled" in options and options["scaled"] is None:
-        del options["scaled"]  # OpenDelta saved its parallel adapter's scale as null
-    if options.get("delta_type") == "soft_prompt":
-        options.pop("modified_modules", None)  # OpenDelta saved a placeholder ["root"]
-        options["common_structure"] = False
-    if options.get("delta_type") == "prefix":
-        options["reparameterize"] = False  # the per-layer prefixes are read as they are (see _opendelta_tensors)
-    if options.get("common_structure") and isinstance(options.get("modified_modules"), list):
-        # roles become explicit module keys, placed where OpenDelta placed them (a span's ends one each)
-        keys: list[Any] = []
-        for item in options["modified_modules"]:
-            if isinstance(item, list):
-                keys.append([k for role in item for k in role_keys(backbone, [role], OPENDELTA_ROLES)])
-            else:
-                keys.extend(role_keys(backbone, [item], OPENDELTA_ROLES))
-        options["modified_modules"] = keys
-        options["common_structure"] = False
-    return options
-
-
-def _opendelta_tensors(delta: DeltaBase, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """An OpenDelta 0.3.2 checkpoint's tensors under this library's keys and shapes.
-
-    Soft prompts: OpenDelta's ``soft_prompt_layer.soft_embeds`` is the one tensor of the delta.
-    Prefixes: each attention layer's ``prefix.past_key`` / ``past_value`` (tokens, heads x head size)
-    become ``prefix.key`` / ``value`` (heads, tokens, head size). OpenDelta's reparameterisation network
-    (saved with ``reparameterize=True``) is not read.
-
-    Raises:
-        DeltaCheckpointError: a reparameterised OpenDelta prefix checkpoint.
-    """
-    own = dict(delta.named_delta_tensors())
-    if delta.delta_type == "soft_prompt":
-        found = [v for k, v in tensors.items() if k.endswith("soft_embeds")]
-        return {next(iter(own)): found[0]} if len(found) == 1 and len(own) == 1 else tensors
-    if delta.delta_type == "prefix":
-        if any(".reparams." in k or k.startswith("reparams.") for k in tensors):
-            raise DeltaCheckpointError(
-                f"{path} is an OpenDelta prefix checkpoint saved with reparameterize=True: it holds OpenDelta's "
-                "reparameterisation network, which this library does not read. Save it from OpenDelta with "
-                "reparameterize=False (plain per-layer prefixes) to load it here."
-            )
-        converted = {}
-        for key, value in tensors.items():
-            for theirs, ours in ((".prefix.past_key", ".prefix.key"), (".prefix.past_value", ".prefix.value")):
-                if key.endswith(theirs):
-                    key = key.removesuffix(theirs) + ours
-                    if key in own:
-                        heads, tokens, size = own[key].shape
-                        value = value.reshape(tokens, heads, size).transpose(0, 1)
-            converted[key] = value
-        return converted
-    return tensors
-
-
-def load_delta(
-    finetuned_delta_path: str | Path,
-    backbone_model: nn.Module,
-    expected_cls: type[DeltaBase] | None = None,
-    delta_config: BaseDeltaConfig | dict[str, Any] | None = None,
-    check_hash: bool = True,
-    **kwargs: Any,
-) -> DeltaBase:
-    """Build a saved delta on ``backbone_model`` and load its tensors; see ``DeltaBase.from_finetuned``.
-
-    On any error the backbone is left as it was.
-    """
-    path = Path(finetuned_delta_path)
-    if not path.is_dir():
-        raise DeltaCheckpointError(
-            f"{path} is not a directory; a delta checkpoint is a directory written by save_finetuned"
-        )
-    from opendelta_dist.peft_format import is_peft_directory, load_peft
-
-    if is_peft_directory(path) and delta_config is None:
-        if expected_cls is not None and expected_cls.__name__ not in ("DeltaBase", "LoraModel"):
-            raise DeltaConfigError(f"{path} holds a PEFT LoRA adapter; load it with LoraModel or AutoDeltaModel")
-        return load_peft(path, backbone_model, **kwargs)
-    file_config = read_config_file(path)
-    legacy = "format_version" not in file_config
-    if legacy:
-        file_config = _from_opendelta(file_config, backbone_model)
-    if delta_config is None:
-        config_dict = file_config
-    elif isinstance(delta_config, BaseDeltaConfig):
-        config_dict = delta_config.to_dict()
-    else:
-        config_dict = dict(delta_config)
-    cls = delta_method(config_dict.get("delta_type", ""))
-    if expected_cls is not None and expected_cls.__name__ != "DeltaBase" and not issubclass(cls, expected_cls):
-        raise DeltaConfigError(
-            f"{path} holds a {cls.delta_type!r} delta; load it with {cls.__name__} or AutoDeltaModel, "
-            f"not {expected_cls.__name__}"
-        )
-    config = cls.config_class.from_dict(config_dict, **kwargs)
-    if check_hash and not legacy:
-        check_backbone(file_config, backbone_model)
-    tensors = _read_tensors(path, file_config)
-    delta = cls.from_config(config, backbone_model)
-    try:
-        if legacy:
-            tensors = _opendelta_tensors(delta, tensors, path)
-        load_delta_tensors(delta, tensors, source=str(path))
-    except BaseException:
-        delta.detach()
-        raise
-    return delta
-
-
 def load_delta_tensors(delta: DeltaBase, tensors: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
     """Copy ``tensors`` into ``delta``'s parameters (cast to their dtype and device).
 
@@ -393,10 +304,10 @@ def load_delta_tensors(delta: DeltaBase, tensors: dict[str, torch.Tensor], sourc
         )
     for key, param in own.items():
         value = tensors[key]
-        if tuple(value.shape) != tuple(param.shape):
+        if tuple(value.shape) != tuple(backend_of(param).full_shape(param)):
             raise DeltaCheckpointError(
-                f"tensor {key!r} in {source} has shape {tuple(value.shape)}, the delta expects {tuple(param.shape)}"
+                f"tensor {key!r} in {source} has shape {tuple(value.shape)}, the delta expects "
+                f"{tuple(backend_of(param).full_shape(param))}"
             )
-    with torch.no_grad():
-        for key, param in own.items():
-            param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
+    for key, param in own.items():
+        backend_of(param).load_full(param, tensors[key])

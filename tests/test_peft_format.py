@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from opendelta_dist import AdapterModel, AutoDeltaModel, LoraModel
+from opendelta_dist.deltas.lora_peft import save_peft
 from opendelta_dist.errors import DeltaCheckpointError, DeltaConfigError
-from opendelta_dist.peft_format import save_peft
 from tests.models import batch, build, logits
 
 ATOL = 1e-5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -12,9 +13,18 @@ from torch import nn
 from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import Backend
 from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig, check_positive_int
+from opendelta_dist.config import BaseDeltaConfig, check_positive_int, option
 from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.operations import InsertSequential, Operation
+
+
+def check_activation(option_name: str, name: Any) -> None:
+    """Raise :class:`~opendelta_dist.errors.DeltaConfigError` if the string ``name`` (the value of the
+    option ``option_name``) is not an activation of transformers' ``ACT2FN`` (``gelu_new``, ``relu``, ...)."""
+    from transformers.activations import ACT2FN
+
+    if isinstance(name, str) and name not in ACT2FN:
+        raise DeltaConfigError(f"unknown {option_name} {name!r}; choose one of {', '.join(sorted(ACT2FN))}")
 
 
 def activation(name: str) -> nn.Module:
@@ -25,9 +35,12 @@ def activation(name: str) -> nn.Module:
     """
     from transformers.activations import ACT2FN
 
-    if name not in ACT2FN:
-        raise DeltaConfigError(f"unknown non_linearity {name!r}; choose one of {', '.join(sorted(ACT2FN))}")
+    check_activation("non_linearity", name)
     return ACT2FN[name]
+
+
+#: the bottleneck's weights start normal(0, 0.01)
+WEIGHT_INIT = partial(nn.init.normal_, std=0.01)
 
 
 class BottleneckMLP(nn.Module):
@@ -47,19 +60,11 @@ class BottleneckMLP(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        down = backend.linear(in_dim, bottleneck_dim, True, device, dtype)
-        up = backend.linear(bottleneck_dim, out_dim, True, device, dtype)
+        down = backend.linear(in_dim, bottleneck_dim, True, device, dtype, WEIGHT_INIT, nn.init.zeros_)
+        up = backend.linear(bottleneck_dim, out_dim, True, device, dtype, WEIGHT_INIT, nn.init.zeros_)
         self.modulelist = nn.Sequential(
             OrderedDict([("down_proj", down), ("non_linear", activation(non_linearity)), ("up_proj", up)])
         )
-        if down.weight.device.type != "meta":
-            self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Weights normal(0, 0.01), biases zero (also after materialising from the meta device)."""
-        for layer in (self.modulelist.down_proj, self.modulelist.up_proj):
-            nn.init.normal_(layer.weight, std=0.01)
-            nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The bottleneck MLP of ``x``, in ``x``'s dtype."""
@@ -84,61 +89,35 @@ class AdapterConfig(BaseDeltaConfig):
 
     delta_type: ClassVar[str] = "adapter"
 
-    bottleneck_dim: int = 24
-    non_linearity: str = "gelu_new"
+    bottleneck_dim: int = option(24, "the adapter's hidden size.", check_positive_int)
+    non_linearity: str = option("gelu_new", "its activation (a name of transformers' ``ACT2FN``).", check_activation)
 
 
 @register_delta_method
 class AdapterModel(DeltaBase):
     """Sequential adapters after the modified modules' outputs.
 
-    Args:
-        backbone_model: the model to modify.
-        bottleneck_dim: the adapter's hidden size.
-        non_linearity: its activation (a name of transformers' ``ACT2FN``).
-        modified_modules: keys of the modules whose outputs the adapters transform; default the
-            attention output projection and the feed-forward output projection of each block.
-        exclude_modules, unfrozen_modules, common_structure, interactive_modify, backend: as
-            :class:`~opendelta_dist.basemodel.DeltaBase`.
+    ``modified_modules`` are keys of the modules whose outputs the adapters transform; by default the
+    attention output projection and the feed-forward output projection of each block.
     """
 
     delta_type: ClassVar[str] = "adapter"
     config_class = AdapterConfig
+    config: AdapterConfig
     default_modified_modules: ClassVar[list[Any]] = ["attn@.proj@", "ff@.w2@"]
     _need_pseudo_data = True
-
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        bottleneck_dim: int = 24,
-        non_linearity: str = "gelu_new",
-        modified_modules: list[str] | None = None,
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        common_structure: bool | None = None,
-        interactive_modify: bool | int = False,
-        backend: str = "hf",
-    ) -> None:
-        check_positive_int("bottleneck_dim", bottleneck_dim)
-        activation(non_linearity)
-        self.bottleneck_dim = bottleneck_dim
-        self.non_linearity = non_linearity
-        super().__init__(
-            backbone_model,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-            common_structure=common_structure,
-            interactive_modify=interactive_modify,
-            backend=backend,
-        )
 
     def update_module(self, name: str, module: nn.Module, io_dims: tuple[int, int] | None) -> list[Operation]:
         """An :class:`AdapterLayer` after the output of ``name``."""
         assert io_dims is not None
         device, dtype = placement(module)
         layer = AdapterLayer(
-            io_dims[1], self.bottleneck_dim, self.non_linearity, self.backend_mapping, device=device, dtype=dtype
+            io_dims[1],
+            self.config.bottleneck_dim,
+            self.config.non_linearity,
+            self.backend_mapping,
+            device=device,
+            dtype=dtype,
         )
         return [InsertSequential(name, layer, "adapter", position="after")]
 

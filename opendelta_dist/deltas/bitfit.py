@@ -24,10 +24,6 @@ class BiasLayer(nn.Module):
         super().__init__()
         self.bias = bias
 
-    def reset_parameters(self) -> None:
-        """The bias starts at zero."""
-        nn.init.zeros_(self.bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x + bias``."""
         return x + self.bias.to(x.dtype)
@@ -48,37 +44,21 @@ class BitFitModel(DeltaBase):
     linear and LayerNorm layers without a bias get one; RMS norms (T5, Llama) get one added to
     their output. New biases start at zero.
 
-    Args:
-        backbone_model: the model to modify.
-        modified_modules: keys of the modules whose layers get trainable biases; default the
-            attention blocks, feed-forward blocks and normalisation layers.
-        exclude_modules, unfrozen_modules, common_structure, interactive_modify, backend: as
-            :class:`~opendelta_dist.basemodel.DeltaBase`.
+    ``modified_modules`` are keys of the modules whose layers get trainable biases; by default the
+    attention blocks, feed-forward blocks and normalisation layers.
     """
 
     delta_type: ClassVar[str] = "bitfit"
     config_class = BitFitConfig
     default_modified_modules: ClassVar[list[Any]] = ["attn@", "ff@", "layer_norm@"]
 
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        modified_modules: list[str] | None = None,
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        common_structure: bool | None = None,
-        interactive_modify: bool | int = False,
-        backend: str = "hf",
-    ) -> None:
-        super().__init__(
-            backbone_model,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-            common_structure=common_structure,
-            interactive_modify=interactive_modify,
-            backend=backend,
-        )
+    @classmethod
+    def opendelta_options(cls, options: dict[str, Any], backbone: nn.Module) -> dict[str, Any]:
+        """OpenDelta's default role ``lm_head@.proj@`` never matched a module: it is dropped."""
+        options = dict(options)
+        if isinstance(options.get("modified_modules"), list):
+            options["modified_modules"] = [m for m in options["modified_modules"] if m != "lm_head@.proj@"]
+        return super().opendelta_options(options, backbone)
 
     def build_operations(self, backbone: nn.Module, modified_modules: list[Any]) -> list[Operation]:
         """A bias operation for every distinct bias-taking layer inside the selected modules."""
@@ -105,7 +85,7 @@ class BitFitModel(DeltaBase):
         weight = module.weight
         if kind is BiasKind.EXISTING:
             return self.unfreeze_parameter(name, "bias", module.bias.detach().clone())
-        zeros = torch.zeros(size, device=weight.device, dtype=weight.dtype)
         if kind is BiasKind.EMPTY_SLOT:
-            return self.unfreeze_parameter(name, "bias", zeros)
-        return InsertSequential(name, BiasLayer(self.backend_mapping.parameter(zeros)), "bitfit", position="after")
+            return self.unfreeze_parameter(name, "bias", torch.zeros(size, device=weight.device, dtype=weight.dtype))
+        bias = self.backend_mapping.parameter((size,), nn.init.zeros_, weight.device, weight.dtype)
+        return InsertSequential(name, BiasLayer(bias), "bitfit", position="after")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,10 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from opendelta_dist.auto_delta import register_delta_method
-from opendelta_dist.backends import Backend
+from opendelta_dist.backends import Backend, WeightLayout
 from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig, check_positive_int
-from opendelta_dist.errors import DeltaConfigError, DeltaStateError, UnsupportedModuleError
+from opendelta_dist.config import OPTIONS, BaseDeltaConfig, check_positive_int, in_range, option
+from opendelta_dist.deltas.lora_peft import save_peft
+from opendelta_dist.errors import DeltaStateError, UnsupportedModuleError
 from opendelta_dist.operations import InsertParallel, Operation
 
 
@@ -24,10 +26,23 @@ class LoraConfig(BaseDeltaConfig):
     """Options of :class:`LoraModel`."""
 
     delta_type: ClassVar[str] = "lora"
+    parameter_order: ClassVar[tuple[str, ...]] = (
+        OPTIONS,
+        "modified_modules",
+        "unfrozen_modules",
+        "exclude_modules",
+        "common_structure",
+        "interactive_modify",
+        "backend",
+    )
 
-    lora_r: int = 8
-    lora_alpha: int | float = 16
-    lora_dropout: float = 0.0
+    lora_r: int = option(8, "rank of the update.", check_positive_int)
+    lora_alpha: int | float = option(16, "the update is scaled by ``lora_alpha / lora_r``.")
+    lora_dropout: float = option(0.0, "dropout on the update's input.", in_range(0, 1))
+
+
+#: ``lora_A`` starts Kaiming-uniform (``lora_B`` at zero)
+LORA_A_INIT = partial(nn.init.kaiming_uniform_, a=math.sqrt(5))
 
 
 class LowRankLinear(nn.Module):
@@ -63,15 +78,8 @@ class LowRankLinear(nn.Module):
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / r
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.lora_A = backend.parameter(torch.empty(r, in_features, device=device, dtype=dtype))
-        self.lora_B = backend.parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
-        if self.lora_A.device.type != "meta":
-            self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """``lora_A`` Kaiming-uniform, ``lora_B`` zero (also after materialising from the meta device)."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        self.lora_A = backend.parameter((r, in_features), LORA_A_INIT, device, dtype)
+        self.lora_B = backend.parameter((out_features, r), nn.init.zeros_, device, dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The update as an (out, in) matrix, ``B A * alpha / r``, in float32."""
@@ -88,51 +96,19 @@ class LowRankLinear(nn.Module):
 class LoraModel(DeltaBase):
     """LoRA on the linear layers of a backbone (``nn.Linear`` and transformers' ``Conv1D``).
 
-    Args:
-        backbone_model: the model to modify.
-        lora_r: rank of the update.
-        lora_alpha: the update is scaled by ``lora_alpha / lora_r``.
-        lora_dropout: dropout on the update's input.
-        modified_modules: keys of the linear layers to modify; default the self-attention query and
-            value projections of a known model family.
-        unfrozen_modules, exclude_modules, common_structure, interactive_modify, backend: as
-            :class:`~opendelta_dist.basemodel.DeltaBase`.
+    ``modified_modules`` are keys of the linear layers to modify; by default the self-attention query
+    and value projections of a known model family.
     """
 
     delta_type: ClassVar[str] = "lora"
     config_class = LoraConfig
+    config: LoraConfig
     default_modified_modules: ClassVar[list[Any]] = ["attn@.q@", "attn@.v@"]
 
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        lora_r: int = 8,
-        lora_alpha: int | float = 16,
-        lora_dropout: float = 0.0,
-        modified_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        exclude_modules: list[str] | None = None,
-        common_structure: bool | None = None,
-        interactive_modify: bool | int = False,
-        backend: str = "hf",
-    ) -> None:
-        check_positive_int("lora_r", lora_r)
-        if not 0.0 <= lora_dropout < 1.0:
-            raise DeltaConfigError(f"lora_dropout must be in [0, 1), not {lora_dropout!r}")
-        self.lora_r = lora_r
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = lora_dropout
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         # while merged: each folded operation with the weight it had before (None: subtract to unmerge)
         self._merged: list[tuple[int, InsertParallel, torch.Tensor | None]] = []
-        super().__init__(
-            backbone_model,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-            common_structure=common_structure,
-            interactive_modify=interactive_modify,
-            backend=backend,
-        )
+        super().__init__(*args, **kwargs)
 
     def update_module(self, name: str, module: nn.Module, io_dims: tuple[int, int] | None) -> list[Operation]:
         """A :class:`LowRankLinear` in parallel to the linear layer ``name``."""
@@ -148,9 +124,9 @@ class LoraModel(DeltaBase):
         layer = LowRankLinear(
             dims[0],
             dims[1],
-            self.lora_r,
-            self.lora_alpha,
-            self.lora_dropout,
+            self.config.lora_r,
+            self.config.lora_alpha,
+            self.config.lora_dropout,
             self.backend_mapping,
             device=weight.device,
             dtype=weight.dtype,
@@ -160,10 +136,8 @@ class LoraModel(DeltaBase):
     def save_peft(self, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """Save this delta in HF PEFT's format, for ``peft.PeftModel.from_pretrained(backbone, path)``.
 
-        See :func:`opendelta_dist.peft_format.save_peft`.
+        See :func:`opendelta_dist.deltas.lora_peft.save_peft`.
         """
-        from opendelta_dist.peft_format import save_peft
-
         if self._merged:
             raise DeltaStateError("this LoRA is merged into the backbone's weights; call unmerge() before saving it")
         return save_peft(self, path, base_model_name_or_path)
@@ -176,7 +150,7 @@ class LoraModel(DeltaBase):
         return bool(self._merged)
 
     def _lora_operations(self) -> list[tuple[int, InsertParallel]]:
-        return [(i, op) for i, op in enumerate(self._operations) if isinstance(op, InsertParallel)]
+        return [(i, op) for i, op in enumerate(self.operations) if isinstance(op, InsertParallel)]
 
     def merge(self, exact_unmerge: bool = True) -> None:
         """Fold every LoRA update into its linear layer's weight, for inference without overhead.
@@ -204,9 +178,9 @@ class LoraModel(DeltaBase):
                 for i, op in self._lora_operations():
                     target = op.target
                     assert target is not None
-                    weight = target.weight
-                    original = weight.detach().to("cpu", copy=True) if exact_unmerge else None
-                    weight.add_(self._oriented(target, op.delta_module.delta_weight()).to(weight.dtype))
+                    weight = self.backend_mapping.full_tensor(target._parameters["weight"])
+                    original = weight.to("cpu", copy=True) if exact_unmerge else None
+                    self._fold(target, weight + self._update(target, op, weight.dtype))
                     op.uninstall()
                     merged.append((i, op, original))
         except BaseException:
@@ -230,19 +204,25 @@ class LoraModel(DeltaBase):
         with torch.no_grad():
             for i, op, original in reversed(self._merged):
                 target = self.backbone_model.get_submodule(op.module_name)
-                weight = target.weight
-                if original is not None:
-                    weight.copy_(original)
-                else:
-                    weight.sub_(self._oriented(target, op.delta_module.delta_weight()).to(weight.dtype))
+                if original is None:
+                    weight = self.backend_mapping.full_tensor(target._parameters["weight"])
+                    original = weight - self._update(target, op, weight.dtype)
+                self._fold(target, original)
                 op.install(self.backbone_model, (self._serial, i))
         self._merged = []
         if self._filter_state_dict:
             self.set_active_state_dict(self.backbone_model)
 
-    def _oriented(self, target: nn.Module, update: torch.Tensor) -> torch.Tensor:
-        # transformers' Conv1D stores its weight as (in, out)
-        return update if isinstance(target, nn.Linear) else update.T
+    def _update(self, target: nn.Module, op: InsertParallel, dtype: torch.dtype) -> torch.Tensor:
+        """The LoRA update of ``op`` in the layout of ``target``'s weight (Conv1D keeps (in, out))."""
+        update = op.delta_module.delta_weight()
+        if self.backend_mapping.weight_layout(target) is WeightLayout.IN_OUT:
+            update = update.T
+        return update.to(dtype)
+
+    def _fold(self, target: nn.Module, weight: torch.Tensor) -> None:
+        # through the backend: a sharded weight takes its partition of the whole new value
+        self.backend_mapping.load_full(target._parameters["weight"], weight)
 
     def detach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
         """As :meth:`DeltaBase.detach`; a merged LoRA is unmerged first, so the backbone is pristine."""

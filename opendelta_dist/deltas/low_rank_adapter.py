@@ -9,6 +9,7 @@ other rank; here the product is a true matrix product, so every rank works.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -17,8 +18,8 @@ from torch import nn
 from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import Backend
 from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig, check_positive_int
-from opendelta_dist.deltas.adapter import activation, placement
+from opendelta_dist.config import BaseDeltaConfig, check_positive_int, one_of, option
+from opendelta_dist.deltas.adapter import activation, check_activation, placement
 from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta_dist.operations import InsertSequential, Operation
 
@@ -61,18 +62,10 @@ class LowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.w_init = w_init
-        self.W_left = backend.parameter(torch.empty(in_features, rank, device=device, dtype=dtype))
-        self.W_right = backend.parameter(torch.empty(rank, out_features, device=device, dtype=dtype))
-        self.b = backend.parameter(torch.zeros(out_features, device=device, dtype=dtype))
-        if self.W_left.device.type != "meta":
-            self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Both factors Glorot-initialised, the bias zero."""
-        glorot_(self.W_left, self.w_init)
-        glorot_(self.W_right, self.w_init)
-        nn.init.zeros_(self.b)
+        init = partial(glorot_, init=w_init)
+        self.W_left = backend.parameter((in_features, rank), init, device, dtype)
+        self.W_right = backend.parameter((rank, out_features), init, device, dtype)
+        self.b = backend.parameter((out_features,), nn.init.zeros_, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x W_left W_right + b``."""
@@ -91,11 +84,6 @@ class ProjectionAdapter(nn.Module):
         self.down_sampler = down_sampler
         self.activation = activation(non_linearity)
         self.up_sampler = up_sampler
-
-    def reset_parameters(self) -> None:
-        """Initialise both projections (also after materialising from the meta device)."""
-        self.down_sampler.reset_parameters()
-        self.up_sampler.reset_parameters()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` plus the adapter's output."""
@@ -121,77 +109,42 @@ class LowRankAdapterConfig(BaseDeltaConfig):
 
     delta_type: ClassVar[str] = "lowrankadapter"
 
-    reduction_factor: int = 32
-    non_linearity: str = "gelu_new"
-    low_rank_w_init: str = "glorot-uniform"
-    low_rank_rank: int = 1
+    reduction_factor: int = option(
+        32, "the bottleneck size is the module's output size divided by this.", check_positive_int
+    )
+    non_linearity: str = option(
+        "gelu_new", "the activation between the projections (a name of transformers' ``ACT2FN``).", check_activation
+    )
+    low_rank_w_init: str = option("glorot-uniform", '``"glorot-uniform"`` or ``"glorot-normal"``.', one_of(*W_INITS))
+    low_rank_rank: int = option(1, "the rank of each projection's weight.", check_positive_int)
 
 
 @register_delta_method
 class LowRankAdapterModel(DeltaBase):
     """Low-rank adapters after the modified modules' outputs.
 
-    Args:
-        backbone_model: the model to modify.
-        reduction_factor: the bottleneck size is the module's output size divided by this.
-        non_linearity: the activation between the projections (a name of transformers' ``ACT2FN``).
-        low_rank_w_init: ``"glorot-uniform"`` or ``"glorot-normal"``.
-        low_rank_rank: the rank of each projection's weight.
-        modified_modules: keys of the modules whose outputs the adapters transform; default the
-            attention output projection and the feed-forward output projection of each block.
-        exclude_modules, unfrozen_modules, common_structure, interactive_modify, backend: as
-            :class:`~opendelta_dist.basemodel.DeltaBase`.
+    ``modified_modules`` are keys of the modules whose outputs the adapters transform; by default the
+    attention output projection and the feed-forward output projection of each block.
     """
 
     delta_type: ClassVar[str] = "lowrankadapter"
     config_class = LowRankAdapterConfig
+    config: LowRankAdapterConfig
     default_modified_modules: ClassVar[list[Any]] = ["attn@.proj@", "ff@.w2@"]
     _need_pseudo_data = True
-
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        reduction_factor: int = 32,
-        non_linearity: str = "gelu_new",
-        low_rank_w_init: str = "glorot-uniform",
-        low_rank_rank: int = 1,
-        modified_modules: list[str] | None = None,
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        common_structure: bool | None = None,
-        interactive_modify: bool | int = False,
-        backend: str = "hf",
-    ) -> None:
-        check_positive_int("reduction_factor", reduction_factor)
-        check_positive_int("low_rank_rank", low_rank_rank)
-        if low_rank_w_init not in W_INITS:
-            raise DeltaConfigError(f"low_rank_w_init must be one of {', '.join(W_INITS)}, not {low_rank_w_init!r}")
-        activation(non_linearity)
-        self.reduction_factor = reduction_factor
-        self.non_linearity = non_linearity
-        self.low_rank_w_init = low_rank_w_init
-        self.low_rank_rank = low_rank_rank
-        super().__init__(
-            backbone_model,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-            common_structure=common_structure,
-            interactive_modify=interactive_modify,
-            backend=backend,
-        )
 
     def update_module(self, name: str, module: nn.Module, io_dims: tuple[int, int] | None) -> list[Operation]:
         """A low-rank :class:`ProjectionAdapter` after the output of ``name``."""
         assert io_dims is not None
+        config = self.config
         hidden = io_dims[1]
-        down = bottleneck_size(name, hidden, self.reduction_factor)
+        down = bottleneck_size(name, hidden, config.reduction_factor)
         device, dtype = placement(module)
 
         def projection(n_in: int, n_out: int) -> LowRankLinear:
             return LowRankLinear(
-                n_in, n_out, self.low_rank_rank, self.low_rank_w_init, self.backend_mapping, device, dtype
+                n_in, n_out, config.low_rank_rank, config.low_rank_w_init, self.backend_mapping, device, dtype
             )
 
-        layer = ProjectionAdapter(projection(hidden, down), self.non_linearity, projection(down, hidden))
+        layer = ProjectionAdapter(projection(hidden, down), config.non_linearity, projection(down, hidden))
         return [InsertSequential(name, layer, "low_rank_adapter", position="after")]

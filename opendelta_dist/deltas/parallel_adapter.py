@@ -10,8 +10,8 @@ from torch import nn
 
 from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig, check_positive_int
-from opendelta_dist.deltas.adapter import BottleneckMLP, activation, placement
+from opendelta_dist.config import BaseDeltaConfig, check_positive_int, option
+from opendelta_dist.deltas.adapter import BottleneckMLP, check_activation, placement
 from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.operations import InsertParallel, InsertParallelSpan, Operation
 
@@ -36,9 +36,9 @@ class ParallelAdapterConfig(BaseDeltaConfig):
 
     delta_type: ClassVar[str] = "parallel_adapter"
 
-    bottleneck_dim: int = 24
-    non_linearity: str = "gelu_new"
-    scaled: float = 1.0
+    bottleneck_dim: int = option(24, "the adapter's hidden size.", check_positive_int)
+    non_linearity: str = option("gelu_new", "its activation (a name of transformers' ``ACT2FN``).", check_activation)
+    scaled: float = option(1.0, "factor on the adapter's output.")
 
 
 @register_delta_method
@@ -50,48 +50,25 @@ class ParallelAdapterModel(DeltaBase):
     the input of ``first`` and adds to the output of ``last``; the i-th match of ``first`` pairs with
     the i-th match of ``last``). Default: beside each self-attention block, and beside each
     feed-forward MLP from its input projection to its output projection.
-
-    Args:
-        backbone_model: the model to modify.
-        bottleneck_dim: the adapter's hidden size.
-        non_linearity: its activation (a name of transformers' ``ACT2FN``).
-        scaled: factor on the adapter's output.
-        modified_modules, exclude_modules, unfrozen_modules, common_structure, interactive_modify,
-            backend: as :class:`~opendelta_dist.basemodel.DeltaBase`.
     """
 
     delta_type: ClassVar[str] = "parallel_adapter"
     config_class = ParallelAdapterConfig
+    config: ParallelAdapterConfig
     default_modified_modules: ClassVar[list[Any]] = ["attn@", ["ff@.w1@", "ff@.w2@"]]
     _need_pseudo_data = True
 
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        bottleneck_dim: int = 24,
-        non_linearity: str = "gelu_new",
-        scaled: float = 1.0,
-        modified_modules: list[str | list[str]] | None = None,
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        common_structure: bool | None = None,
-        interactive_modify: bool | int = False,
-        backend: str = "hf",
-    ) -> None:
-        check_positive_int("bottleneck_dim", bottleneck_dim)
-        activation(non_linearity)
-        self.bottleneck_dim = bottleneck_dim
-        self.non_linearity = non_linearity
-        self.scaled = scaled
-        super().__init__(
-            backbone_model,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-            common_structure=common_structure,
-            interactive_modify=interactive_modify,
-            backend=backend,
-        )
+    @classmethod
+    def opendelta_options(cls, options: dict[str, Any], backbone: nn.Module) -> dict[str, Any]:
+        """OpenDelta lists parallel adapters as consecutive (first, last) module pairs and saves ``scaled`` null."""
+        options = dict(options)
+        modules = options.get("modified_modules")
+        if isinstance(modules, list) and len(modules) % 2 == 0:
+            pairs = zip(modules[::2], modules[1::2], strict=True)
+            options["modified_modules"] = [a if a == b else [a, b] for a, b in pairs]
+        if "scaled" in options and options["scaled"] is None:
+            del options["scaled"]
+        return super().opendelta_options(options, backbone)
 
     def build_operations(self, backbone: nn.Module, modified_modules: list[Any]) -> list[Operation]:
         """One adapter per selected module, or per (first, last) pair of a span entry."""
@@ -115,10 +92,10 @@ class ParallelAdapterModel(DeltaBase):
             device, dtype = placement(backbone.get_submodule(first))
             layer = ParallelAdapterLayer(
                 dims[first][0],
-                self.bottleneck_dim,
+                self.config.bottleneck_dim,
                 dims[last][1],
-                self.non_linearity,
-                self.scaled,
+                self.config.non_linearity,
+                self.config.scaled,
                 self.backend_mapping,
                 device=device,
                 dtype=dtype,

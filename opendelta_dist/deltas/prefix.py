@@ -22,8 +22,9 @@ the encoder's output, cached once per generation and read back without going thr
 ``update``; the encoder's self-attention prefixes already shape what the decoder attends to. Aiming
 the delta at a cross-attention module is an error.
 
-**Attention classes** are looked up in :data:`ATTENTION_SPECS` (first match wins); a new family whose
-attention updates the cache it is handed with ``.update(key, value, layer_idx)`` is one entry.
+**Attention classes** are looked up in :data:`ATTENTION_SPECS` (first match wins), which gathers the
+:class:`AttentionSpec` entries of every family in :mod:`opendelta_dist.families`; a new family whose
+attention updates the cache it is handed with ``.update(key, value, layer_idx)`` is one entry there.
 
 **Reparameterisation.** With ``reparameterize=True`` the per-layer keys and values are the output of a
 shared network (an embedding of ``prefix_token_num`` vectors of ``embed_dim`` -> linear -> tanh ->
@@ -35,9 +36,8 @@ linear to every layer's keys and values), as in the paper; the network's tensors
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,9 +48,10 @@ from torch import nn
 from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import Backend
 from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig, check_positive_int
+from opendelta_dist.config import BaseDeltaConfig, check_positive_int, option
 from opendelta_dist.deltas.adapter import placement
-from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
+from opendelta_dist.errors import DeltaCheckpointError, UnsupportedModuleError
+from opendelta_dist.families import ATTENTION_SPECS, AttentionSpec, attention_spec
 from opendelta_dist.operations import (
     CallRewriter,
     HoldModule,
@@ -68,90 +69,12 @@ from opendelta_dist.transformers_calls import (
 )
 
 # ---------------------------------------------------------------------------------------------------
-# The attention classes a prefix can enter.
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    """How a prefix enters one attention class.
-
-    The class must take a cache argument (one of
-    :data:`~opendelta_dist.transformers_calls.CACHE_ARGUMENTS`), update it with ``.update(key, value,
-    layer_idx)`` (also when it is given without a real cache) and attend over what that returns, as
-    transformers' attention modules do.
-
-    Attributes:
-        module_path: the module defining the class (imported only when looked up).
-        class_name: the attention class.
-        heads: ``(key/value heads, head size)`` of an instance.
-        mask_arg: the name of its attention-mask argument.
-        cross_args: arguments that, when given, make a call cross-attention.
-        relative_position_bias: it takes T5's ``position_bias`` argument and returns it second.
-    """
-
-    module_path: str
-    class_name: str
-    heads: Callable[[nn.Module], tuple[int, int]]
-    mask_arg: str = "attention_mask"
-    cross_args: tuple[str, ...] = ()
-    relative_position_bias: bool = False
-
-    def attention_class(self) -> type | None:
-        """The class, or None when this transformers version has no such class."""
-        try:
-            return getattr(importlib.import_module(self.module_path), self.class_name)
-        except (ImportError, AttributeError):
-            return None
-
-
-def _bert_heads(m: nn.Module) -> tuple[int, int]:
-    return m.num_attention_heads, m.attention_head_size
-
-
-def _heads(m: nn.Module) -> tuple[int, int]:
-    return m.num_heads, m.head_dim
-
-
-def _t5_heads(m: nn.Module) -> tuple[int, int]:
-    return m.n_heads, m.key_value_proj_dim
-
-
-def _llama_heads(m: nn.Module) -> tuple[int, int]:
-    return m.config.num_key_value_heads, m.head_dim  # grouped-query attention: the key/value heads
-
-
-_TM = "transformers.models"
-
-#: The attention classes a prefix can enter; the first entry the module is an instance of applies.
-ATTENTION_SPECS: list[AttentionSpec] = [
-    AttentionSpec(f"{_TM}.bert.modeling_bert", "BertSelfAttention", _bert_heads),
-    AttentionSpec(f"{_TM}.roberta.modeling_roberta", "RobertaSelfAttention", _bert_heads),
-    AttentionSpec(f"{_TM}.gpt2.modeling_gpt2", "GPT2Attention", _heads, cross_args=("encoder_hidden_states",)),
-    AttentionSpec(f"{_TM}.bart.modeling_bart", "BartAttention", _heads, cross_args=("key_value_states",)),
-    AttentionSpec(f"{_TM}.opt.modeling_opt", "OPTAttention", _heads),
-    AttentionSpec(
-        f"{_TM}.t5.modeling_t5",
-        "T5Attention",
-        _t5_heads,
-        mask_arg="mask",
-        cross_args=("key_value_states",),
-        relative_position_bias=True,
-    ),
-    AttentionSpec(f"{_TM}.llama.modeling_llama", "LlamaAttention", _llama_heads),
-]
+# The attention classes a prefix can enter: ATTENTION_SPECS, AttentionSpec and attention_spec come from
+# the families (each family file lists its own).
 
 #: Names under which transformers models keep their cross-attention modules.
 _CROSS_ATTENTION_NAMES = ("EncDecAttention", "encoder_attn", "crossattention")
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
-
-
-def attention_spec(module: nn.Module) -> AttentionSpec | None:
-    """The entry of :data:`ATTENTION_SPECS` for ``module``, or None."""
-    for spec in ATTENTION_SPECS:
-        cls = spec.attention_class()
-        if cls is not None and isinstance(module, cls):
-            return spec
-    return None
 
 
 def _supported_names() -> str:
@@ -301,17 +224,10 @@ class PrefixReparameterization(nn.Module):
         self.layers = list(layers)
         sizes = [2 * heads * dim for heads, dim in self.layers]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        self.embedding = backend.parameter(torch.empty(prefix_len, embed_dim, device=device, dtype=dtype))
+        # the embedding starts normal(0, 1), the linear layers as ``nn.Linear``
+        self.embedding = backend.parameter((prefix_len, embed_dim), nn.init.normal_, device, dtype)
         self.down = backend.linear(embed_dim, mid_dim, True, device, dtype)
         self.up = backend.linear(mid_dim, sum(sizes), True, device, dtype)
-        if self.embedding.device.type != "meta":
-            self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Embedding normal(0, 1), linear layers as ``nn.Linear`` (also after materialising from meta)."""
-        nn.init.normal_(self.embedding)
-        for layer in (self.down, self.up):
-            layer.reset_parameters()
 
     def key_value(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefix keys and values of layer ``index``, each ``(heads, prefix_len, head_dim)``."""
@@ -322,6 +238,10 @@ class PrefixReparameterization(nn.Module):
         out = F.linear(hidden, self.up.weight[rows], self.up.bias[rows])
         key, value = out.view(self.prefix_len, 2, heads, dim).permute(1, 2, 0, 3).unbind(0)
         return key, value
+
+
+#: plain prefixes start normal(0, 0.02)
+PREFIX_INIT = partial(nn.init.normal_, std=0.02)
 
 
 class PrefixLayer(CallRewriter):
@@ -368,15 +288,8 @@ class PrefixLayer(CallRewriter):
         self.__dict__["network"] = network
         if network is None:
             shape = (heads, prefix_len, head_dim)
-            self.key = backend.parameter(torch.empty(shape, device=device, dtype=dtype))
-            self.value = backend.parameter(torch.empty(shape, device=device, dtype=dtype))
-            if self.key.device.type != "meta":
-                self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Plain prefixes start normal(0, 0.02)."""
-        for p in self.parameters():
-            nn.init.normal_(p, std=0.02)
+            self.key = backend.parameter(shape, PREFIX_INIT, device, dtype)
+            self.value = backend.parameter(shape, PREFIX_INIT, device, dtype)
 
     def key_value(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's prefix keys and values, each ``(heads, prefix_len, head_dim)``."""
@@ -431,10 +344,14 @@ class PrefixConfig(BaseDeltaConfig):
 
     delta_type: ClassVar[str] = "prefix"
 
-    prefix_token_num: int = 6
-    reparameterize: bool = True
-    embed_dim: int = 512
-    mid_dim: int = 512
+    prefix_token_num: int = option(6, "the number of prefix tokens per layer.", check_positive_int)
+    reparameterize: bool = option(
+        True,
+        "compute the prefixes with a shared network while training (see the module docstring); "
+        "``save_finetuned`` then stores the plain prefixes it computes.",
+    )
+    embed_dim: int = option(512, "the network's prefix-embedding size.", check_positive_int)
+    mid_dim: int = option(512, "the network's hidden size.", check_positive_int)
 
 
 @register_delta_method
@@ -443,17 +360,8 @@ class PrefixModel(DeltaBase):
     self-attention module. Supported attention classes: :data:`ATTENTION_SPECS` (BERT, RoBERTa,
     GPT-2, BART, OPT, T5, Llama), with ``eager`` or ``sdpa`` attention.
 
-    Args:
-        backbone_model: the model to modify.
-        prefix_token_num: the number of prefix tokens per layer.
-        reparameterize: compute the prefixes with a shared network while training (see the module
-            docstring); ``save_finetuned`` then stores the plain prefixes it computes.
-        embed_dim: the network's prefix-embedding size.
-        mid_dim: the network's hidden size.
-        modified_modules: keys of the self-attention modules to modify; default every self-attention
-            (the ``attn`` role).
-        exclude_modules, unfrozen_modules, common_structure, interactive_modify, backend: as
-            :class:`~opendelta_dist.basemodel.DeltaBase` (``backend="hf"`` only).
+    ``modified_modules`` are keys of the self-attention modules to modify; by default every
+    self-attention (the ``attn`` role). The backend is ``"hf"`` only.
 
     Raises:
         DeltaConfigError: an option has an invalid value.
@@ -462,43 +370,46 @@ class PrefixModel(DeltaBase):
 
     delta_type: ClassVar[str] = "prefix"
     config_class = PrefixConfig
+    config: PrefixConfig
     default_modified_modules: ClassVar[list[Any]] = ["attn"]
-    _supported_backends: ClassVar[tuple[str, ...]] = ("hf",)
+    required_capabilities: ClassVar[frozenset[str]] = frozenset({"transformers"})
 
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        prefix_token_num: int = 6,
-        reparameterize: bool = True,
-        embed_dim: int = 512,
-        mid_dim: int = 512,
-        modified_modules: list[str] | None = None,
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        common_structure: bool | None = None,
-        interactive_modify: bool | int = False,
-        backend: str = "hf",
-    ) -> None:
-        check_positive_int("prefix_token_num", prefix_token_num)
-        check_positive_int("embed_dim", embed_dim)
-        check_positive_int("mid_dim", mid_dim)
-        if not isinstance(reparameterize, bool):
-            raise DeltaConfigError(f"reparameterize must be True or False, not {reparameterize!r}")
-        self.prefix_token_num = prefix_token_num
-        self.reparameterize = reparameterize
-        self.embed_dim = embed_dim
-        self.mid_dim = mid_dim
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # the prefix operations in order (each one's index into the network), and the network
         self._layers: list[RewriteCall] = []
         self._network: PrefixReparameterization | None = None
-        super().__init__(
-            backbone_model,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-            common_structure=common_structure,
-            interactive_modify=interactive_modify,
-            backend=backend,
-        )
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def opendelta_options(cls, options: dict[str, Any], backbone: nn.Module) -> dict[str, Any]:
+        """OpenDelta's per-layer prefixes are read as they are (see :meth:`opendelta_tensors`)."""
+        return super().opendelta_options({**options, "reparameterize": False}, backbone)
+
+    def opendelta_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+        """Each attention layer's ``prefix.past_key`` / ``past_value`` (tokens, heads x head size) become
+        ``prefix.key`` / ``value`` (heads, tokens, head size).
+
+        Raises:
+            DeltaCheckpointError: a checkpoint saved with ``reparameterize=True`` (it holds OpenDelta's
+                reparameterisation network, which is not read).
+        """
+        if any(".reparams." in k or k.startswith("reparams.") for k in tensors):
+            raise DeltaCheckpointError(
+                f"{path} is an OpenDelta prefix checkpoint saved with reparameterize=True: it holds OpenDelta's "
+                "reparameterisation network, which this library does not read. Save it from OpenDelta with "
+                "reparameterize=False (plain per-layer prefixes) to load it here."
+            )
+        own = dict(self.named_delta_tensors())
+        converted = {}
+        for key, value in tensors.items():
+            for theirs, ours in ((".prefix.past_key", ".prefix.key"), (".prefix.past_value", ".prefix.value")):
+                if key.endswith(theirs):
+                    key = key.removesuffix(theirs) + ours
+                    if key in own:
+                        heads, tokens, size = self.backend_mapping.full_shape(own[key])
+                        value = value.reshape(tokens, heads, size).transpose(0, 1)
+            converted[key] = value
+        return converted
 
     def build_operations(self, backbone: nn.Module, modified_modules: list[Any]) -> list[Operation]:
         """One :class:`RewriteCall` per attention module, plus (reparameterised) the shared network,
@@ -508,11 +419,12 @@ class PrefixModel(DeltaBase):
             name, module, spec = find_attention(selected, backbone.get_submodule(selected))
             targets.setdefault(name, (module, spec))
         ops: list[Operation] = []
-        if self.reparameterize:
+        config = self.config
+        if config.reparameterize:
             device, dtype = placement(next(iter(targets.values()))[0])
             shapes = [spec.heads(module) for module, spec in targets.values()]
             self._network = PrefixReparameterization(
-                self.prefix_token_num, self.embed_dim, self.mid_dim, shapes, self.backend_mapping, device, dtype
+                config.prefix_token_num, config.embed_dim, config.mid_dim, shapes, self.backend_mapping, device, dtype
             )
             ops.append(HoldModule("", self._network, "prefix_network"))
         for name, (module, _) in targets.items():
@@ -530,7 +442,7 @@ class PrefixModel(DeltaBase):
             cache_argument(module),
             heads,
             head_dim,
-            self.prefix_token_num,
+            self.config.prefix_token_num,
             self.backend_mapping,
             device=device,
             dtype=dtype,
@@ -571,7 +483,7 @@ class PrefixModel(DeltaBase):
         Returns:
             The checkpoint directory.
         """
-        if not self.reparameterize or state_dict is not None:
+        if not self.config.reparameterize or state_dict is not None:
             return super().save_finetuned(finetuned_delta_path, save_config, state_dict, **kwargs)
         live = self.config
         self.config = dataclasses.replace(live, reparameterize=False)  # the config of what is saved

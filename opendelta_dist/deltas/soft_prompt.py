@@ -31,7 +31,8 @@ length, which counts the prompt, so cached and uncached runs compute the same th
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +41,7 @@ from torch import nn
 from opendelta_dist.addressing import named_backbone_modules
 from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig, check_positive_int
+from opendelta_dist.config import BaseDeltaConfig, check_positive, check_positive_int, option
 from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta_dist.operations import CallRewriter, Operation, RewriteCall, call_as_keywords, positional_names
 from opendelta_dist.transformers_calls import CacheArgument, cache_argument, cached_length
@@ -238,10 +239,19 @@ class SoftPromptConfig(BaseDeltaConfig):
 
     delta_type: ClassVar[str] = "soft_prompt"
 
-    soft_token_num: int = 100
-    init_range: float = 0.5
-    token_init: bool = True
-    other_expand_ids: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_EXPAND_IDS))
+    soft_token_num: int = option(100, "the number of prompt tokens.", check_positive_int)
+    init_range: float = option(
+        0.5, "without ``token_init``, the prompt starts uniform(-init_range, init_range).", check_positive
+    )
+    token_init: bool = option(
+        True,
+        "start the prompt as the embeddings of the first non-special vocabulary tokens (cycled if the "
+        "vocabulary is smaller than the prompt).",
+    )
+    other_expand_ids: dict[str, int] = option(  # noqa: RUF009 (option() copies the dict for every config)
+        DEFAULT_EXPAND_IDS,
+        "inputs of shape (batch, length) to extend with the prompt, and the value of their prompt columns.",
+    )
 
 
 def input_embeddings(module: nn.Module) -> nn.Module | None:
@@ -273,18 +283,9 @@ def input_stack(model: nn.Module, embedding: nn.Module) -> nn.Module | None:
 class SoftPromptModel(DeltaBase):
     """Prompt tuning: ``soft_token_num`` learned input embeddings in front of every input's tokens.
 
-    Args:
-        backbone_model: the model to modify (a transformers model, or a module holding one).
-        soft_token_num: the number of prompt tokens.
-        init_range: without ``token_init``, the prompt starts uniform(-init_range, init_range).
-        token_init: start the prompt as the embeddings of the first non-special vocabulary tokens
-            (cycled if the vocabulary is smaller than the prompt).
-        other_expand_ids: inputs of shape (batch, length) to extend with the prompt, and the value of
-            their prompt columns.
-        modified_modules: default (None or []): the backbone itself. One key naming the transformers
-            model inside a wrapper backbone to prompt.
-        exclude_modules, unfrozen_modules, common_structure, interactive_modify, backend: as
-            :class:`~opendelta_dist.basemodel.DeltaBase` (``backend="hf"`` only).
+    The backbone is a transformers model, or a module holding one: by default (``modified_modules``
+    None or ``[]``) the backbone itself is prompted, else ``modified_modules`` is one key naming the
+    transformers model inside it. The backend is ``"hf"`` only.
 
     Raises:
         DeltaConfigError: an option has an invalid value.
@@ -293,49 +294,9 @@ class SoftPromptModel(DeltaBase):
 
     delta_type: ClassVar[str] = "soft_prompt"
     config_class = SoftPromptConfig
+    config: SoftPromptConfig
     default_modified_modules: ClassVar[list[Any]] = []
-    _supported_backends: ClassVar[tuple[str, ...]] = ("hf",)
-
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        soft_token_num: int = 100,
-        init_range: float = 0.5,
-        token_init: bool = True,
-        other_expand_ids: dict[str, int] | None = None,
-        modified_modules: list[str] | None = None,
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        common_structure: bool | None = None,
-        interactive_modify: bool | int = False,
-        backend: str = "hf",
-    ) -> None:
-        check_positive_int("soft_token_num", soft_token_num)
-        if isinstance(init_range, bool) or not isinstance(init_range, (int, float)) or not init_range > 0:
-            raise DeltaConfigError(f"init_range must be a positive number, not {init_range!r}")
-        if not isinstance(token_init, bool):
-            raise DeltaConfigError(f"token_init must be True or False, not {token_init!r}")
-        expand = dict(DEFAULT_EXPAND_IDS) if other_expand_ids is None else other_expand_ids
-        if not isinstance(expand, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in expand.items()
-        ):
-            raise DeltaConfigError(
-                f"other_expand_ids must map input names to the integer value of their prompt columns, e.g. "
-                f"{DEFAULT_EXPAND_IDS}, not {other_expand_ids!r}"
-            )
-        self.soft_token_num = soft_token_num
-        self.init_range = float(init_range)
-        self.token_init = token_init
-        self.other_expand_ids = dict(expand)
-        super().__init__(
-            backbone_model,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-            common_structure=common_structure,
-            interactive_modify=interactive_modify,
-            backend=backend,
-        )
+    required_capabilities: ClassVar[frozenset[str]] = frozenset({"transformers"})
 
     def _prompted_model(self, backbone: nn.Module, modified_modules: list[Any]) -> nn.Module:
         if not modified_modules:
@@ -348,9 +309,24 @@ class SoftPromptModel(DeltaBase):
             )
         return backbone.get_submodule(names[0])
 
+    @classmethod
+    def opendelta_options(cls, options: dict[str, Any], backbone: nn.Module) -> dict[str, Any]:
+        """OpenDelta saved a placeholder ``modified_modules=["root"]``: it is dropped."""
+        options = dict(options)
+        options.pop("modified_modules", None)
+        options["common_structure"] = False
+        return super().opendelta_options(options, backbone)
+
+    def opendelta_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+        """OpenDelta's ``soft_prompt_layer.soft_embeds`` is the one tensor of the delta."""
+        own = [key for key, _ in self.named_delta_tensors()]
+        found = [v for k, v in tensors.items() if k.endswith("soft_embeds")]
+        return {own[0]: found[0]} if len(found) == 1 and len(own) == 1 else tensors
+
     def build_operations(self, backbone: nn.Module, modified_modules: list[Any]) -> list[Operation]:
         """A :class:`SoftPrompt` on the stack that embeds the input, and for encoder-decoder models an
         :class:`EncoderPromptMask` on the decoder."""
+        options = self.config
         model = self._prompted_model(backbone, modified_modules)
         embedding = input_embeddings(model)
         if embedding is None:
@@ -371,26 +347,26 @@ class SoftPromptModel(DeltaBase):
                 "holds its input embeddings takes both inputs_embeds and attention_mask"
             )
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if isinstance(limit, int) and self.soft_token_num >= limit:
+        if isinstance(limit, int) and options.soft_token_num >= limit:
             raise DeltaConfigError(
-                f"soft_token_num={self.soft_token_num} leaves no room for input tokens: {type(model).__name__} has "
+                f"soft_token_num={options.soft_token_num} leaves no room for input tokens: {type(model).__name__} has "
                 f"{limit} positions; use a smaller soft_token_num"
             )
         own = input_embeddings(stack)  # the table the stack itself embeds with, where it has one
         embedding = own if own is not None else embedding
         names = {id(m): n for n, m in named_backbone_modules(backbone)}
         prompt = SoftPrompt(
-            self.backend_mapping.parameter(self._initial_prompt(embedding, config)),
+            self.backend_mapping.parameter_from(self._initial_prompt(embedding, config)),
             embedding,
             positional_names(stack),
             cache_argument(stack),
-            self.other_expand_ids,
+            options.other_expand_ids,
             drop_prompt_output=not encoder_decoder,
         )
         ops: list[Operation] = [RewriteCall(names[id(stack)], prompt, "soft_prompt")]
         if decoder is not None:
-            fill = self.other_expand_ids.get("attention_mask", 1)
-            mask = EncoderPromptMask(self.soft_token_num, positional_names(decoder), fill)
+            fill = options.other_expand_ids.get("attention_mask", 1)
+            mask = EncoderPromptMask(options.soft_token_num, positional_names(decoder), fill)
             ops.append(RewriteCall(names[id(decoder)], mask, "soft_prompt"))
         return ops
 
@@ -401,16 +377,19 @@ class SoftPromptModel(DeltaBase):
                 f"SoftPromptModel needs an embedding table (a 2-d weight), but the input embeddings are a "
                 f"{type(embedding).__name__}"
             )
-        if not self.token_init:
-            return torch.empty(self.soft_token_num, weight.shape[1], device=weight.device, dtype=weight.dtype).uniform_(
-                -self.init_range, self.init_range
-            )
+        options = self.config
+        if not options.token_init:
+            return torch.empty(
+                options.soft_token_num, weight.shape[1], device=weight.device, dtype=weight.dtype
+            ).uniform_(-options.init_range, options.init_range)
         special: set[int] = set()
         for key in _SPECIAL_TOKEN_KEYS:
             value = getattr(config, key, None)
             special.update(value if isinstance(value, (list, tuple)) else [value])
         vocabulary = [i for i in range(weight.shape[0]) if i not in special]
-        ids = torch.tensor([vocabulary[i % len(vocabulary)] for i in range(self.soft_token_num)], device=weight.device)
+        ids = torch.tensor(
+            [vocabulary[i % len(vocabulary)] for i in range(options.soft_token_num)], device=weight.device
+        )
         with torch.no_grad():
             # through the embedding module, so scaled embeddings (BART) start at the scale they are used at
             return embedding(ids).detach().clone()

@@ -9,7 +9,8 @@ Full fine-tuning is the one run without a delta: ``delta=none`` (``delta_type: n
 and leaves every parameter trainable. The inspector still proves that the optimizer holds exactly the
 trainable parameters (here: all of them); checkpoints and the final save hold the whole model instead of
 a delta (``model/`` and ``final_model/``: ``config.json`` + ``model.safetensors``, loadable with
-``from_pretrained``). It runs on the engines that keep a whole model on every rank (``single``, ``ddp``).
+``from_pretrained``). It runs on the engines that keep a whole model on every rank (those whose class
+``supports_full_fine_tuning``: ``single``, ``ddp``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from opendelta_dist.inspect import (
     inspect_module_statistics,
     print_module_statistics,
 )
-from opendelta_dist.saving import backbone_checksum, replaced_parameter_names, save_delta
+from opendelta_dist.saving import backbone_checksum, save_delta
 from opendelta_dist.train import checkpoint as ckpt
 from opendelta_dist.train.data import (
     IGNORE_INDEX,
@@ -50,7 +52,7 @@ from opendelta_dist.train.data import (
     check_batch,
     load_rows,
 )
-from opendelta_dist.train.engines import OptimizerSpec, build_engine
+from opendelta_dist.train.engines import OptimizerSpec, build_engine, engine_class, engine_names
 from opendelta_dist.train.loggers import MetricLogger
 from opendelta_dist.train.metrics import METRIC_NAMES, MetricAccumulator, accuracy, teacher_forced_exact_match
 from opendelta_dist.train.models import ModelConfig, build_model
@@ -64,8 +66,6 @@ FAIL_RANK_ENV = "OPENDELTA_DIST_FAIL_RANK"
 
 FULL_FINE_TUNING = "none"
 """The ``delta_type`` of a run without a delta, in which every parameter trains (``configs/delta/none.yaml``)."""
-FULL_FINE_TUNING_ENGINES = ("single", "ddp")
-"""Engines that keep the whole model on every rank, so that rank 0 can save it as it is."""
 MODEL_WEIGHTS = "model.safetensors"
 
 
@@ -163,6 +163,11 @@ def delta_config(options: dict[str, Any]) -> BaseDeltaConfig | None:
     return None
 
 
+def _pretrained_state_dict(model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The full state dict of the pretrained backbone ``model_cfg`` names, built on the CPU."""
+    return build_model(replace(model_cfg, init_device="cpu")).state_dict()
+
+
 def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
     if not dist.is_initialized():
         return values
@@ -189,6 +194,11 @@ class _Window:
 def attach_delta(model: torch.nn.Module, options: dict[str, Any], engine: str) -> DeltaBase | None:
     """Attach the configured delta to ``model`` and freeze everything else.
 
+    Args:
+        model: the backbone.
+        options: the ``delta`` group (``delta_type`` and the method's options).
+        engine: the name of the engine the run trains on.
+
     Returns:
         The delta; None for full fine-tuning (``delta_type: none``: nothing frozen).
 
@@ -201,11 +211,12 @@ def attach_delta(model: torch.nn.Module, options: dict[str, Any], engine: str) -
         delta = AutoDeltaModel.from_config(config, model)
         delta.freeze_module(set_state_dict=False)
         return delta
-    if engine not in FULL_FINE_TUNING_ENGINES:
+    if not engine_class(engine).supports_full_fine_tuning:
+        able = [name for name in engine_names() if engine_class(name).supports_full_fine_tuning]
         raise DeltaConfigError(
             f"full fine-tuning (delta_type {FULL_FINE_TUNING!r}) runs on the engines that keep the whole model "
-            f"on every rank ({', '.join(FULL_FINE_TUNING_ENGINES)}), not on engine={engine}; use "
-            "engine=ddp, or train a delta with this engine"
+            f"on every rank ({', '.join(able)}), not on engine={engine}; use engine=ddp, or train a delta with "
+            "this engine"
         )
     model.requires_grad_(True)
     return None
@@ -272,7 +283,7 @@ class DeltaTuningRecipe:
         self.delta = attach_delta(self.model, dict(cfg["delta"]), str(cfg["engine"]["name"]))
         # before any engine shards the weights
         self.checksum = (
-            backbone_checksum(self.model, replaced_parameter_names(self.delta)) if self.delta is not None else None
+            backbone_checksum(self.model, self.delta.replaced_parameter_names()) if self.delta is not None else None
         )
         stats = inspect_module_statistics(self.model, verbose=False)
 
@@ -291,7 +302,8 @@ class DeltaTuningRecipe:
         )
         self.engine.prepare(self.model, self.delta, spec)
         if model_cfg.init_device == "meta" and model_cfg.name_or_path:
-            self._load_pretrained_into_shards(model_cfg)
+            # a meta-built backbone has no weights: the engine reads the checkpoint where it needs it
+            self.engine.load_pretrained(partial(_pretrained_state_dict, model_cfg))
 
         # the inspector, enforced: refuse to start unless the optimizer holds exactly the trainable parameters
         held = self.engine.optimized_parameters()
@@ -300,8 +312,7 @@ class DeltaTuningRecipe:
             if self.delta is None:
                 self.console.print("full fine-tuning (delta_type: none): no delta, every parameter trains")
             self.console.print(
-                f"optimizer ({self.engine.name}): {len(held)} tensors, "
-                f"{sum(getattr(p, 'ds_numel', p.numel()) for p in held):,} parameters"
+                f"optimizer ({self.engine.name}): {len(held)} tensors, {self.engine.optimized_numel():,} parameters"
             )
         check_optimizer(held, self.engine.module)
 
@@ -324,19 +335,6 @@ class DeltaTuningRecipe:
     def _tuned_name(self) -> str:
         """What a checkpoint holds of this run: ``delta``, or ``model`` for full fine-tuning."""
         return "model" if self.delta is None else "delta"
-
-    def _load_pretrained_into_shards(self, model_cfg: ModelConfig) -> None:
-        """A meta-built backbone has no weights: rank 0 reads the checkpoint and the engine shards it."""
-        load = getattr(self.engine, "load_pretrained", None)
-        if load is None:
-            raise DeltaConfigError(
-                f"model.init_device=meta with pretrained weights ({model_cfg.name_or_path}) needs an engine that "
-                f"loads them into its shards (engine=fsdp); the {self.engine.name} engine does not. "
-                "Use model.init_device=cpu with this engine."
-            )
-        state = build_model(replace(model_cfg, init_device="cpu")).state_dict() if self.main else {}
-        load(state)
-        del state
 
     def _resume_source(self) -> Path | None:
         resume = self.cfg.get("resume")
@@ -373,12 +371,10 @@ class DeltaTuningRecipe:
         from safetensors.torch import load_file
 
         state = ckpt.read_trainer_state(source)
-        if state.get("engine") == "deepspeed" and state.get("world_size") != self.topology.world_size:
-            raise DeltaConfigError(
-                f"cannot resume from {source}: DeepSpeed's optimizer state is partitioned for "
-                f"{state.get('world_size')} ranks and this run has {self.topology.world_size}. Resume with the same "
-                "number of processes, or start from its delta alone (a new run_dir)."
-            )
+        try:
+            self.engine.check_resume(state, self.topology)
+        except DeltaConfigError as error:
+            raise DeltaConfigError(f"cannot resume from {source}: {error}") from error
         if self.delta is None:
             load_full_model(self.engine.module, source / "model")
         else:

@@ -33,8 +33,10 @@ def test_bias_kinds(hf):
 
 
 def test_made_parameters_and_layers(hf):
-    p = hf.parameter(torch.zeros(2))
+    p = hf.parameter_from(torch.zeros(2))
     assert isinstance(p, nn.Parameter) and p.requires_grad
+    q = hf.parameter((2, 3), nn.init.ones_, "cpu", torch.float64)
+    assert isinstance(q, nn.Parameter) and q.requires_grad and torch.equal(q, torch.ones(2, 3, dtype=torch.float64))
     layer = hf.linear(3, 4, True, torch.device("cpu"), torch.bfloat16)
     assert isinstance(layer, nn.Linear) and layer.weight.dtype == torch.bfloat16
 

@@ -1,26 +1,48 @@
 """Engines: who wraps, shards and steps the model. One file per engine, one protocol (:class:`Engine`).
 
-A recipe picks one with one key (``engine=ddp``); optional dependencies (deepspeed, bmtrain) are
-imported only by their own engine.
+A recipe picks one with one key (``engine=ddp``). The engine called ``x`` is the :class:`Engine`
+subclass with ``name = "x"`` in the module ``engines/x.py``: adding an engine is adding its file (and
+its ``configs/engine/x.yaml``), nothing here. Optional dependencies (deepspeed, bmtrain) are imported
+only by their own engine, inside the methods that need them, so that every engine class (and with it
+the estimator's memory model) is available without them.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
+import pkgutil
 from typing import Any
 
 from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.train.engines.base import Engine, OptimizerSpec
 from opendelta_dist.train.topology import Topology
 
-_ENGINES = {
-    "single": "opendelta_dist.train.engines.single:SingleEngine",
-    "ddp": "opendelta_dist.train.engines.ddp:DDPEngine",
-    "fsdp": "opendelta_dist.train.engines.fsdp:FSDPEngine",
-    "deepspeed": "opendelta_dist.train.engines.deepspeed:DeepSpeedEngine",
-    "bmt": "opendelta_dist.train.engines.bmt:BMTEngine",
-}
+#: the modules of this package that are not engines
+_NOT_ENGINES = frozenset({"base", "memory"})
+
+
+def engine_names() -> list[str]:
+    """The names of the engines, as a recipe's ``engine`` key takes them (their modules' names)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_ENGINES)
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The class of the engine called ``name`` (its module is imported; its optional dependency is not).
+
+    Raises:
+        DeltaConfigError: unknown engine name.
+    """
+    if name not in engine_names():
+        raise DeltaConfigError(f"unknown engine {name!r}; choose one of {', '.join(engine_names())}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    found = [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, Engine) and obj.__module__ == module.__name__
+    ]
+    if len(found) != 1 or found[0].name != name:
+        raise DeltaConfigError(f"{module.__name__} must define one Engine subclass with name = {name!r}")
+    return found[0]
 
 
 def build_engine(name: str, topology: Topology, options: dict[str, Any] | None = None) -> Engine:
@@ -29,13 +51,9 @@ def build_engine(name: str, topology: Topology, options: dict[str, Any] | None =
     Raises:
         DeltaConfigError: unknown engine name, or an option the engine does not have (e.g. one a recipe
             set for another engine).
-        ImportError: the engine's optional dependency is missing (the message says what to install).
     """
-    if name not in _ENGINES:
-        raise DeltaConfigError(f"unknown engine {name!r}; choose one of {', '.join(_ENGINES)}")
-    module_name, cls_name = _ENGINES[name].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "topology")]
+    cls = engine_class(name)
+    known = list(cls.option_defaults())
     unknown = sorted(set(options or {}) - set(known))
     if unknown:
         drop = " ".join(f"~engine.options.{k}" for k in unknown)
@@ -46,4 +64,4 @@ def build_engine(name: str, topology: Topology, options: dict[str, Any] | None =
     return cls(topology, **(options or {}))
 
 
-__all__ = ["Engine", "OptimizerSpec", "build_engine"]
+__all__ = ["Engine", "OptimizerSpec", "build_engine", "engine_class", "engine_names"]

@@ -9,11 +9,20 @@ The recipe drives an engine like this, once per optimizer step::
 ``micro_step`` runs forward and backward (dividing the loss by the accumulation count and skipping
 gradient synchronisation until the last micro-batch, where the engine supports it);
 ``optimizer_step`` clips, steps the optimizer and the schedule, and zeroes the gradients.
+
+Besides training, an engine class answers what the code around it would otherwise have to know by the
+engine's name: whether it can train without a delta (:attr:`Engine.supports_full_fine_tuning`), whether a
+checkpoint can resume on it (:meth:`Engine.check_resume`), how it loads pretrained weights into a backbone
+built on the meta device (:meth:`Engine.load_pretrained`), and its memory model for the estimator
+(:meth:`Engine.memory_rows` and the declarations next to it).
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,9 +32,12 @@ from torch import nn
 
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.errors import DeltaConfigError
+from opendelta_dist.train.engines.memory import Backbone, EngineMemory
 from opendelta_dist.train.topology import Topology
 
 OPTIMIZERS = ("adamw", "sgd")
+TRAINING_STATE = "training_state.pt"
+"""The file of the optimizer and schedule state of the engines that step a torch optimizer themselves."""
 
 
 @dataclass
@@ -88,11 +100,20 @@ class OptimizerSpec:
 class Engine(ABC):
     """Wraps/shards a backbone (with its delta attached and the rest frozen) and trains it.
 
+    Every constructor argument after ``topology`` is an engine option (``engine.options.NAME``) and has a
+    default, which is what a run gets when its configuration leaves the option out.
+
     Args:
         topology: this process's rank, world size and device.
     """
 
     name: ClassVar[str]
+    supports_full_fine_tuning: ClassVar[bool] = False
+    """Every rank holds the whole, unsharded model, so a run without a delta can train and save it as it is."""
+    single_process: ClassVar[bool] = False
+    """The engine runs one process only."""
+    splits_model: ClassVar[bool] = False
+    """The engine partitions the model's parameters over the processes (not only the batch)."""
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
@@ -102,19 +123,49 @@ class Engine(ABC):
         self.scheduler: Any = None
         self.spec = OptimizerSpec()
 
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """The engine's options (its constructor's arguments after ``topology``) with their defaults."""
+        parameters = inspect.signature(cls.__init__).parameters
+        return {key: p.default for key, p in parameters.items() if key not in ("self", "topology")}
+
     # ----------------------------------------------------------------- set-up
 
     @abstractmethod
-    def prepare(self, module: nn.Module, delta: DeltaBase, spec: OptimizerSpec) -> None:
+    def prepare(self, module: nn.Module, delta: DeltaBase | None, spec: OptimizerSpec) -> None:
         """Wrap/shard ``module`` and build the optimizer over its trainable parameters only.
 
-        ``module`` has its delta attached and is frozen except for the delta (and explicitly unfrozen
-        parameters) when this is called.
+        Args:
+            module: the backbone, with its delta attached and frozen except for the delta (and explicitly
+                unfrozen parameters), or wholly trainable for full fine-tuning.
+            delta: the attached delta; None for full fine-tuning (only on engines that
+                :attr:`supports_full_fine_tuning`).
+            spec: the optimizer and schedule.
         """
+
+    def load_pretrained(self, read_state_dict: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Fill a backbone built on the meta device, after :meth:`prepare`, with pretrained weights. Collective.
+
+        Args:
+            read_state_dict: reads the backbone checkpoint's full state dict; the engine calls it on the
+                ranks that need it (only rank 0, for an engine that shards the weights from there).
+
+        Raises:
+            DeltaConfigError: the engine does not load pretrained weights into a meta-built backbone (the
+                default; the recipe then builds the backbone with its weights, ``model.init_device=cpu``).
+        """
+        raise DeltaConfigError(
+            "model.init_device=meta with pretrained weights needs an engine that loads them into its shards "
+            f"(engine=fsdp); the {self.name} engine does not. Use model.init_device=cpu with this engine."
+        )
 
     @abstractmethod
     def optimized_parameters(self) -> list[nn.Parameter]:
         """The module's parameters the optimizer updates (for the inspector)."""
+
+    def optimized_numel(self) -> int:
+        """Elements of :meth:`optimized_parameters`, each counted at its full (unpartitioned) size."""
+        return sum(p.numel() for p in self.optimized_parameters())
 
     # ----------------------------------------------------------------- training
 
@@ -157,6 +208,121 @@ class Engine(ABC):
     def load_training_state(self, directory: Path) -> None:
         """Read what :meth:`save_training_state` wrote. Collective."""
 
+    @classmethod
+    def check_resume(cls, saved_state: Mapping[str, Any], topology: Topology) -> None:
+        """Refuse a checkpoint this engine cannot resume on ``topology`` (any, by default).
+
+        Args:
+            saved_state: the checkpoint's trainer state (``engine`` and ``world_size`` that wrote it, ...).
+            topology: this run's processes.
+
+        Raises:
+            DeltaConfigError: the reason the checkpoint cannot resume here, and what to do instead.
+        """
+        return None
+
     def close(self) -> None:
         """Release what the engine holds (nothing by default)."""
         return None
+
+    # ----------------------------------------------------------------- memory model (for the estimator)
+
+    @classmethod
+    def compute_dtype(cls, options: Mapping[str, Any], model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the engine computes (and keeps activations) in: the model's own, by default.
+
+        Args:
+            options: the engine's options (:meth:`option_defaults` with the configured ones over them).
+            model_dtype: the dtype the backbone is built in.
+
+        Returns:
+            The compute dtype.
+        """
+        return model_dtype
+
+    @classmethod
+    @abstractmethod
+    def memory_rows(cls, backbone: Backbone, world_size: int, options: Mapping[str, Any]) -> EngineMemory:
+        """The bytes per GPU (and in CPU memory) of the weights, the deltas and the optimizer state.
+
+        Args:
+            backbone: the backbone with its delta attached and frozen, as counted by the estimator.
+            world_size: the run's processes.
+            options: the engine's options (:meth:`option_defaults` with the configured ones over them).
+
+        Returns:
+            The rows, and the buffers the engine adds to the workspace.
+        """
+
+    @classmethod
+    def memory_notes(cls, options: Mapping[str, Any]) -> list[str]:
+        """Assumptions of the memory model worth reading next to its figures (none by default).
+
+        Args:
+            options: the engine's options.
+
+        Returns:
+            One sentence per note.
+        """
+        return []
+
+
+class TorchOptimizerEngine(Engine):
+    """An engine that steps a torch optimizer and schedule itself (not inside a framework's own engine).
+
+    It shares the micro-step, the optimizer step (clip, step, schedule, zero) and the file the training
+    state goes to; subclasses wrap/shard the module in :meth:`prepare` and decide how gradients are
+    synchronised (:meth:`no_sync`) and how the state is gathered and sent.
+    """
+
+    def build_optimizer(self, module: nn.Module, spec: OptimizerSpec) -> None:
+        """Build the optimizer of ``spec`` over the module's trainable parameters, and its schedule."""
+        self.spec = spec
+        self.optimizer = spec.build_optimizer([p for p in module.parameters() if p.requires_grad])
+        self.scheduler = spec.build_scheduler(self.optimizer)
+
+    def optimized_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of every optimizer group."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def no_sync(self, last: bool) -> AbstractContextManager[Any]:
+        """A context that skips gradient synchronisation before the last micro-batch (none here)."""
+        return nullcontext()
+
+    def micro_step(self, batch: dict[str, torch.Tensor], last: bool) -> torch.Tensor:
+        """Forward + backward with the loss divided by the accumulation count."""
+        assert self.model is not None
+        with self.no_sync(last):
+            loss = self.model(**batch).loss
+            (loss / self.spec.grad_accum).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> float | None:
+        """Clip the global gradient norm, step, schedule, zero; returns the norm before clipping.
+
+        With sharded (DTensor) gradients ``clip_grad_norm_`` computes the norm as a DTensor over all
+        ranks; its full value is the global norm.
+        """
+        from torch.distributed.tensor import DTensor
+
+        norm = None
+        if self.spec.max_grad_norm is not None:
+            total = torch.nn.utils.clip_grad_norm_(self.optimized_parameters(), self.spec.max_grad_norm)
+            norm = float(total.full_tensor() if isinstance(total, DTensor) else total)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def write_training_state(self, directory: Path, optimizer_state: dict[str, Any]) -> None:
+        """Rank 0 writes ``optimizer_state`` and the schedule's state to ``directory / TRAINING_STATE``."""
+        if self.topology.is_main:
+            state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()}
+            torch.save(state, directory / TRAINING_STATE)
+
+    def read_training_state(self, directory: Path, map_location: torch.device | str) -> dict[str, Any]:
+        """Read what :meth:`write_training_state` wrote (tensors only: no code is unpickled); the schedule
+        resumes from it here, the optimizer state is returned for the engine to place."""
+        state = torch.load(directory / TRAINING_STATE, map_location=map_location, weights_only=True)
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state["optimizer"]

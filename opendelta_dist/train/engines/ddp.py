@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from torch import nn
@@ -15,6 +15,7 @@ class DDPEngine(SingleEngine):
     """PyTorch ``DistributedDataParallel``; frozen parameters get no gradient buckets."""
 
     name = "ddp"
+    single_process = False
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """Wrap in DDP (with one process, train as is)."""
@@ -23,7 +24,7 @@ class DDPEngine(SingleEngine):
         device_ids = [self.topology.device.index] if self.topology.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids)
 
-    def no_sync(self, last: bool) -> Any:
+    def no_sync(self, last: bool) -> AbstractContextManager[Any]:
         """Skip the all-reduce on all but the last micro-batch of an optimizer step."""
         if last or not isinstance(self.model, DistributedDataParallel):
             return nullcontext()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -50,10 +51,17 @@ from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.errors import BackendUnavailableError, DeltaCheckpointError, DeltaConfigError
 from opendelta_dist.saving import load_delta_tensors
 from opendelta_dist.train.engines.base import Engine, OptimizerSpec
+from opendelta_dist.train.engines.memory import ADAMW_STATES, Backbone, EngineMemory, Row, ceil_div, dtype_name
 from opendelta_dist.train.topology import Topology
 
 CHECKPOINT_TAG = "engine"
 SUPPORTED_STAGES = (2, 3)
+
+# DeepSpeed's defaults (deepspeed.runtime.zero.config) for what the engine does not set itself.
+DS_REDUCE_BUCKET_SIZE = 500_000_000
+DS_PREFETCH_BUCKET_SIZE = 50_000_000
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000
+DS_PARAM_PERSISTENCE_THRESHOLD = 100_000
 
 
 def _import_deepspeed() -> ModuleType:
@@ -93,6 +101,7 @@ class DeepSpeedEngine(Engine):
     """
 
     name = "deepspeed"
+    splits_model = True
 
     def __init__(
         self,
@@ -161,7 +170,7 @@ class DeepSpeedEngine(Engine):
             )
         return spec.build_optimizer(params)
 
-    def prepare(self, module: nn.Module, delta: DeltaBase, spec: OptimizerSpec) -> None:
+    def prepare(self, module: nn.Module, delta: DeltaBase | None, spec: OptimizerSpec) -> None:
         """Build the optimizer over the trainable parameters and hand module, optimizer and schedule to DeepSpeed.
 
         Raises:
@@ -185,6 +194,11 @@ class DeepSpeedEngine(Engine):
         """The module's parameters the ZeRO optimizer updates (its low-precision groups, not the fp32 masters)."""
         groups = self.optimizer.fp16_groups if self.stage == 3 else self.optimizer.bit16_groups
         return [p for group in groups for p in group]
+
+    def optimized_numel(self) -> int:
+        """Elements of the optimized parameters: ``ds_numel`` of a stage 3 parameter (a ``[0]``-shaped
+        placeholder outside a forward), else its own."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.optimized_parameters())
 
     # ----------------------------------------------------------------- training
 
@@ -285,6 +299,24 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise DeltaCheckpointError(f"DeepSpeed could not load the training state in {directory / CHECKPOINT_TAG}")
 
+    @classmethod
+    def check_resume(cls, saved_state: Mapping[str, Any], topology: Topology) -> None:
+        """Refuse this engine's checkpoint on another number of processes: its optimizer state is partitioned.
+
+        Args:
+            saved_state: the checkpoint's trainer state.
+            topology: this run's processes.
+
+        Raises:
+            DeltaConfigError: the checkpoint was written by this engine with another world size.
+        """
+        if saved_state.get("engine") == cls.name and saved_state.get("world_size") != topology.world_size:
+            raise DeltaConfigError(
+                f"DeepSpeed's optimizer state is partitioned for {saved_state.get('world_size')} ranks and this run "
+                f"has {topology.world_size}. Resume with the same number of processes, or start from its delta "
+                "alone (a new run_dir)."
+            )
+
     def close(self) -> None:
         """Release DeepSpeed's hooks and buffers, and a process group this engine opened itself."""
         if self.model is not None:
@@ -292,3 +324,113 @@ class DeepSpeedEngine(Engine):
         if self._own_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self._own_process_group = False
+
+    # ----------------------------------------------------------------- memory model
+
+    @classmethod
+    def compute_dtype(cls, options: Mapping[str, Any], model_dtype: torch.dtype) -> torch.dtype:
+        """bf16 with ``bf16`` (the engine casts the module), else the model's dtype.
+
+        Args:
+            options: the engine's options.
+            model_dtype: the dtype the backbone is built in.
+
+        Returns:
+            The compute dtype.
+        """
+        return torch.bfloat16 if options.get("bf16") else model_dtype
+
+    @classmethod
+    def memory_rows(cls, backbone: Backbone, world_size: int, options: Mapping[str, Any]) -> EngineMemory:
+        """ZeRO-2 or ZeRO-3, with DeepSpeed's defaults for what the engine does not set.
+
+        With ``bf16`` the whole module is cast to bf16 (frozen parameters too) and computes in it; the
+        optimizer keeps fp32 master weights of its partition either way. Stage 2: every GPU holds the whole
+        model; each holds 1/world of the trainable parameters' gradients (compute dtype), fp32 masters, AdamW
+        moments and, during the step, the fp32 gradient of its master partition. Stage 3 partitions the
+        parameters too, except tensors below ``stage3_param_persistence_threshold`` elements (norms, LoRA
+        matrices), which every GPU keeps whole; gathered parameters of the running block stay live for its
+        backward (``stage3_max_reuse_distance``) plus a prefetch bucket, at most ``stage3_max_live_parameters``;
+        gradient partitions are kept in fp32. Both stages allocate the gradient reduction bucket
+        (``reduce_bucket_size`` elements, two with ``overlap_comm`` in stage 2) when ``contiguous_gradients``.
+        Optimizer offload moves masters, moments and fp32 gradient partitions to CPU; parameter offload moves
+        the ZeRO-3 parameter partitions.
+
+        Args:
+            backbone: the backbone, as counted by the estimator.
+            world_size: the run's processes.
+            options: the engine's options.
+
+        Returns:
+            The weights, deltas and optimizer rows, and the gradient bucket in the workspace.
+        """
+        c, w, stage = backbone.counts, world_size, int(options.get("stage", 2))
+        zero = dict((options.get("extra_config") or {}).get("zero_optimization") or {})
+        compute = cls.compute_dtype(options, backbone.model_dtype)
+        cb = compute.itemsize
+        frozen = c.frozen_numel * cb if options.get("bf16") else c.frozen_bytes
+        n_t = c.trainable_numel
+        masters = (4 + 4 * ADAMW_STATES) * ceil_div(n_t, w)
+        offload_opt = bool(options.get("offload_optimizer"))
+        bucket = int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET_SIZE)) * cb
+        overlap = bool(zero.get("overlap_comm", stage == 3))
+        bucket *= 2 if stage == 2 and overlap else 1
+        bucket = bucket if zero.get("contiguous_gradients", True) else 0
+        if stage == 2:
+            grads = ceil_div(n_t, w) * cb
+            rows = [
+                Row("weights", frozen, 0, f"the whole frozen backbone in {dtype_name(compute)}"),
+                Row(
+                    "deltas", n_t * cb + grads, 0, f"trainable parameters in {dtype_name(compute)}, 1/{w} of gradients"
+                ),
+            ]
+            optimizer = masters + 4 * ceil_div(n_t, w)
+        else:
+            threshold = int(zero.get("stage3_param_persistence_threshold", DS_PARAM_PERSISTENCE_THRESHOLD))
+            persistent_frozen, persistent_trainable = _persistent(backbone, threshold)
+            persistent = persistent_frozen * cb
+            partitioned = ceil_div((c.frozen_numel - persistent_frozen) * cb, w)
+            prefetch = int(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET_SIZE))
+            max_live = int(zero.get("stage3_max_live_parameters", DS_MAX_LIVE_PARAMETERS))
+            largest = max((b.numel for b in backbone.blocks), default=0)
+            live = min(max_live, largest + prefetch) * cb
+            offload_params = bool(options.get("offload_params"))
+            trainable = persistent_trainable * cb + ceil_div((n_t - persistent_trainable) * cb, w)
+            grad_partitions = 4 * ceil_div(n_t, w)
+            rows = [
+                Row(
+                    "weights",
+                    live + persistent + (0 if offload_params else partitioned),
+                    partitioned if offload_params else 0,
+                    f"1/{w} partition in {dtype_name(compute)}, small tensors whole, one block gathered + prefetch",
+                ),
+                Row(
+                    "deltas",
+                    trainable + (0 if offload_opt else grad_partitions),
+                    grad_partitions if offload_opt else 0,
+                    f"trainable parameters (small ones whole), 1/{w} of fp32 gradients",
+                ),
+            ]
+            optimizer = masters
+        rows.append(
+            Row(
+                "optimizer",
+                0 if offload_opt else optimizer,
+                optimizer if offload_opt else 0,
+                f"fp32 masters and AdamW moments of 1/{w} of the trainable parameters"
+                + (", on CPU" if offload_opt else ""),
+            )
+        )
+        return EngineMemory(rows, {"ZeRO gradient bucket": bucket})
+
+
+def _persistent(backbone: Backbone, threshold: int) -> tuple[int, int]:
+    """Frozen and trainable elements in tensors below ZeRO-3's persistence threshold."""
+    frozen = trainable = 0
+    for numel, trains in backbone.parameter_sizes:
+        if numel < threshold:
+            if trains:
+                trainable += numel
+            else:
+                frozen += numel
+    return frozen, trainable

@@ -33,7 +33,8 @@ modules by their own initialisation. This gives random weights: a checkpoint mus
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,23 @@ from torch import nn
 from opendelta_dist.addressing import is_delta_module
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.errors import DeltaCheckpointError, DeltaConfigError
-from opendelta_dist.operations import UnfreezeParameter, original_parameter
+from opendelta_dist.operations import Operation, UnfreezeParameter, original_parameter
 from opendelta_dist.saving import load_delta_tensors
-from opendelta_dist.train.engines.base import Engine, OptimizerSpec
+from opendelta_dist.train.engines.base import TRAINING_STATE, OptimizerSpec, TorchOptimizerEngine
+from opendelta_dist.train.engines.memory import (
+    ADAMW_STATES,
+    Backbone,
+    EngineMemory,
+    Row,
+    ceil_div,
+    dtype_name,
+    dtypes_label,
+)
 from opendelta_dist.train.topology import Topology
 
-TRAINING_STATE = "training_state.pt"
 MIXED_PRECISION = {"bf16": torch.bfloat16}
+LIVE_UNITS = 2
+"""FSDP2 holds the current block's gathered parameters and prefetches the next block's."""
 
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
@@ -111,34 +122,23 @@ def initialise_backbone(module: nn.Module, init: Callable[[nn.Module], None] | N
         module.reset_parameters()
 
 
-def _unfrozen_in_place(delta: DeltaBase) -> list[UnfreezeParameter]:
+def _operations(delta: DeltaBase | None) -> tuple[Operation, ...]:
+    """The delta's operations (none for full fine-tuning)."""
+    return delta.operations if delta is not None else ()
+
+
+def _unfrozen_in_place(delta: DeltaBase | None) -> list[UnfreezeParameter]:
     """The delta's installed operations whose parameter is the one in the backbone's slot now."""
     return [
         op
-        for op in delta._operations
+        for op in _operations(delta)
         if isinstance(op, UnfreezeParameter)
         and op.target is not None
         and op.target._parameters.get(op.param_name) is op.parameter
     ]
 
 
-def reset_delta_module(module: nn.Module) -> None:
-    """Initialise a delta module's parameters as the delta method does when it creates them.
-
-    Raises:
-        DeltaConfigError: the module has no ``reset_parameters()`` and is of no known delta class.
-    """
-    reset = getattr(module, "reset_parameters", None)
-    if callable(reset):
-        reset()
-        return
-    raise DeltaConfigError(
-        f"cannot initialise a {type(module).__name__} delta module after building it on the meta device: it "
-        "has no reset_parameters() method. Build the backbone on cpu, or give the module reset_parameters()."
-    )
-
-
-class FSDPEngine(Engine):
+class FSDPEngine(TorchOptimizerEngine):
     """FSDP2 over the process group the topology joins: parameters, gradients and optimizer state sharded.
 
     Args:
@@ -157,6 +157,7 @@ class FSDPEngine(Engine):
     """
 
     name = "fsdp"
+    splits_model = True
 
     def __init__(
         self,
@@ -190,7 +191,7 @@ class FSDPEngine(Engine):
             "offload_policy": offload or OffloadPolicy(),
         }
 
-    def prepare(self, module: nn.Module, delta: DeltaBase, spec: OptimizerSpec) -> None:
+    def prepare(self, module: nn.Module, delta: DeltaBase | None, spec: OptimizerSpec) -> None:
         """Shard ``module`` (delta modules, then blocks, then the root; see the module docstring),
         materialise it if it was built on the meta device, and build the optimizer over its trainable
         (sharded) parameters.
@@ -202,10 +203,9 @@ class FSDPEngine(Engine):
         from torch.distributed.fsdp import fully_shard
 
         on_meta = any(p.is_meta for p in module.parameters())
-        if on_meta:
+        if on_meta and delta is not None:
             _refuse_copies_on_meta(delta)
         self._own_process_group = self.topology.ensure_process_group()
-        self.spec = spec
         in_place = _unfrozen_in_place(delta)
         options = self._shard_options()
         for sub in delta_submodules(module):
@@ -218,68 +218,49 @@ class FSDPEngine(Engine):
         if on_meta:
             self._materialise(module, delta)
         self.module = self.model = module
-        self.optimizer = spec.build_optimizer([p for p in module.parameters() if p.requires_grad])
-        self.scheduler = spec.build_scheduler(self.optimizer)
+        self.build_optimizer(module, spec)
 
-    def _materialise(self, module: nn.Module, delta: DeltaBase) -> None:
+    def _materialise(self, module: nn.Module, delta: DeltaBase | None) -> None:
         """Allocate this rank's shards of a meta-device module and initialise them."""
         module.to_empty(device=torch.device("cpu") if self.cpu_offload else self.topology.device)
         with torch.no_grad():
             initialise_backbone(module)
-            for op in delta._operations:
+            for op in _operations(delta):
                 if isinstance(op, UnfreezeParameter):
                     nn.init.zeros_(op.parameter)  # an empty slot filled (copies were refused before sharding)
-                else:
-                    reset_delta_module(op.delta_module)
+                else:  # as the method made them: its backend recorded each parameter's init function
+                    assert delta is not None
+                    delta.backend_mapping.reset_module(op.delta_module)
 
-    def load_pretrained(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def load_pretrained(self, read_state_dict: Callable[[], dict[str, torch.Tensor]]) -> None:
         """Fill a meta-built, sharded backbone with pretrained weights read by rank 0 only.
 
-        Rank 0 passes the checkpoint's full state dict (other ranks an empty dict); each tensor is
+        Rank 0 reads the checkpoint's full state dict (other ranks pass an empty dict); each tensor is
         broadcast and every rank keeps its shard, so only one process ever holds the whole model.
         The delta's own parameters are not in a backbone checkpoint and keep their initialisation.
         Collective.
+
+        Args:
+            read_state_dict: reads the backbone checkpoint's full state dict (called on rank 0 only).
         """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         assert self.module is not None
+        state_dict = read_state_dict() if self.topology.is_main else {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(self.module, state_dict, options=options)
 
-    def optimized_parameters(self) -> list[nn.Parameter]:
-        """The sharded (DTensor) parameters of every optimizer group."""
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
     # ----------------------------------------------------------------- training
 
-    def micro_step(self, batch: dict[str, torch.Tensor], last: bool) -> torch.Tensor:
-        """Forward + backward with the loss divided by the accumulation count.
+    def no_sync(self, last: bool) -> AbstractContextManager[Any]:
+        """Reduce-scatter gradients only on the last micro-batch of an optimizer step.
 
-        Before the last micro-batch of an optimizer step, gradients accumulate unsharded on each rank
-        (only the delta's: frozen parameters have none) and are reduce-scattered on the last one.
+        Before it, gradients accumulate unsharded on each rank (only the delta's: frozen parameters
+        have none).
         """
         assert self.model is not None
         self.model.set_requires_gradient_sync(last)
-        loss = self.model(**batch).loss
-        (loss / self.spec.grad_accum).backward()
-        return loss.detach()
-
-    def optimizer_step(self) -> float | None:
-        """Clip the global gradient norm, step, schedule, zero; returns the norm before clipping.
-
-        ``clip_grad_norm_`` computes the norm of the sharded gradients as a DTensor over all ranks;
-        its full value is the global norm.
-        """
-        from torch.distributed.tensor import DTensor
-
-        norm = None
-        if self.spec.max_grad_norm is not None:
-            total = torch.nn.utils.clip_grad_norm_(self.optimized_parameters(), self.spec.max_grad_norm)
-            norm = float(total.full_tensor() if isinstance(total, DTensor) else total)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return nullcontext()
 
     # ----------------------------------------------------------------- state
 
@@ -334,9 +315,7 @@ class FSDPEngine(Engine):
         assert self.module is not None
         self._reshard()
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optimizer = get_optimizer_state_dict(self.module, self.optimizer, options=options)
-        if self.topology.is_main:
-            torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}, directory / TRAINING_STATE)
+        self.write_training_state(directory, get_optimizer_state_dict(self.module, self.optimizer, options=options))
 
     def load_training_state(self, directory: Path) -> None:
         """Rank 0 reads what :meth:`save_training_state` wrote and sends every rank its shards. Collective.
@@ -353,11 +332,11 @@ class FSDPEngine(Engine):
         if not file.is_file():  # every rank sees the shared directory
             raise DeltaCheckpointError(f"{directory} holds no FSDP training state (no {TRAINING_STATE})")
         self._reshard()
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        optimizer = state["optimizer"] if self.topology.is_main else {}
+        optimizer = self.read_training_state(directory, "cpu")
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_optimizer_state_dict(self.module, self.optimizer, optimizer, options=options)
-        self.scheduler.load_state_dict(state["scheduler"])
+        set_optimizer_state_dict(
+            self.module, self.optimizer, optimizer if self.topology.is_main else {}, options=options
+        )
 
     def close(self) -> None:
         """Leave a process group this engine opened itself (a single process)."""
@@ -365,12 +344,97 @@ class FSDPEngine(Engine):
             dist.destroy_process_group()
             self._own_process_group = False
 
+    # ----------------------------------------------------------------- memory model
+
+    @classmethod
+    def compute_dtype(cls, options: Mapping[str, Any], model_dtype: torch.dtype) -> torch.dtype:
+        """The ``mixed_precision`` dtype when set, else the parameters' own.
+
+        Args:
+            options: the engine's options.
+            model_dtype: the dtype the backbone is built in.
+
+        Returns:
+            The compute dtype.
+        """
+        return MIXED_PRECISION.get(options.get("mixed_precision") or "", model_dtype)
+
+    @classmethod
+    def memory_rows(cls, backbone: Backbone, world_size: int, options: Mapping[str, Any]) -> EngineMemory:
+        """Parameters, gradients and optimizer state sharded over the ranks.
+
+        Each block is a unit, each delta module a unit, the rest the root unit. A unit's parameters are
+        gathered in the compute dtype (bf16 with ``mixed_precision``, else their own) around its forward and
+        backward; with ``reshard_after_forward`` two block units are gathered at once (the running one and the
+        prefetched one) and the root unit stays gathered, else every unit stays gathered after forward.
+        Gathering copies into a new buffer even on one rank. Gradients are sharded in the parameters' dtype
+        (reduced in fp32); the delta units' gathered parameters and unsharded gradients are counted whole (an
+        upper bound: they are a few MB). ``cpu_offload`` moves the shards, their gradients and the optimizer
+        to CPU memory.
+
+        Args:
+            backbone: the backbone, as counted by the estimator.
+            world_size: the run's processes.
+            options: the engine's options.
+
+        Returns:
+            The rows; nothing in the workspace.
+        """
+        c, w = backbone.counts, world_size
+        compute = cls.compute_dtype(options, backbone.model_dtype)
+        units = [b.unit_numel for b in backbone.blocks]
+        live = LIVE_UNITS * max(units, default=0) if options.get("reshard_after_forward") else sum(units)
+        gathered = (live + backbone.root_numel) * compute.itemsize
+        offload = bool(options.get("cpu_offload"))
+        shards = ceil_div(c.frozen_bytes, w)
+        delta_shards = 2 * ceil_div(c.trainable_bytes, w)
+        delta_gathered = 2 * c.trainable_numel * compute.itemsize
+        optimizer = ADAMW_STATES * ceil_div(c.trainable_bytes, w)
+        units_note = "2 block units" if options.get("reshard_after_forward") else "every unit"
+        return EngineMemory(
+            [
+                Row(
+                    "weights",
+                    gathered + (0 if offload else shards),
+                    shards if offload else 0,
+                    f"1/{w} shard in {dtypes_label(c.frozen)}, plus {units_note} and the root gathered in "
+                    f"{dtype_name(compute)}",
+                ),
+                Row(
+                    "deltas",
+                    delta_gathered + (0 if offload else delta_shards),
+                    delta_shards if offload else 0,
+                    f"1/{w} shards of trainable parameters and gradients, gathered copies and unsharded gradients",
+                ),
+                Row(
+                    "optimizer",
+                    0 if offload else optimizer,
+                    optimizer if offload else 0,
+                    f"AdamW moments of 1/{w} of the trainable parameters" + (", on CPU" if offload else ""),
+                ),
+            ]
+        )
+
+    @classmethod
+    def memory_notes(cls, options: Mapping[str, Any]) -> list[str]:
+        """Without ``mixed_precision`` the engine computes in the parameters' dtype: say so.
+
+        Args:
+            options: the engine's options.
+
+        Returns:
+            The notes.
+        """
+        if options.get("mixed_precision"):
+            return []
+        return [f"{cls.name} without mixed_precision computes in the parameters' dtype"]
+
 
 def _refuse_copies_on_meta(delta: DeltaBase) -> None:
     """Raise if the delta trains copies of backbone parameters, which a meta-device backbone has no values for."""
     copies = [
         f"{op.module_name}.{op.param_name}"
-        for op in delta._operations
+        for op in delta.operations
         if isinstance(op, UnfreezeParameter)
         and op.target is not None
         and original_parameter(op.target, op.param_name) is not None

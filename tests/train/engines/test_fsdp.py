@@ -376,8 +376,7 @@ def pretrained_worker(checkpoint: str) -> dict[str, Any]:
     delta.freeze_module()
     engine = FSDPEngine(topology)
     engine.prepare(model, delta, OptimizerSpec())
-    state = build_backbone(dataclasses.replace(cfg, init_device="cpu")).state_dict() if topology.is_main else {}
-    engine.load_pretrained(state)
+    engine.load_pretrained(lambda: build_backbone(dataclasses.replace(cfg, init_device="cpu")).state_dict())
     full = {n: p.full_tensor().clone() for n, p in engine.module.named_parameters()}
     engine.close()
     topology.destroy_process_group()

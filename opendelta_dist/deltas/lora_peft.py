@@ -1,4 +1,4 @@
-"""LoRA deltas in HF PEFT's adapter format, both ways.
+"""LoRA deltas in HF PEFT's adapter format, both ways (beside :mod:`~opendelta_dist.deltas.lora`, which uses it).
 
 A PEFT LoRA directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r), plus
@@ -8,8 +8,9 @@ A PEFT LoRA directory holds ``adapter_config.json`` and ``adapter_model.safetens
 
 - :func:`save_peft` writes a LoRA delta so that ``peft.PeftModel.from_pretrained(backbone, dir)``
   computes what the delta computes;
-- :func:`load_peft` builds a :class:`LoraModel` from such a directory; ``AutoDeltaModel.from_finetuned``
-  calls it for a directory that has ``adapter_config.json`` and no ``config.json``.
+- :func:`load_peft` builds a :class:`LoraModel` from such a directory; it is registered as a checkpoint
+  format (:data:`PEFT_FORMAT`), so ``from_finetuned`` calls it for a directory that has
+  ``adapter_config.json`` and no ``config.json``.
 
 PEFT features with no LoRA-delta equivalent (DoRA, per-layer ranks, trained biases, ...) are refused
 by name rather than converted approximately.
@@ -28,8 +29,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from opendelta_dist.backends import WeightLayout, full_tensor
 from opendelta_dist.errors import DeltaCheckpointError, DeltaConfigError
 from opendelta_dist.operations import InsertParallel, UnfreezeParameter
+from opendelta_dist.registry import CheckpointFormat, delta_method, register_checkpoint_format
+from opendelta_dist.saving import load_delta_tensors, write_json_atomic, write_safetensors_atomic
 
 if TYPE_CHECKING:
     from opendelta_dist.deltas.lora import LoraModel
@@ -70,10 +74,7 @@ def save_peft(delta: LoraModel, path: str | Path, base_model_name_or_path: str |
         DeltaConfigError: the delta is not a LoRA delta, or it modifies both ``nn.Linear`` and
             ``Conv1D`` layers (one PEFT config cannot describe both).
     """
-    from opendelta_dist.deltas.lora import LoraModel
-    from opendelta_dist.saving import write_json_atomic, write_safetensors_atomic
-
-    if not isinstance(delta, LoraModel):
+    if delta.delta_type != "lora":
         raise DeltaConfigError(
             f"PEFT's adapter format holds LoRA deltas only; this is a {delta.delta_type!r} delta. "
             "Save it with save_finetuned() instead."
@@ -82,17 +83,18 @@ def save_peft(delta: LoraModel, path: str | Path, base_model_name_or_path: str |
     targets: list[str] = []
     fan_in_fan_out: set[bool] = set()
     unfrozen: set[str] = set()
-    for op in delta._operations:
+    for op in delta.operations:
         if isinstance(op, InsertParallel):
             targets.append(op.module_name)
             layer = op.delta_module
-            tensors[f"{PEFT_PREFIX}{op.module_name}.lora_A.weight"] = layer.lora_A
-            tensors[f"{PEFT_PREFIX}{op.module_name}.lora_B.weight"] = layer.lora_B
+            tensors[f"{PEFT_PREFIX}{op.module_name}.lora_A.weight"] = full_tensor(layer._parameters["lora_A"])
+            tensors[f"{PEFT_PREFIX}{op.module_name}.lora_B.weight"] = full_tensor(layer._parameters["lora_B"])
             module = delta.backbone_model.get_submodule(op.module_name)
-            fan_in_fan_out.add(not isinstance(module, nn.Linear))  # transformers' Conv1D stores (in, out)
+            # transformers' Conv1D stores (in, out)
+            fan_in_fan_out.add(delta.backend_mapping.weight_layout(module) is WeightLayout.IN_OUT)
         elif isinstance(op, UnfreezeParameter):
             unfrozen.add(op.module_name)
-            tensors[f"{PEFT_PREFIX}{op.module_name}.{op.param_name}"] = op.parameter
+            tensors[f"{PEFT_PREFIX}{op.module_name}.{op.param_name}"] = full_tensor(op.parameter)
     if len(fan_in_fan_out) > 1:
         raise DeltaConfigError(
             "the delta modifies both nn.Linear and Conv1D layers, which PEFT cannot describe in one config "
@@ -105,9 +107,9 @@ def save_peft(delta: LoraModel, path: str | Path, base_model_name_or_path: str |
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": name,
-        "r": delta.lora_r,
-        "lora_alpha": delta.lora_alpha,
-        "lora_dropout": delta.lora_dropout,
+        "r": delta.config.lora_r,
+        "lora_alpha": delta.config.lora_alpha,
+        "lora_dropout": delta.config.lora_dropout,
         "target_modules": sorted(targets),
         "modules_to_save": sorted(unfrozen) or None,
         "fan_in_fan_out": fan_in_fan_out == {True},
@@ -146,9 +148,6 @@ def load_peft(path: str | Path, backbone_model: nn.Module, **kwargs: Any) -> Lor
         DeltaCheckpointError: the directory is not a PEFT LoRA adapter, uses a PEFT feature that a
             LoRA delta does not have, or does not fit the backbone. The backbone is left as it was.
     """
-    from opendelta_dist.deltas.lora import LoraModel
-    from opendelta_dist.saving import load_delta_tensors
-
     directory = Path(path)
     config = _read_peft_config(directory)
     tensors = _read_peft_tensors(directory)
@@ -186,7 +185,7 @@ def load_peft(path: str | Path, backbone_model: nn.Module, **kwargs: Any) -> Lor
         "unfrozen_modules": ["deltas", *unfrozen_modules],
         **kwargs,
     }
-    delta = LoraModel(backbone_model, **options)
+    delta = delta_method("lora")(backbone_model, **options)
     ours = {f"{m}.lora.lora_A": parts["lora_A"] for m, parts in lora.items()}
     ours.update({f"{m}.lora.lora_B": parts["lora_B"] for m, parts in lora.items()})
     ours.update(full)
@@ -231,3 +230,8 @@ def _read_peft_tensors(directory: Path) -> dict[str, torch.Tensor]:
         return load_file(file)
     except (SafetensorError, OSError) as exc:
         raise DeltaCheckpointError(f"{file} is truncated or corrupted ({exc})") from exc
+
+
+#: makes ``from_finetuned`` read PEFT LoRA directories
+PEFT_FORMAT = CheckpointFormat("PEFT LoRA adapter", "lora", is_peft_directory, load_peft)
+register_checkpoint_format(PEFT_FORMAT)

@@ -1,0 +1,100 @@
+"""The backend contract: every delta method runs through the backend protocol alone, on every backend.
+
+Each installed backend, and the sharded reference backend of ``tests/backends/sharded.py`` (whose
+parameters, the backbone's included, are flat, padded partitions that modules gather on access), must
+give every method exactly what ``hf`` gives: the same outputs, the same gradients, the same statistics,
+and the same checkpoint (tensors, backbone hash and fingerprint), which loads on a plain backbone.
+A method that read a partition as if it were the whole tensor, or made a parameter without the
+backend, fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opendelta_dist import AutoDeltaModel
+from opendelta_dist.backends import available_backends, backend_of, full_numel, full_tensor
+from opendelta_dist.inspect import inspect_module_statistics
+from opendelta_dist.registry import DELTA_METHODS
+from opendelta_dist.saving import read_config_file
+from tests.backends import sharded
+from tests.models import batch, build, logits
+
+sharded.register()
+BACKENDS = sorted({*available_backends(), sharded.NAME})
+OPTIONS = {
+    "compacter": {"reduction_factor": 4},
+    "prefix": {"prefix_token_num": 3, "embed_dim": 16, "mid_dim": 16},
+    "soft_prompt": {"soft_token_num": 4},
+}
+FAMILIES = ("t5", "gpt2")  # an encoder-decoder with nn.Linear, a decoder with Conv1D's (in, out) weights
+
+
+def _built(method: str, family: str, backend: str):
+    model = build(family)
+    if backend == sharded.NAME:
+        sharded.shard_model(model)
+    torch.manual_seed(1234)  # the same delta initialisation on every backend
+    delta = DELTA_METHODS[method](model, backend=backend, **OPTIONS.get(method, {}))
+    delta.freeze_module(exclude=["deltas"])
+    return model, delta
+
+
+def _full_grads(delta) -> dict[str, torch.Tensor]:
+    grads = {}
+    for key, param in delta.named_delta_tensors():
+        shape = backend_of(param).full_shape(param)
+        grads[key] = param.grad.reshape(-1)[: shape.numel()].view(shape)
+    return grads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", sorted(DELTA_METHODS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_method_runs_through_the_protocol_alone(backend, method, family, tmp_path):
+    ref_model, ref_delta = _built(method, family, "hf")
+    model, delta = _built(method, family, backend)
+    inputs = batch(family)
+
+    assert {k: full_tensor(p) for k, p in delta.named_delta_tensors()}.keys() == dict(
+        ref_delta.named_delta_tensors()
+    ).keys()
+    for (key, p), (_, ref) in zip(delta.named_delta_tensors(), ref_delta.named_delta_tensors(), strict=True):
+        assert torch.equal(full_tensor(p), ref.detach()), f"{key} initialised differently"
+        assert full_numel(p) == ref.numel()
+    assert delta.num_trainable_parameters() == ref_delta.num_trainable_parameters()
+    stats, ref_stats = inspect_module_statistics(model, False), inspect_module_statistics(ref_model, False)
+    assert stats == ref_stats
+
+    torch.testing.assert_close(logits(model, inputs), logits(ref_model, inputs), rtol=0, atol=1e-6)
+    for m in (model, ref_model):
+        m.train()
+        m(**inputs).loss.backward()
+    ref_grads = {k: p.grad for k, p in ref_delta.named_delta_tensors()}
+    for key, grad in _full_grads(delta).items():
+        torch.testing.assert_close(grad, ref_grads[key], rtol=1e-5, atol=1e-7, msg=f"gradient of {key}")
+
+    delta.save_finetuned(tmp_path / "delta")
+    ref_delta.save_finetuned(tmp_path / "ref")
+    saved, ref_saved = load_file(tmp_path / "delta" / "delta_model.safetensors"), load_file(
+        tmp_path / "ref" / "delta_model.safetensors"
+    )
+    assert saved.keys() == ref_saved.keys()
+    assert all(torch.equal(saved[k], ref_saved[k]) for k in saved)
+    config, ref_config = read_config_file(tmp_path / "delta"), read_config_file(tmp_path / "ref")
+    for key in ("backbone_hash", "backbone_fingerprint"):
+        assert config[key] == ref_config[key], f"{key} read a partition"
+
+    plain = build(family)  # the checkpoint records its backend; a plain backbone takes it with backend="hf"
+    AutoDeltaModel.from_finetuned(tmp_path / "delta", backbone_model=plain, backend="hf")
+    torch.testing.assert_close(logits(plain, inputs), logits(model, inputs), rtol=0, atol=1e-6)
+
+
+def test_a_method_needing_what_a_backend_lacks_is_refused_by_name():
+    from opendelta_dist import PrefixModel
+    from opendelta_dist.errors import DeltaConfigError
+
+    with pytest.raises(DeltaConfigError, match=r"PrefixModel .*'transformers'.* backend 'bmt'"):
+        PrefixModel(build("gpt2"), backend="bmt")
