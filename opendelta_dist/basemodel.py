@@ -77,7 +77,7 @@ class DeltaBase(nn.Module):
         interactive_modify: choose ``modified_modules`` on a web page instead: True serves it on a free
             port of 127.0.0.1, an int on that port; the call prints the address and waits for the
             page's submit (see :mod:`~opendelta_dist.interactive`).
-        backend: ``"hf"`` (plain PyTorch) or ``"bmt"`` (BMTrain).
+        backend: the name of a registered backend; ``"hf"`` (plain PyTorch and transformers) is always there.
     """
 
     delta_type: ClassVar[str] = ""

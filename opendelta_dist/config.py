@@ -100,7 +100,7 @@ class BaseDeltaConfig:
         unfrozen_modules: module keys left trainable by ``freeze_module``; ``"deltas"`` names the
             delta's own parameters.
         common_structure: whether ``modified_modules`` are common-structure roles (``attn.q``).
-        backend: ``"hf"`` or ``"bmt"``.
+        backend: the name of a registered backend (:func:`opendelta_dist.backends.backend_names`); ``"hf"``.
     """
 
     delta_type: ClassVar[str] = ""
