@@ -58,7 +58,8 @@ class AutoDeltaConfig:
         """
         if "delta_type" not in config_dict:
             raise DeltaConfigError(f"the config has no 'delta_type'; known types: {delta_type_names()}")
-        return delta_method(config_dict["delta_type"]).config_class.from_dict(config_dict, **kwargs)
+        cls = delta_method(config_dict["delta_type"])  # an alias (OpenDelta's name) finds the method too
+        return cls.config_class.from_dict({**config_dict, "delta_type": cls.delta_type}, **kwargs)
 
     @classmethod
     def from_finetuned(cls, finetuned_delta_path: str | Path, **kwargs: Any) -> BaseDeltaConfig:

@@ -85,6 +85,8 @@ class DeltaBase(nn.Module):
     default_modified_modules: ClassVar[list[Any]] = []
     default_exclude_modules: ClassVar[list[str]] = ["lm_head"]
     default_unfrozen_modules: ClassVar[list[str]] = [DELTAS_TOKEN]
+    #: other names of the method's delta_type that checkpoints may carry (OpenDelta's)
+    delta_type_aliases: ClassVar[tuple[str, ...]] = ()
     #: what the method needs of a backend besides the protocol (see :mod:`opendelta_dist.backends`)
     required_capabilities: ClassVar[frozenset[str]] = frozenset()
     _need_pseudo_data: ClassVar[bool] = False
@@ -497,8 +499,10 @@ class DeltaBase(nn.Module):
         them (a span's two ends one each). A method whose OpenDelta options differ further converts
         them first and then calls this.
         """
-        options = dict(options)
-        if options.get("common_structure") and isinstance(options.get("modified_modules"), list):
+        # OpenDelta names some methods otherwise (low_rank_adapter) and writes common_structure=None when
+        # modified_modules are given
+        options = {**options, "delta_type": cls.delta_type, "common_structure": bool(options.get("common_structure"))}
+        if options["common_structure"] and isinstance(options.get("modified_modules"), list):
             keys: list[Any] = []
             for item in options["modified_modules"]:
                 if isinstance(item, list):

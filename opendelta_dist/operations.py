@@ -198,6 +198,7 @@ class _ChildOperation(Operation):
         self.child_name = name
         target.add_module(name, self.delta_module)
         self.delta_module.to(device=_device_of(target))
+        self.delta_module.train(target.training)  # a delta put into a model in eval mode evaluates too
         self._add_hook(target, _state(target))
 
     def _uninstall(self, target: nn.Module) -> None:

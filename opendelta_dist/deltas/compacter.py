@@ -194,6 +194,13 @@ class CompacterModel(DeltaBase):
     default_modified_modules: ClassVar[list[Any]] = ["attn@.proj@", "ff@.w2@"]
     _need_pseudo_data = True
 
+    @classmethod
+    def opendelta_options(cls, options: dict[str, Any], backbone: nn.Module) -> dict[str, Any]:
+        """OpenDelta's config declares ``bottleneck_dim`` and ``sequential``, which its Compacter never takes."""
+        unused = ("bottleneck_dim", "sequential")
+        options = {k: v for k, v in options.items() if not (k in unused and v is None)}
+        return super().opendelta_options(options, backbone)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # the tensors PHM layers share: the rules under "rules", each W under (role, in, out)
         self._shared: dict[Any, dict[str, nn.Parameter]] = {}

@@ -128,6 +128,7 @@ class LowRankAdapterModel(DeltaBase):
     """
 
     delta_type: ClassVar[str] = "lowrankadapter"
+    delta_type_aliases: ClassVar[tuple[str, ...]] = ("low_rank_adapter",)  # OpenDelta 0.3.2's config.json
     config_class = LowRankAdapterConfig
     config: LowRankAdapterConfig
     default_modified_modules: ClassVar[list[Any]] = ["attn@.proj@", "ff@.w2@"]
