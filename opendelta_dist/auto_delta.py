@@ -123,8 +123,11 @@ def load_delta(
         return foreign(path, backbone_model, **kwargs)
     file_config = read_config_file(path)
     legacy = "format_version" not in file_config
+    tensors = read_tensors(path, file_config)
     if legacy:
         file_config = delta_method(file_config["delta_type"]).opendelta_options(file_config, backbone_model)
+        if not tensors:  # OpenDelta's positions matched no module (e.g. its LoRA defaults on GPT-2): a no-op
+            file_config = {**file_config, "modified_modules": [], "common_structure": False}
     if delta_config is None:
         config_dict = file_config
     elif isinstance(delta_config, BaseDeltaConfig):
@@ -136,7 +139,6 @@ def load_delta(
     config = cls.config_class.from_dict(config_dict, **kwargs)
     if check_hash and not legacy:
         check_backbone(file_config, backbone_model)
-    tensors = read_tensors(path, file_config)
     delta = cls.from_config(config, backbone_model)
     try:
         if legacy:
@@ -151,4 +153,3 @@ def load_delta(
 def _check_expected(cls: type[DeltaBase], expected_cls: type[DeltaBase] | None, holds: str) -> None:
     if expected_cls is not None and not issubclass(cls, expected_cls):
         raise DeltaConfigError(f"{holds}; load it with {cls.__name__} or AutoDeltaModel, not {expected_cls.__name__}")
-

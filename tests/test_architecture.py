@@ -124,9 +124,7 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_package_has_no_import_cycle():
     graph = {m: imports_of(m) for m in MODULES}
     cycles = import_cycles(graph)
-    assert not cycles, "import cycles (function-level imports counted):\n" + "\n".join(
-        " <-> ".join(c) for c in cycles
-    )
+    assert not cycles, "import cycles (function-level imports counted):\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
 def test_the_checker_sees_function_level_imports_and_finds_cycles():

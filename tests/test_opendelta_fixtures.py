@@ -67,13 +67,6 @@ PREFIX_REPARAMETERIZED = Known(
     "reparameterize=True (OpenDelta's default): the checkpoint holds the reparameterisation network "
     "(reparams.wte.weight, reparams.control_trans.{0,2}.*), no per-layer prefix; our loader refuses it",
 )
-PREFIX_BERT_LIKE_KEYS = Known(
-    DeltaCheckpointError,
-    r"4 missing \(e\.g\. \w+\.encoder\.layer\.0\.attention\.self\.prefix\.key",
-    "OpenDelta hooks the prefix on BertAttention/RobertaAttention and saves "
-    "'encoder.layer.N.attention.prefix.past_key/past_value'; ours expects 'attention.self.prefix.key/value' "
-    "(4 missing, 4 unexpected)",
-)
 PREFIX_T5_POSITION_BIAS = Known(
     AssertionError,
     r"^logits differs",
@@ -82,40 +75,12 @@ PREFIX_T5_POSITION_BIAS = Known(
     "the prefix keys at positions before the real tokens) and later blocks have none; ours keeps T5's bias in "
     "every block and gives the prefix columns zero bias",
 )
-BITFIT_BERT_LIKE_FF = Known(
-    DeltaCheckpointError,
-    r"2 unexpected \(e\.g\. \w+\.encoder\.layer\.0\.intermediate\.dense\.bias",
-    "OpenDelta's common structure maps both 'intermediate' and 'output' of a BERT/RoBERTa layer to 'ff', so its "
-    "default BitFit also saves encoder.layer.N.intermediate.dense.bias; our opendelta_roles['ff'] "
-    "(encoder.layer.N.output only) builds no bias there: 2 unexpected tensors",
-)
-GPT2_LORA_EMPTY = Known(
-    DeltaCheckpointError,
-    r"4 missing \(e\.g\. transformer\.h\.0\.attn\.c_attn\.lora",
-    "OpenDelta's default LoRA positions (attn@.q@, attn@.v@) match nothing in GPT-2 (its structure map names "
-    "c_attn 'q,k,v'), so it saved an empty pytorch_model.bin (a no-op delta); ours puts LoRA on attn.c_attn "
-    "and refuses the 4 tensors missing from the checkpoint",
-)
 SOFT_PROMPT_ROBERTA_HEAD = Known(
     AssertionError,
     r"^logits differs",
     "numerics: our soft prompt drops the prompt positions from RobertaModel's last_hidden_state, so "
     "RobertaClassificationHead reads the first real token where OpenDelta's reads the first soft token: "
     "logits differ by 0.015-0.05 (hidden_states, which keep the prompt, match)",
-)
-T5_BITFIT_LAZY = Known(
-    DeltaCheckpointError,
-    r"12 missing",
-    "the checkpoint is empty: OpenDelta creates the T5LayerNorm BiasLayers lazily at the first forward, after "
-    "freeze_module(set_state_dict=True) fixed the saved names, so OpenDelta's delta is a no-op; ours expects "
-    "12 layer_norm.bitfit.bias tensors",
-)
-GPT2_BITFIT_CONV1D = Known(
-    DeltaCheckpointError,
-    r"2 missing \(e\.g\. transformer\.h\.0\.attn\.c_attn\.bias",
-    "OpenDelta's BitFit does not take GPT-2's Conv1D for a linear layer: it adds a BiasLayer after attn.c_attn, "
-    "created lazily at the first forward and so never saved (only ln_1.bias is); ours unfreezes c_attn.bias "
-    "and expects it in the checkpoint (2 missing)",
 )
 
 
@@ -128,14 +93,9 @@ NOT_BART = "t5 bert gpt2 roberta"  # OpenDelta 0.3.2 has no structure map for BA
 
 #: case id -> why OpenDelta's checkpoint does not load here, or loads but computes something else
 KNOWN_FAILURES: dict[str, Known] = {
-    "gpt2/bitfit/custom_modules": GPT2_BITFIT_CONV1D,
-    "t5/bitfit/custom_modules": T5_BITFIT_LAZY,
     "bert/prefix/default": PREFIX_REPARAMETERIZED,  # the 512-wide default network: a BERT case only
     **_each(NOT_BART, "prefix/small_reparam", PREFIX_REPARAMETERIZED),
-    **_each("bert roberta", "prefix/no_reparam", PREFIX_BERT_LIKE_KEYS),
     "t5/prefix/no_reparam": PREFIX_T5_POSITION_BIAS,
-    **_each("bert roberta", "bitfit/default", BITFIT_BERT_LIKE_FF),
-    "gpt2/lora/default": GPT2_LORA_EMPTY,
     **{f"roberta/soft_prompt/{c}": SOFT_PROMPT_ROBERTA_HEAD for c in ["n5", "n5_random", "n100_random"]},
 }
 

@@ -245,8 +245,9 @@ def test_checkpoint_of_other_delta_configuration_is_refused(tmp_path):
             {"reduction_factor": 4, "low_rank_rank": 1},
             [r"[r](encoder|decoder)\.block\.\d+\.layer\.0", r"[r]encoder\.block\.\d+\.layer\.1", "layer.2"],
         ),
-        # OpenDelta's "ff" on BERT is the output sub-layer only
-        ("bert", "compacter", {"reduction_factor": 4}, ["attention", r"[r]layer\.\d+\.output"]),
+        # OpenDelta's "ff" on BERT is both feed-forward sub-layers (its real BitFit checkpoints hold
+        # intermediate.dense.bias: tests/test_opendelta_fixtures.py)
+        ("bert", "adapter", {"bottleneck_dim": 4}, ["attention", r"[r]layer\.\d+\.(intermediate|output)"]),
     ],
 )
 def test_opendelta_checkpoints_with_default_positions_load_where_opendelta_put_them(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -59,6 +60,14 @@ class BitFitModel(DeltaBase):
         if isinstance(options.get("modified_modules"), list):
             options["modified_modules"] = [m for m in options["modified_modules"] if m != "lm_head@.proj@"]
         return super().opendelta_options(options, backbone)
+
+    def opendelta_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+        """OpenDelta adds the biases of layers without one lazily, at the first forward, after
+        ``freeze_module(set_state_dict=True)`` fixed what its checkpoint holds: those biases (and those of
+        layers it did not take for linear, like GPT-2's ``Conv1D``) are not in it and start as they start
+        here (zero, or the layer's own bias)."""
+        own = {key: self.backend_mapping.full_tensor(p) for key, p in self.named_delta_tensors()}
+        return {**{key: value for key, value in own.items() if key not in tensors}, **tensors}
 
     def build_operations(self, backbone: nn.Module, modified_modules: list[Any]) -> list[Operation]:
         """A bias operation for every distinct bias-taking layer inside the selected modules."""

@@ -404,7 +404,12 @@ class PrefixModel(DeltaBase):
         for key, value in tensors.items():
             for theirs, ours in ((".prefix.past_key", ".prefix.key"), (".prefix.past_value", ".prefix.value")):
                 if key.endswith(theirs):
-                    key = key.removesuffix(theirs) + ours
+                    module = key.removesuffix(theirs)
+                    key = module + ours
+                    # OpenDelta hooks BERT-like prefixes on the attention block, ours on its self-attention
+                    inside = [k for k in own if k.startswith(f"{module}.") and k.endswith(ours)]
+                    if key not in own and len(inside) == 1:
+                        key = inside[0]
                     if key in own:
                         heads, tokens, size = self.backend_mapping.full_shape(own[key])
                         value = value.reshape(tokens, heads, size).transpose(0, 1)

@@ -26,8 +26,6 @@ _LAYOUT = dict(
     w2=r"output\.dense",
     norm=rf"{_BLOCK}\.(?:attention\.output|output)\.LayerNorm",
 )
-#: OpenDelta 0.3.2's "ff" is only the output sub-layer
-_OPENDELTA_ROLES = {"ff": r"encoder\.layer\.\d+\.output"}
 
 
 def _heads(m: nn.Module) -> tuple[int, int]:
@@ -42,7 +40,6 @@ BERT = Family(
     name="bert",
     model_types=("bert", "roberta"),
     roles=self_attention_roles(q=r"self\.query", k=r"self\.key", v=r"self\.value", **_LAYOUT),
-    opendelta_roles=_OPENDELTA_ROLES,
     attention=(
         AttentionSpec("transformers.models.bert.modeling_bert", "BertSelfAttention", _heads),
         AttentionSpec("transformers.models.roberta.modeling_roberta", "RobertaSelfAttention", _heads),
@@ -64,5 +61,4 @@ DEBERTA_V2 = Family(
     name="deberta-v2",
     model_types=("deberta-v2",),
     roles=self_attention_roles(q=r"self\.query_proj", k=r"self\.key_proj", v=r"self\.value_proj", **_LAYOUT),
-    opendelta_roles=_OPENDELTA_ROLES,
 )

@@ -78,8 +78,9 @@ def test_the_method_runs_through_the_protocol_alone(backend, method, family, tmp
 
     delta.save_finetuned(tmp_path / "delta")
     ref_delta.save_finetuned(tmp_path / "ref")
-    saved, ref_saved = load_file(tmp_path / "delta" / "delta_model.safetensors"), load_file(
-        tmp_path / "ref" / "delta_model.safetensors"
+    saved, ref_saved = (
+        load_file(tmp_path / "delta" / "delta_model.safetensors"),
+        load_file(tmp_path / "ref" / "delta_model.safetensors"),
     )
     assert saved.keys() == ref_saved.keys()
     assert all(torch.equal(saved[k], ref_saved[k]) for k in saved)
