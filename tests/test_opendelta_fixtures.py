@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 import opendelta_dist
-from opendelta_dist.errors import DeltaCheckpointError, UnsupportedModuleError
+from opendelta_dist.errors import UnsupportedModuleError
 from tests import models as tm
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opendelta_0_3_2"
@@ -61,12 +61,6 @@ class Known:
 # ----------------------------------------------------------------------------------------------------------------
 # Why loading fails today: the root causes (a case names the first it hits, and what is known to be behind it)
 
-PREFIX_REPARAMETERIZED = Known(
-    DeltaCheckpointError,
-    r"saved with reparameterize=True",
-    "reparameterize=True (OpenDelta's default): the checkpoint holds the reparameterisation network "
-    "(reparams.wte.weight, reparams.control_trans.{0,2}.*), no per-layer prefix; our loader refuses it",
-)
 PREFIX_T5_POSITION_BIAS = Known(
     AssertionError,
     r"^logits differs",
@@ -93,8 +87,7 @@ NOT_BART = "t5 bert gpt2 roberta"  # OpenDelta 0.3.2 has no structure map for BA
 
 #: case id -> why OpenDelta's checkpoint does not load here, or loads but computes something else
 KNOWN_FAILURES: dict[str, Known] = {
-    "bert/prefix/default": PREFIX_REPARAMETERIZED,  # the 512-wide default network: a BERT case only
-    **_each(NOT_BART, "prefix/small_reparam", PREFIX_REPARAMETERIZED),
+    "t5/prefix/small_reparam": PREFIX_T5_POSITION_BIAS,
     "t5/prefix/no_reparam": PREFIX_T5_POSITION_BIAS,
     **{f"roberta/soft_prompt/{c}": SOFT_PROMPT_ROBERTA_HEAD for c in ["n5", "n5_random", "n100_random"]},
 }

@@ -389,16 +389,19 @@ class PrefixModel(DeltaBase):
         """Each attention layer's ``prefix.past_key`` / ``past_value`` (tokens, heads x head size) become
         ``prefix.key`` / ``value`` (heads, tokens, head size).
 
+        A checkpoint saved with ``reparameterize=True`` (OpenDelta's default) holds OpenDelta's
+        reparameterisation network instead (``reparams.wte``, ``reparams.control_trans``): it is evaluated
+        once, as OpenDelta evaluates it before every forward, into those per-layer prefixes.
+
         Raises:
-            DeltaCheckpointError: a checkpoint saved with ``reparameterize=True`` (it holds OpenDelta's
-                reparameterisation network, which is not read).
+            DeltaCheckpointError: the network's output does not split into this delta's layers.
         """
-        if any(".reparams." in k or k.startswith("reparams.") for k in tensors):
-            raise DeltaCheckpointError(
-                f"{path} is an OpenDelta prefix checkpoint saved with reparameterize=True: it holds OpenDelta's "
-                "reparameterisation network, which this library does not read. Save it from OpenDelta with "
-                "reparameterize=False (plain per-layer prefixes) to load it here."
-            )
+        network = {k.partition("reparams.")[2]: v for k, v in tensors.items() if _is_reparams_key(k)}
+        if network:
+            tensors = {
+                **{k: v for k, v in tensors.items() if not _is_reparams_key(k)},
+                **self._opendelta_network_prefixes(network, path),
+            }
         own = dict(self.named_delta_tensors())
         converted = {}
         for key, value in tensors.items():
@@ -415,6 +418,33 @@ class PrefixModel(DeltaBase):
                         value = value.reshape(tokens, heads, size).transpose(0, 1)
             converted[key] = value
         return converted
+
+    def _opendelta_network_prefixes(self, network: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+        """OpenDelta's ``ReparameterizeFunction`` evaluated: ``control_trans(wte(arange(tokens)))`` viewed as
+        (tokens, 2 x layers, hidden) and split into each layer's key and value, in the order of its layers."""
+        layers = [k.removesuffix(".prefix.key") for k, _ in self.named_delta_tensors() if k.endswith(".prefix.key")]
+        try:
+            with torch.no_grad():
+                hidden = torch.tanh(
+                    F.linear(network["wte.weight"], network["control_trans.0.weight"], network["control_trans.0.bias"])
+                )
+                out = F.linear(hidden.float(), network["control_trans.2.weight"], network["control_trans.2.bias"])
+        except (KeyError, RuntimeError) as exc:
+            raise DeltaCheckpointError(
+                f"{path} holds an OpenDelta prefix reparameterisation network this library cannot read ({exc})"
+            ) from exc
+        tokens, width = out.shape
+        if not layers or width % (2 * len(layers)):
+            raise DeltaCheckpointError(
+                f"{path}: OpenDelta's prefix network makes {width} values per token, which do not split into keys "
+                f"and values for the {len(layers)} attention layers of this delta; it belongs to another backbone"
+            )
+        past = out.view(tokens, 2 * len(layers), width // (2 * len(layers))).permute(1, 0, 2)
+        prefixes = {}
+        for i, module in enumerate(layers):
+            prefixes[f"{module}.prefix.past_key"] = past[2 * i].clone()
+            prefixes[f"{module}.prefix.past_value"] = past[2 * i + 1].clone()
+        return prefixes
 
     def build_operations(self, backbone: nn.Module, modified_modules: list[Any]) -> list[Operation]:
         """One :class:`RewriteCall` per attention module, plus (reparameterised) the shared network,
@@ -496,3 +526,7 @@ class PrefixModel(DeltaBase):
             return super().save_finetuned(finetuned_delta_path, save_config, self.plain_prefix_tensors(), **kwargs)
         finally:
             self.config = live
+
+
+def _is_reparams_key(key: str) -> bool:
+    return key.startswith("reparams.") or ".reparams." in key
