@@ -272,7 +272,17 @@ class DeltaBase(nn.Module):
         return [b for b in available_backends() if cls.required_capabilities <= backend_capabilities(b)]
 
     def add_operation(self, op: Operation) -> None:
-        """Register an operation of this delta (installed by the next ``attach``); its backend prepares its module."""
+        """Register an operation of this delta (installed by the next ``attach``); its backend prepares its module.
+
+        A second operation of the same name on the same module (``modified_modules`` naming a module twice)
+        is named ``<name>_1``, ``<name>_2``, ... in order, so every tensor keeps its own checkpoint key.
+        """
+        if op.delta_name:
+            taken = {o.delta_name for o in self._operations if o.module_name == op.module_name}
+            base, k = op.delta_name, 0
+            while op.delta_name in taken:
+                k += 1
+                op.delta_name = f"{base}_{k}"
         self.backend_mapping.prepare_module(op.delta_module)
         self._operations.append(op)
         self.delta_modules.append(op.delta_module)

@@ -207,3 +207,29 @@ def test_delta_model_is_not_called():
     delta = LoraModel(build("t5"))
     with pytest.raises(RuntimeError, match="call the backbone"):
         delta()
+
+
+@pytest.mark.parametrize(
+    ("method", "modules"),
+    [
+        # OpenDelta's pair notation read as ours: self_attn twice, then fc1 and fc2 each
+        (ParallelAdapterModel, ["self_attn", "self_attn", "fc1", "fc2"]),
+        (ParallelAdapterModel, [["fc1", "fc2"], ["fc1", "fc2"], "self_attn"]),  # a span twice
+        (AdapterModel, ["fc2", "fc2"]),
+    ],
+)
+def test_a_module_named_twice_gets_two_deltas_that_round_trip_exactly(method, modules, tmp_path):
+    model = build("bart")
+    delta = method(model, modified_modules=modules)
+    keys = [k for k, _ in delta.named_delta_tensors()]
+    assert len(keys) == len(set(keys)), "two deltas share a checkpoint key"
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in delta.named_delta_tensors():
+            p.add_(torch.randn(p.shape, generator=generator))
+    inputs = batch("bart")
+    tuned = logits(model, inputs)
+    delta.save_finetuned(tmp_path / "d")
+    fresh = build("bart")
+    AutoDeltaModel.from_finetuned(tmp_path / "d", fresh)
+    assert torch.equal(logits(fresh, inputs), tuned)

@@ -276,8 +276,9 @@ def test_loads_opendelta_checkpoint(case_id: str) -> None:
 
 
 @pytest.mark.parametrize("case_id", _failed_params())
-def test_configuration_opendelta_failed_on(case_id: str) -> None:
-    """OpenDelta crashed on this configuration (case.json has its exception); we build it or refuse it clearly."""
+def test_configuration_opendelta_failed_on(case_id: str, tmp_path: Path) -> None:
+    """OpenDelta crashed on this configuration (case.json has its exception); we refuse it clearly, or build it,
+    train it (one step changes its tensors and outputs) and round-trip it exactly through save and load."""
     case = _case(case_id)
     backbone = case["backbone"]
     model = _backbone(backbone)
@@ -295,3 +296,24 @@ def test_configuration_opendelta_failed_on(case_id: str) -> None:
         assert torch.isfinite(value).all(), name
         if case["method"] != "soft_prompt":
             assert value.shape == reference[name].shape, name
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # away from the initialisation, where zero factors (LoRA's B) block some gradients
+        for _, p in delta.named_delta_tensors():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    before = {k: p.detach().clone() for k, p in delta.named_delta_tensors()}
+    delta.freeze_module(exclude=["deltas"])
+    optimizer = torch.optim.SGD(delta.trainable_parameters(), lr=1.0)
+    model.train()
+    model(**_inputs(backbone)).logits.float().pow(2).mean().backward()
+    optimizer.step()
+    model.eval()
+    # (not every tensor need move: e.g. a key projection's bias has no gradient, softmax ignores it)
+    assert any(not torch.equal(p, before[k]) for k, p in delta.named_delta_tensors()), "the step trained nothing"
+    trained = _outputs(model, backbone)
+    assert any(not torch.equal(trained[name], mine[name]) for name in mine), "training changed no output"
+    delta.save_finetuned(tmp_path / "delta")
+    fresh = _backbone(backbone)
+    opendelta_dist.AutoDeltaModel.from_finetuned(tmp_path / "delta", backbone_model=fresh)
+    for name, value in _outputs(fresh, backbone).items():
+        assert torch.equal(value, trained[name]), f"{name} after save and load differs from the trained model's"
