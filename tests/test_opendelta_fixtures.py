@@ -85,7 +85,9 @@ def _each(backbones: str, method_case: str, known: Any) -> dict[str, Any]:
 ALL = "t5 bert gpt2 bart roberta"
 NOT_BART = "t5 bert gpt2 roberta"  # OpenDelta 0.3.2 has no structure map for BART: its default cases failed
 
-#: case id -> why OpenDelta's checkpoint does not load here, or loads but computes something else
+#: case id -> why OpenDelta's checkpoint does not load here, or loads but computes something else. What is
+#: left is deliberate (README, "Checkpoints"): OpenDelta's T5 prefix removes T5's position bias from every block
+#: but the first, and our soft prompt's output has the real tokens' positions only
 KNOWN_FAILURES: dict[str, Known] = {
     "t5/prefix/small_reparam": PREFIX_T5_POSITION_BIAS,
     "t5/prefix/no_reparam": PREFIX_T5_POSITION_BIAS,
