@@ -15,8 +15,9 @@ from opendelta_dist.operations import _first_tensor, _map_primary
 def dummy_forward_dims(backbone: nn.Module, targets: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
     """Input and output sizes of ``targets`` (name -> module), read by hooks during one dummy forward.
 
-    The forward uses the ``dummy_inputs`` of the outermost modules that have them (transformers models
-    do), runs without gradients in eval mode and leaves the random number generators as they were.
+    The forward uses the ``delta_dummy_inputs`` or ``dummy_inputs`` of the outermost modules that have them
+    (transformers models do), runs without gradients in eval mode and leaves the random number generators as
+    they were.
 
     Raises:
         HiddenSizeInferenceError: there is no ``dummy_inputs``, the forward failed, or it did not reach a
@@ -25,8 +26,8 @@ def dummy_forward_dims(backbone: nn.Module, targets: dict[str, nn.Module]) -> di
     runners = _dummy_runners(backbone)
     fix = (
         "Either aim the delta at modules whose sizes are known without running the model (linear layers), "
-        "or give the backbone an attribute `dummy_inputs` (a dict of keyword arguments for a small valid "
-        "forward), e.g. model.dummy_inputs = {'input_ids': torch.tensor([[1, 2, 3]])}."
+        "or give the backbone an attribute `delta_dummy_inputs` (a dict of keyword arguments for a small valid "
+        "forward), e.g. model.delta_dummy_inputs = {'input_ids': torch.tensor([[1, 2, 3]])}."
     )
     if not runners:
         raise HiddenSizeInferenceError(
@@ -71,11 +72,29 @@ def _dummy_runners(backbone: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]
     for name, module in named_backbone_modules(backbone):
         if any(name.startswith(p + ".") or p == "" for p, _ in candidates):
             continue
-        if isinstance(getattr(module, "dummy_inputs", None), dict):
+        if _inputs_of(module) is not None:
             candidates.append((name, module))
     runners = []
     for _, module in candidates:
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in module.dummy_inputs.items()}
+        given = _inputs_of(module) or {}
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in given.items()}
         runners.append((module, inputs))
     return runners
+
+
+def _inputs_of(module: nn.Module) -> dict[str, Any] | None:
+    """The module's dummy inputs: ``delta_dummy_inputs`` (set by the user), else transformers' ``dummy_inputs``
+    when they feed its main input (an image model's are token ids it does not take: it gets a blank image)."""
+    own = module.__dict__.get("delta_dummy_inputs")
+    if isinstance(own, dict):
+        return own
+    inputs = getattr(module, "dummy_inputs", None)
+    if not isinstance(inputs, dict):
+        return None
+    main = getattr(module, "main_input_name", None)
+    config = getattr(module, "config", None)
+    if main == "pixel_values" and main not in inputs and isinstance(getattr(config, "image_size", None), int):
+        channels = getattr(config, "num_channels", 3)
+        return {main: torch.zeros(1, channels, config.image_size, config.image_size)}
+    return inputs

@@ -14,6 +14,8 @@ import transformers as T
 from torch import nn
 
 VOCAB = 99
+#: the tiny ViT's images are IMAGE_SIZE x IMAGE_SIZE pixels, 3 channels
+IMAGE_SIZE = 8
 _COMMON = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
@@ -30,6 +32,8 @@ class Family:
     make: Callable[[], nn.Module]
     seq2seq: bool = False
     classification: bool = False
+    #: it reads images (``pixel_values``), not tokens
+    image: bool = False
 
 
 def _bert_like(config_cls: type, **kw: object) -> Callable[[], nn.Module]:
@@ -119,6 +123,28 @@ FAMILIES: dict[str, Family] = {
         lambda: T.T5ForConditionalGeneration(T5_CONFIG),
         seq2seq=True,
     ),
+    "ctrl": Family(
+        lambda: T.CTRLLMHeadModel(
+            T.CTRLConfig(n_embd=32, dff=37, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, **_COMMON)
+        )
+    ),
+    "vit": Family(
+        lambda: T.ViTForImageClassification(
+            T.ViTConfig(
+                image_size=IMAGE_SIZE,
+                patch_size=4,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=37,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+                num_labels=2,
+            )
+        ),
+        classification=True,
+        image=True,
+    ),
 }
 
 
@@ -131,10 +157,13 @@ def build(family: str, seed: int = 0) -> nn.Module:
 def batch(family: str, seed: int = 1, size: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
     """A batch with labels, so that ``model(**batch).loss`` is a training loss."""
     g = torch.Generator().manual_seed(seed)
+    spec = FAMILIES[family]
+    if spec.image:
+        pixels = torch.randn(size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+        return {"pixel_values": pixels, "labels": torch.randint(0, 2, (size,), generator=g)}
     ids = torch.randint(3, VOCAB, (size, length), generator=g)
     mask = torch.ones_like(ids)
     mask[0, -2:] = 0  # one padded row: deltas must work with padding masks
-    spec = FAMILIES[family]
     if spec.classification:
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (size,), generator=g)}
     if spec.seq2seq:

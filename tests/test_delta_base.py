@@ -233,3 +233,13 @@ def test_a_module_named_twice_gets_two_deltas_that_round_trip_exactly(method, mo
     fresh = build("bart")
     AutoDeltaModel.from_finetuned(tmp_path / "d", fresh)
     assert torch.equal(logits(fresh, inputs), tuned)
+
+
+def test_delta_dummy_inputs_replace_a_transformers_models_own():
+    model = build("bert")
+    model.delta_dummy_inputs = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": "not a tensor"}
+    with pytest.raises(HiddenSizeInferenceError, match="dummy forward .* failed"):
+        AdapterModel(model, modified_modules=["attention"])
+    model.delta_dummy_inputs = {"input_ids": torch.tensor([[5, 6, 7]])}
+    delta = AdapterModel(model, modified_modules=["attention"])
+    assert delta.named_delta_tensors()

@@ -16,12 +16,14 @@ from torch import nn
 
 from opendelta_dist.families.bart import BART
 from opendelta_dist.families.bert_like import BERT, DEBERTA_V2
+from opendelta_dist.families.ctrl import CTRL
 from opendelta_dist.families.distilbert import DISTILBERT
 from opendelta_dist.families.family import Architecture, AttentionSpec, EstimatorSpec, Family
 from opendelta_dist.families.gpt2 import GPT2
 from opendelta_dist.families.llama import LLAMA
 from opendelta_dist.families.opt import OPT
 from opendelta_dist.families.t5 import T5
+from opendelta_dist.families.vit import VIT
 
 __all__ = [
     "ATTENTION_SPECS",
@@ -38,7 +40,7 @@ __all__ = [
 ]
 
 #: Every known family, in lookup order (their attention classes are tried in this order).
-KNOWN_FAMILIES: tuple[Family, ...] = (BERT, DEBERTA_V2, DISTILBERT, GPT2, BART, OPT, T5, LLAMA)
+KNOWN_FAMILIES: tuple[Family, ...] = (BERT, DEBERTA_V2, DISTILBERT, GPT2, BART, OPT, T5, LLAMA, CTRL, VIT)
 
 _BY_MODEL_TYPE = {model_type: family for family in KNOWN_FAMILIES for model_type in family.model_types}
 _ESTIMATORS = [family.estimator for family in KNOWN_FAMILIES if family.estimator is not None]

@@ -46,6 +46,11 @@ UNSUPPORTED = {
     # DistilBERT's and DeBERTa-v2's attention classes compute their scores in ways no prefix entry covers yet
     ("prefix", "distilbert"): "cannot add a prefix to .* DistilBertSelfAttention",
     ("prefix", "deberta-v2"): "cannot add a prefix to .* DebertaV2",
+    # CTRL's attention takes (v, k, q) and its cache as `layer_past`; ViT's attention takes no cache at all
+    ("prefix", "ctrl"): "cannot add a prefix to .* MultiHeadAttention",
+    ("prefix", "vit"): "cannot add a prefix to .* ViTAttention",
+    # ViT reads pixels: it has no input embeddings to put a prompt before
+    ("soft_prompt", "vit"): "no module of ViTForImageClassification that holds its input embeddings",
 }
 
 
