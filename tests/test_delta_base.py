@@ -238,7 +238,7 @@ def test_a_module_named_twice_gets_two_deltas_that_round_trip_exactly(method, mo
 def test_delta_dummy_inputs_replace_a_transformers_models_own():
     model = build("bert")
     model.delta_dummy_inputs = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": "not a tensor"}
-    with pytest.raises(HiddenSizeInferenceError, match="dummy forward .* failed"):
+    with pytest.raises(HiddenSizeInferenceError, match=r"dummy forward .* failed"):
         AdapterModel(model, modified_modules=["attention"])
     model.delta_dummy_inputs = {"input_ids": torch.tensor([[5, 6, 7]])}
     delta = AdapterModel(model, modified_modules=["attention"])

@@ -32,9 +32,7 @@ def test_the_prompt_is_one_tensor_of_the_defaults_size(family):
     assert name.endswith("soft_prompt.soft_embeds") and prompt.shape == (100, 32)
 
 
-@pytest.mark.parametrize(
-    ("family", "side"), [(f, "right") for f in TEXT] + [(f, "left") for f in LEFT_PADDING]
-)
+@pytest.mark.parametrize(("family", "side"), [(f, "right") for f in TEXT] + [(f, "left") for f in LEFT_PADDING])
 def test_padding(family, side):
     model = build(family)
     SoftPromptModel(backbone_model=model, soft_token_num=5)
