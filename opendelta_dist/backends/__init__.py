@@ -247,8 +247,8 @@ def full_numel(tensor: torch.Tensor) -> int:
 
 
 register_backend("hf", "opendelta_dist.backends.hf:BACKEND", capabilities={"transformers"})
-# BMTrain + ModelCenter: its module is not part of this version; it will not run transformers' own modules
-register_backend("bmt", "opendelta_dist.backends.bmt:BACKEND", install_hint="pip install 'opendelta-dist[bmt]'")
+# BMTrain + ModelCenter (the bmt extra); ModelCenter models have none of transformers' own modules
+register_backend("bmt", "opendelta_dist.backends.bmt:BACKEND", install_hint="bash scripts/install-bmt.sh")
 
 __all__ = [
     "Backend",
