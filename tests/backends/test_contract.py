@@ -23,7 +23,12 @@ from tests.backends import sharded
 from tests.models import batch, build, logits
 
 sharded.register()
-BACKENDS = sorted({*available_backends(), sharded.NAME})
+#: bmt's DistributedParameters live on a GPU, under initialised BMTrain: its cases run there (marked gpu)
+ON_GPU = {"bmt"}
+BACKENDS = [
+    pytest.param(name, marks=pytest.mark.gpu) if name in ON_GPU else name
+    for name in sorted({*available_backends(), sharded.NAME})
+]
 OPTIONS = {
     "compacter": {"reduction_factor": 4},
     "prefix": {"prefix_token_num": 3, "embed_dim": 16, "mid_dim": 16},
@@ -32,8 +37,8 @@ OPTIONS = {
 FAMILIES = ("t5", "gpt2")  # an encoder-decoder with nn.Linear, a decoder with Conv1D's (in, out) weights
 
 
-def _built(method: str, family: str, backend: str):
-    model = build(family)
+def _built(method: str, family: str, backend: str, device: str = "cpu"):
+    model = build(family).to(device)
     if backend == sharded.NAME:
         sharded.shard_model(model)
     torch.manual_seed(1234)  # the same delta initialisation on every backend
@@ -54,9 +59,17 @@ def _full_grads(delta) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method", sorted(DELTA_METHODS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_method_runs_through_the_protocol_alone(backend, method, family, tmp_path):
-    ref_model, ref_delta = _built(method, family, "hf")
-    model, delta = _built(method, family, backend)
-    inputs = batch(family)
+    device = "cpu"
+    if backend in ON_GPU:
+        from tests.bmt.common import init_bmtrain
+
+        init_bmtrain()
+        device = "cuda"
+    if backend not in DELTA_METHODS[method].supported_backends():
+        pytest.skip(f"{method} needs what the {backend} backend lacks (refusal tested below)")
+    ref_model, ref_delta = _built(method, family, "hf", device)
+    model, delta = _built(method, family, backend, device)
+    inputs = {k: v.to(device) for k, v in batch(family).items()}
 
     assert {k: full_tensor(p) for k, p in delta.named_delta_tensors()}.keys() == dict(
         ref_delta.named_delta_tensors()
@@ -88,7 +101,7 @@ def test_the_method_runs_through_the_protocol_alone(backend, method, family, tmp
     for key in ("backbone_hash", "backbone_fingerprint"):
         assert config[key] == ref_config[key], f"{key} read a partition"
 
-    plain = build(family)  # the checkpoint records its backend; a plain backbone takes it with backend="hf"
+    plain = build(family).to(device)  # the checkpoint records its backend; a plain backbone takes it with backend="hf"
     AutoDeltaModel.from_finetuned(tmp_path / "delta", backbone_model=plain, backend="hf")
     torch.testing.assert_close(logits(plain, inputs), logits(model, inputs), rtol=0, atol=1e-6)
 
