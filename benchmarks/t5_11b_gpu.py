@@ -57,6 +57,7 @@ import collections
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -304,7 +305,7 @@ def _peft_step(steps: int, phases: dict[str, float]) -> tuple[Any, Any]:
     started = time.perf_counter()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    batch = _batch(config.config["vocab_size"], torch.device("cuda"))
+    batch = _batch(config.config["vocab_size"], next(model.parameters()).device)
     peft_model.train()
     phases["prepare"] = _lap(started)
 
@@ -402,6 +403,16 @@ def _skip_reason(variant: str) -> str | None:
     return f"{', '.join(missing)} not installed" if missing else None
 
 
+def _one_process_environment() -> dict[str, str]:
+    """The variables torchrun sets for one process, on a free port: DeepSpeed refuses to start without
+    ``LOCAL_RANK``, and BMTrain meets its (one) rank through ``MASTER_ADDR``/``MASTER_PORT``."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    return ranks | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
 def _run_worker(
     variant: str, args: argparse.Namespace, out: Path, timeout: float | None
 ) -> tuple[int | None, list[str]]:
@@ -409,7 +420,7 @@ def _run_worker(
     (None when it was stopped at ``timeout`` seconds) and its last 20 lines."""
     command = [sys.executable, __file__, "--worker", variant, "--out", str(out)]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--cap-gb", str(args.cap_gb)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **_one_process_environment()}
     tail: collections.deque[str] = collections.deque(maxlen=20)
     with subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

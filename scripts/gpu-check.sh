@@ -271,10 +271,12 @@ main() {
         LIMIT[$name]=${!var:-${BUDGET[$name]}}
         [[ ${LIMIT[$name]} =~ ^[0-9]*\.?[0-9]+$ ]] && [ "$(calc 'x > 0' x="${LIMIT[$name]}")" = 1 ] \
             || usage "$var must be a number of seconds above 0, not '${LIMIT[$name]}'"
+        LIMIT[$name]=$(calc 'x + 0' x="${LIMIT[$name]}") # as JSON writes numbers (.5 -> 0.5)
         STATUS[$name]=pending
     done
     TOTAL=${GPU_CHECK_TOTAL:-480}
     [[ $TOTAL =~ ^[0-9]*\.?[0-9]+$ ]] || usage "GPU_CHECK_TOTAL must be a number of seconds, not '$TOTAL'"
+    TOTAL=$(calc 'x + 0' x="$TOTAL")
     T0=$(now)
     STARTED_AT=$(date -u +%Y-%m-%dT%H:%M:%SZ)
     GPU_NAME="" GPU_REASON=""

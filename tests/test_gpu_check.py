@@ -175,9 +175,10 @@ def test_without_a_gpu_the_gpu_stages_are_skipped_with_the_reason(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_nvidia_smi_without_cuda_in_torch_is_no_gpu(tmp_path):
     outdir = tmp_path / "out"
-    result = run_script(tmp_path, str(outdir), PATH=fake_nvidia_smi(tmp_path, works=True), GPU_CHECK_TIMEOUT_ENV="60")
-    assert result.returncode == 0, result.stdout + result.stderr
-    data, stages = summary(outdir)
+    result = run_script(tmp_path, str(outdir), PATH=fake_nvidia_smi(tmp_path, works=True), GPU_CHECK_TIMEOUT_ENV=".1")
+    assert result.returncode == 1, result.stdout + result.stderr  # the env stage timed out
+    data, stages = summary(outdir)  # valid JSON with the limit written as ".1" was given
+    assert stages["env"] | {"seconds": 0} == {**stages["env"], "status": "timeout", "budget_seconds": 0.1, "seconds": 0}
     assert data["no_gpu_reason"] == f"no GPU: torch.cuda.is_available() is False for {sys.executable}"
     assert stages["benchmark"]["reason"] == data["no_gpu_reason"]
 
@@ -339,3 +340,20 @@ def test_the_summary_decides_only_what_was_measured():
     assert targets["every_variant_fits_cap"] is False
     _, targets = benchmark.summarise([runs[0], {"variant": "bmt", "failed": ["Traceback ..."]}])
     assert targets == {"every_variant_fits_cap": None, "estimates_within_tolerance": True, "bmt_mfu_above_peft": None}
+
+
+def test_the_driver_stops_variants_at_the_time_budget_and_writes_what_it_has(tmp_path, monkeypatch, capsys):
+    # the driver itself never initialises CUDA; its workers (which would) are stopped after 1 s, before they can
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(benchmark, "_skip_reason", lambda variant: None)
+    output = tmp_path / "results.json"
+    argv = ["--variants", "fsdp", "peft", "--time-budget", "0.5", "--output", str(output)]
+    assert benchmark.main(argv) == 0
+    result = json.loads(output.read_text())
+    assert result["finished"] is True and [run["variant"] for run in result["runs"]] == ["fsdp", "peft"]
+    assert all(run["timeout_seconds"] == 1 and isinstance(run["failed"], list) for run in result["runs"])
+    assert result["summary"] == {"fsdp": {"status": "failed"}, "peft": {"status": "failed"}}
+    assert set(result["targets"].values()) == {None}
+    assert result["configuration"]["model_flops_per_step"] == 105_689_083_019_264
+    assert "fsdp: stopped after the time limit" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
