@@ -21,9 +21,9 @@
 #   benchmark (230 s)  benchmarks/t5_11b_gpu.py for GPU_CHECK_VARIANTS (OUTDIR/t5_11b_gpu.json, rewritten after
 #                      every variant)
 # Without a GPU (no nvidia-smi, or torch.cuda.is_available() is False) tests and benchmark are skipped with the
-# reason. OUTDIR/summary.json is rewritten after every stage: each stage's status (pending, ok, failed, timeout,
-# skipped), seconds, budget and reason. A stage that fails or times out does not stop the later ones. Exit
-# status: 0 when no stage failed or timed out, 1 when one did, 2 for bad arguments.
+# reason. OUTDIR/summary.json is rewritten before and after every stage: each stage's status (pending, running,
+# ok, failed, timeout, skipped), seconds, limit and reason. A stage that fails or times out does not stop the
+# later ones. Exit status: 0 when no stage failed or timed out, 1 when one did, 2 for bad arguments.
 #
 # Environment (all optional):
 #   PYTHON                      interpreter (default python3: on the GPU machine the one with torch)
@@ -94,7 +94,8 @@ stage_env() {
         echo "(no nvidia-smi on PATH)"
     fi
     echo "== nvcc"; if command -v nvcc >/dev/null 2>&1; then nvcc --version | tail -2; else echo "(no nvcc on PATH)"; fi
-    echo "== carried ($WHL)"; if [ -d "$WHL" ]; then (cd "$WHL" && find . -type f | sort | xargs ls -l); else echo "(none)"; fi
+    echo "== carried ($WHL)"
+    if [ -d "$WHL" ]; then (cd "$WHL" && find . -type f | sort | xargs ls -l); else echo "(none)"; fi
     echo "== python ($PY)"
     "$PY" - <<'EOF'
 import importlib.metadata as md
@@ -184,14 +185,15 @@ write_summary() {
     {
         printf '{\n  "script": "scripts/gpu-check.sh",\n  "started": %s,\n' "$(json_str "$STARTED_AT")"
         printf '  "updated": %s,\n' "$(json_str "$(date -u +%Y-%m-%dT%H:%M:%SZ)")"
-        printf '  "finished": %s,\n  "elapsed_seconds": %s,\n' "$finished" "$(calc 'int(n - s + 0.5)' n="$(now)" s="$T0")"
+        printf '  "finished": %s,\n' "$finished"
+        printf '  "elapsed_seconds": %s,\n' "$(calc 'int(n - s + 0.5)' n="$(now)" s="$T0")"
         printf '  "total_budget_seconds": %s,\n' "$TOTAL"
         printf '  "gpu": %s,\n  "no_gpu_reason": %s,\n' "$(json_or_null "$GPU_NAME")" "$(json_or_null "$GPU_REASON")"
         printf '  "python": %s,\n  "stages": [' "$(json_str "$PY")"
         for name in "${STAGES[@]}"; do
-            printf '%s\n    {"stage": "%s", "status": "%s", "seconds": %s, "budget_seconds": %s, "reason": %s, "log": "%s.log"}' \
-                "$sep" "$name" "${STATUS[$name]}" "${SECONDS_TAKEN[$name]:-null}" "${LIMIT[$name]}" \
-                "$(json_or_null "${REASON[$name]:-}")" "$name"
+            printf '%s\n    {"stage": "%s", "status": "%s", "seconds": %s, "budget_seconds": %s, ' \
+                "$sep" "$name" "${STATUS[$name]}" "${SECONDS_TAKEN[$name]:-null}" "${LIMIT[$name]}"
+            printf '"reason": %s, "log": "%s.log"}' "$(json_or_null "${REASON[$name]:-}")" "$name"
             sep=","
         done
         printf '\n  ]\n}\n'
@@ -219,8 +221,8 @@ run_stage() {
     write_summary false
     started=$(now)
     set +e
-    GPU_REASON=$GPU_REASON STAGE_LIMIT=$limit timeout --kill-after=10 "$limit" "$SELF" --stage "$name" "$OUTDIR" \
-        >"$OUTDIR/$name.log" 2>&1 </dev/null
+    GPU_REASON=$GPU_REASON STAGE_LIMIT=$limit timeout --kill-after=10 "$limit" \
+        bash "$SELF" --stage "$name" "$OUTDIR" >"$OUTDIR/$name.log" 2>&1 </dev/null
     rc=$?
     set -e
     SECONDS_TAKEN[$name]=$(calc 'int((n - s) * 10 + 0.5) / 10' n="$(now)" s="$started")
@@ -266,6 +268,9 @@ main() {
     command -v "$PY" >/dev/null || usage "python '$PY' not found: set PYTHON to the interpreter that has torch"
     # a relative path would break in the stages that change folder (symbolic links kept: a venv's python is one)
     case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac
+    case $WHL in /*) ;; *) WHL=$PWD/$WHL ;; esac
+    case $SITE in /*) ;; *) SITE=$PWD/$SITE ;; esac
+    export PYTHON=$PY GPU_CHECK_WHL=$WHL GPU_CHECK_SITE=$SITE # what the stages' processes read
     for name in "${STAGES[@]}"; do
         local var="GPU_CHECK_TIMEOUT_${name^^}"
         LIMIT[$name]=${!var:-${BUDGET[$name]}}
@@ -289,7 +294,8 @@ main() {
     run_stage env ""
     local no_whl=""
     compgen -G "$WHL/*.whl" >/dev/null \
-        || no_whl="no carried wheels in $WHL: run 'bash ../shared/gpu/fetch-carry.sh' from the repository root and carry .whl"
+        || no_whl="no carried wheels in $WHL: run 'bash ../shared/gpu/fetch-carry.sh' from the repository root \
+and carry .whl"
     run_stage install "$no_whl"
     # what install put there (or an earlier run on this machine did) is used by the later stages
     [ ! -d "$SITE" ] || export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"

@@ -343,9 +343,14 @@ def test_the_summary_decides_only_what_was_measured():
 
 
 def test_the_driver_stops_variants_at_the_time_budget_and_writes_what_it_has(tmp_path, monkeypatch, capsys):
-    # the driver itself never initialises CUDA; its workers (which would) are stopped after 1 s, before they can
+    # the driver itself never initialises CUDA: it runs here as if there were a GPU; its workers (started with
+    # sys.executable) are a program that outlasts their limit of 1 s
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(benchmark, "_skip_reason", lambda variant: None)
+    slow = tmp_path / "slow-worker"
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(slow))
     output = tmp_path / "results.json"
     argv = ["--variants", "fsdp", "peft", "--time-budget", "0.5", "--output", str(output)]
     assert benchmark.main(argv) == 0
@@ -356,4 +361,4 @@ def test_the_driver_stops_variants_at_the_time_budget_and_writes_what_it_has(tmp
     assert set(result["targets"].values()) == {None}
     assert result["configuration"]["model_flops_per_step"] == 105_689_083_019_264
     assert "fsdp: stopped after the time limit" in capsys.readouterr().out
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "slow-worker"]
