@@ -17,7 +17,7 @@ padded), AdamW over the LoRA parameters, and the process limited to ``--cap-gb``
 
 Variants, each with the estimator's configuration for it (``python -m opendelta_dist.estimate
 +recipe=lora_t5_11b model.dtype=bf16 world_size=1 micro_batch_size=8 input_tokens=512 target_tokens=128``,
-``engine=ENGINE``, the engine's bf16 option set, and the recipe's options the engine lacks dropped):
+``engine=ENGINE engine.options.precision=bf16`` and the options below):
 
 ==================  ===================================================  ===========================
 variant             what trains                                          estimator engine
@@ -25,11 +25,11 @@ variant             what trains                                          estimat
 ``peft``            PEFT's LoRA on the plain transformers model, a       ``single``
                     plain AdamW loop (no engine): the reference
 ``bmt``             the ``bmt`` engine: its own backbone (ModelCenter's  ``bmt``
-                    T5, built on the GPU), bf16 (skipped until it
-                    exists)
+                    T5, built on the GPU), bf16 (skipped where it
+                    does not exist)
 ``fsdp``            the ``fsdp`` engine, bf16                            ``fsdp``
-``deepspeed-zero2`` the ``deepspeed`` engine, ZeRO-2, bf16               ``deepspeed``, stage 2
-``deepspeed-zero3`` the ``deepspeed`` engine, ZeRO-3, bf16               ``deepspeed``, stage 3
+``deepspeed-zero2`` the ``deepspeed`` engine, ZeRO-2, bf16               ``deepspeed``, ``stage=2``
+``deepspeed-zero3`` the ``deepspeed`` engine, ZeRO-3, bf16               ``deepspeed``, ``stage=3``
 ==================  ===================================================  ===========================
 
 An engine variant builds the engine first, asks it for the backbone (``engine.build_backbone``; None means the
@@ -89,8 +89,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "deepspeed-zero2": {"engine": "deepspeed", "options": {"stage": 2}},
     "deepspeed-zero3": {"engine": "deepspeed", "options": {"stage": 3}},
 }
-PRECISION_OPTIONS: tuple[tuple[str, Any], ...] = (("precision", "bf16"), ("mixed_precision", "bf16"), ("bf16", True))
-"""The engine option that makes an engine compute in bf16, by name: the first one the engine has is set."""
+PRECISION = {"precision": "bf16"}
+"""Every engine computes in bf16 (the recipe's ``engine.options.precision``)."""
 PEAK_BF16_TFLOPS: tuple[tuple[str, float, str], ...] = (
     # (pattern on the lower-cased device name, dense bf16 tensor-core peak in TFLOP/s, which part it is);
     # first match wins, so the PCIe/NVL parts come before the SXM part of the same name
@@ -113,43 +113,19 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float, str], ...] = (
 # ----------------------------------------------------------------------------- configuration
 
 
-def precision_options(engine: str) -> dict[str, Any]:
-    """The bf16 option of the engine called ``engine``, under the name the engine declares it."""
-    from opendelta_dist.train.engines import engine_class
-
-    declared = engine_class(engine).option_defaults()
-    return next(({key: value} for key, value in PRECISION_OPTIONS if key in declared), {})
-
-
 def engine_options(variant: str) -> dict[str, Any]:
     """The engine options ``variant`` builds its engine with (none for ``peft``, which uses no engine)."""
     spec = VARIANTS[variant]
-    if spec["engine"] is None:
-        return {}
-    return {**spec["options"], **precision_options(spec["engine"])}
-
-
-def _hydra_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, bool) else str(value)
+    return {} if spec["engine"] is None else {**spec["options"], **PRECISION}
 
 
 def estimator_overrides(variant: str) -> list[str]:
-    """The Hydra overrides the estimator takes for ``variant``.
-
-    The recipe's configuration with the variant's engine, bf16 weights, the recipe's engine options that this
-    engine lacks dropped (``~engine.options.KEY``), and the variant's options (its bf16 option included) set.
-    """
-    from opendelta_dist.estimate import compose
-    from opendelta_dist.train.engines import engine_class
-
+    """The Hydra overrides the estimator takes for ``variant``: the recipe (bf16 compute on every engine) with
+    bf16 weights, the variant's engine (``single`` for ``peft``) and its options."""
     spec = VARIANTS[variant]
-    engine = spec.get("estimator_engine") or spec["engine"]
-    overrides = [RECIPE, "model.dtype=bf16", f"engine={engine}"]
-    declared = engine_class(engine).option_defaults()
-    composed = compose(overrides)["engine"].get("options") or {}
-    overrides += [f"~engine.options.{key}" for key in composed if key not in declared]
-    options = {**spec["options"], **precision_options(engine)}
-    return overrides + [f"++engine.options.{key}={_hydra_value(value)}" for key, value in options.items()]
+    options = {**spec["options"], **PRECISION}
+    engine = [f"engine={spec.get('estimator_engine') or spec['engine']}"]
+    return [RECIPE, "model.dtype=bf16", *engine, *(f"engine.options.{key}={value}" for key, value in options.items())]
 
 
 def estimate(variant: str) -> dict[str, Any]:

@@ -318,9 +318,8 @@ def test_the_estimator_runs_each_variant_with_options_its_engine_has(variant):
     cfg = compose(benchmark.estimator_overrides(variant))
     declared = engine_class(cfg["engine"]["name"]).option_defaults()
     assert set(cfg["engine"]["options"]) <= set(declared)
-    assert cfg["model"]["dtype"] == "bf16"
-    if variant != "peft":
-        assert benchmark.precision_options(cfg["engine"]["name"]).items() <= cfg["engine"]["options"].items()
+    assert cfg["model"]["dtype"] == "bf16" and cfg["engine"]["options"]["precision"] == "bf16"
+    assert benchmark.engine_options(variant).items() <= cfg["engine"]["options"].items()
 
 
 def test_the_summary_decides_only_what_was_measured():
