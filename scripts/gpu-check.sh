@@ -10,7 +10,7 @@
 #   bash ../shared/gpu/fetch-carry.sh        # fills the git-ignored .whl/ (wheels, the bmtrain sdist, its build script)
 # then call the device tool's run with
 #   command: bash scripts/gpu-check.sh "$OUT"      carry: [".whl"]      timeout_s: 540
-# and copy the returned t5_11b_gpu.json to benchmarks/results/ (a run writes nothing else that comes back).
+# then copy the returned t5_11b_gpu.json into benchmarks/results/ and commit it (only $OUT comes back).
 #
 # Stages, in this order, each in its own process under `timeout`, each writing OUTDIR/<stage>.log as it goes:
 #   env        (15 s)  nvidia-smi, Python, torch, CUDA, nvcc, the carried files
