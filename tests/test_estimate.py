@@ -44,7 +44,7 @@ STEP_TOLERANCE = 0.15
 """Estimated / measured peak of a training step's activations, gradients and loss buffers, at most this far off 1."""
 
 TINY = ["+recipe=lora_t5_tiny", "engine=single"]
-T5_11B = ["+recipe=lora_t5_11b"]
+T5_11B = ["+recipe=lora_t5_11b", "engine=fsdp"]  # the recipe runs on bmt by default; these tests read fsdp
 # T5-11B's proportions (d_ff = 64 d_model, 16 d_model of attention) at a CPU-sized width
 T5_11B_SHAPED = [
     *TINY,
@@ -292,10 +292,10 @@ def test_fsdp_and_zero3_shard_the_weights_ddp_and_zero2_do_not():
     fsdp1, fsdp8 = _rows([], 1), _rows([], 8)
     # the shard divides; the gathered units (compute dtype) stay
     assert fsdp1["weights"][0] - fsdp8["weights"][0] == pytest.approx(frozen * 7 / 8, abs=8)
-    zero3 = ["engine=deepspeed", "engine.options.stage=3", "engine.options.bf16=true"]
+    zero3 = ["engine=deepspeed", "engine.options.stage=3", "engine.options.precision=bf16"]
     z3_1, z3_8 = _rows(zero3, 1), _rows(zero3, 8)
     assert z3_1["weights"][0] - z3_8["weights"][0] == pytest.approx(frozen / 2 * 7 / 8, rel=1e-4)
-    zero2 = ["engine=deepspeed", "engine.options.bf16=true"]
+    zero2 = ["engine=deepspeed", "engine.options.precision=bf16"]
     z2_1, z2_8 = _rows(zero2, 1), _rows(zero2, 8)
     assert z2_1["weights"] == z2_8["weights"] == (frozen // 2, 0)
     # ZeRO-2 partitions the optimizer state (and the gradients), not the weights
@@ -319,21 +319,23 @@ def test_offload_moves_the_optimizer_state_to_cpu():
     assert cpu_offload["weights"][1] == pytest.approx(11_307_321_344 * 4 / 8, abs=8)
 
 
-def test_bf16_halves_the_weights_and_mixed_precision_gathers_in_bf16():
-    fp32, bf16 = _rows(["engine=single"], None), _rows(["engine=single", "model.dtype=bf16"], None)
+def test_bf16_halves_the_weights_and_precision_gathers_in_bf16():
+    fp32 = _rows(["engine=single", "engine.options.precision=null"], None)
+    bf16 = _rows(["engine=single", "engine.options.precision=null", "model.dtype=bf16"], None)
     assert bf16["weights"][0] * 2 == fp32["weights"][0]
     assert bf16["optimizer"][0] * 2 == fp32["optimizer"][0]
-    ds32, ds16 = _rows(["engine=deepspeed"], 8), _rows(["engine=deepspeed", "engine.options.bf16=true"], 8)
+    ds32 = _rows(["engine=deepspeed", "engine.options.precision=null"], 8)
+    ds16 = _rows(["engine=deepspeed", "engine.options.precision=bf16"], 8)
     assert ds16["weights"][0] * 2 == ds32["weights"][0]
     assert ds16["optimizer"] == ds32["optimizer"]  # fp32 masters and moments either way
-    mixed, plain = _rows([], 8), _rows(["engine.options.mixed_precision=null"], 8)
+    mixed, plain = _rows([], 8), _rows(["engine.options.precision=null"], 8)
     shard = 11_307_321_344 * 4 // 8
     assert (plain["weights"][0] - shard) == pytest.approx(2 * (mixed["weights"][0] - shard), abs=8)
 
 
 def test_gradient_checkpointing_and_batch_size_scale_the_activations():
     def activations(overrides: list[str], batch: int) -> int:
-        cfg = compose([*T5_11B, "engine=single", *overrides])
+        cfg = compose([*T5_11B, "engine=single", "engine.options.precision=null", *overrides])
         estimate = estimate_memory(cfg, micro_batch_size=batch, input_tokens=512, target_tokens=128)
         return estimate.row("activations").gpu
 
@@ -443,7 +445,7 @@ def test_the_cli_prints_the_table(args):
 
 
 def test_the_cli_writes_json_for_benchmarks():
-    result = _cli("+recipe=lora_t5_11b", "world_size=8", "format=json")
+    result = _cli("+recipe=lora_t5_11b", "engine=fsdp", "world_size=8", "format=json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report["rows"]) == {"weights", "deltas", "optimizer", "activations", "workspace"}
@@ -456,7 +458,7 @@ def test_the_cli_refuses_bad_input_in_one_line():
     result = _cli("+recipe=lora_t5_11b")
     assert result.returncode != 0
     assert result.stderr.strip() == (
-        "error: engine=fsdp splits the batch and the model over the processes: give world_size=N (GPUs in the "
+        "error: engine=bmt splits the batch and the model over the processes: give world_size=N (GPUs in the "
         "run: nodes x --nproc_per_node), e.g. world_size=8"
     )
 
@@ -465,7 +467,7 @@ def test_the_cli_refuses_bad_input_in_one_line():
     ("args", "message"),
     [
         (["+recipe=lora_t5_nope", "world_size=8"], "unknown recipe 'lora_t5_nope'; choose one of"),
-        (["+recipe=lora_t5_11b", "engine=bmtt", "world_size=8"], "unknown engine 'bmtt'; choose one of ddp,"),
+        (["+recipe=lora_t5_11b", "engine=bmtt", "world_size=8"], "unknown engine 'bmtt'; choose one of bmt, ddp,"),
         (["+recipe=lora_t5_11b", "engine=single", "world_size=2"], "engine=single runs one process"),
         (["+recipe=lora_t5_11b", "world_size=eight"], "world_size must be an integer"),
         (["+recipe=lora_t5_11b", "world_size=8", "format=xml"], "format must be one of table, json"),
@@ -483,9 +485,11 @@ def test_bad_input_names_the_fix(args, message, capsys):
 
 
 def test_an_option_of_another_engine_is_set_aside_with_a_note():
-    estimate = estimate_memory(compose([*T5_11B, "engine=deepspeed"]), world_size=8)
-    assert "mixed_precision" not in estimate.setup["engine_options"]
-    assert "set aside engine.options mixed_precision" in estimate.notes[0]
+    overrides = ["+recipe=lora_t5_11b", "engine=deepspeed", "+engine.options.cpu_offload=true"]  # an fsdp option
+    estimate = estimate_memory(compose(overrides), world_size=8)
+    assert "cpu_offload" not in estimate.setup["engine_options"]
+    assert estimate.setup["engine_options"]["precision"] == "bf16"  # every engine takes the recipe's precision
+    assert "set aside engine.options cpu_offload" in estimate.notes[0]
     assert estimate.total < 60 * GIB
 
 

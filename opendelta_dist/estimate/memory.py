@@ -28,8 +28,8 @@ NCCL_BUFFER_BYTES = 256 * 1024**2
 def engine_options(name: str, options: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
     """The engine's constructor options: the configured ones over the constructor's defaults.
 
-    An option of another engine (a recipe written for fsdp sets ``engine.options.mixed_precision`` for
-    whichever engine is chosen) is set aside and named, so that ``engine=NAME`` can be compared on any recipe.
+    An option of another engine (a recipe written for fsdp sets ``engine.options.reshard_after_forward``
+    for whichever engine is chosen) is set aside and named, so that ``engine=NAME`` can be compared on any recipe.
 
     Args:
         name: the engine's name.

@@ -41,7 +41,7 @@ from opendelta_dist.inspect import (
     inspect_module_statistics,
     print_module_statistics,
 )
-from opendelta_dist.saving import backbone_checksum, save_delta
+from opendelta_dist.saving import save_delta
 from opendelta_dist.train import checkpoint as ckpt
 from opendelta_dist.train.data import (
     IGNORE_INDEX,
@@ -191,13 +191,14 @@ class _Window:
         self.steps += 1
 
 
-def attach_delta(model: torch.nn.Module, options: dict[str, Any], engine: str) -> DeltaBase | None:
+def attach_delta(model: torch.nn.Module, options: dict[str, Any], engine: str, backend: str = "hf") -> DeltaBase | None:
     """Attach the configured delta to ``model`` and freeze everything else.
 
     Args:
         model: the backbone.
         options: the ``delta`` group (``delta_type`` and the method's options).
         engine: the name of the engine the run trains on.
+        backend: the backend the engine's backbone takes deltas of (``Engine.delta_backend``).
 
     Returns:
         The delta; None for full fine-tuning (``delta_type: none``: nothing frozen).
@@ -208,7 +209,7 @@ def attach_delta(model: torch.nn.Module, options: dict[str, Any], engine: str) -
     """
     config = delta_config(options)
     if config is not None:
-        delta = AutoDeltaModel.from_config(config, model)
+        delta = AutoDeltaModel.from_config(config, model, backend=backend)
         delta.freeze_module(set_state_dict=False)
         return delta
     if not engine_class(engine).supports_full_fine_tuning:
@@ -279,20 +280,20 @@ class DeltaTuningRecipe:
             pad_token_id=self.tokenizer.pad_token_id,
         )
 
-        self.model = build_model(model_cfg)
-        self.delta = attach_delta(self.model, dict(cfg["delta"]), str(cfg["engine"]["name"]))
+        engine_cfg = dict(cfg["engine"])
+        self.engine = build_engine(engine_cfg.pop("name"), self.topology, engine_cfg.get("options") or {})
+        # an engine with a model implementation of its own (bmt: ModelCenter) builds the backbone
+        own_backbone = self.engine.build_backbone(model_cfg)
+        self.model = own_backbone if own_backbone is not None else build_model(model_cfg)
+        self.delta = attach_delta(self.model, dict(cfg["delta"]), self.engine.name, self.engine.delta_backend)
         # before any engine shards the weights
-        self.checksum = (
-            backbone_checksum(self.model, self.delta.replaced_parameter_names()) if self.delta is not None else None
-        )
+        self.checksum = self.engine.backbone_checksum(self.model, self.delta) if self.delta is not None else None
         stats = inspect_module_statistics(self.model, verbose=False)
 
         resume_from = self._resume_source()
         if resume_from is not None:
             self._check_same_delta(resume_from)
 
-        engine_cfg = dict(cfg["engine"])
-        self.engine = build_engine(engine_cfg.pop("name"), self.topology, engine_cfg.get("options") or {})
         optim = dict(cfg["optim"])
         spec = OptimizerSpec(
             **{k: v for k, v in optim.items() if k != "betas"},
@@ -301,7 +302,7 @@ class DeltaTuningRecipe:
             grad_accum=self.accum,
         )
         self.engine.prepare(self.model, self.delta, spec)
-        if model_cfg.init_device == "meta" and model_cfg.name_or_path:
+        if own_backbone is None and model_cfg.init_device == "meta" and model_cfg.name_or_path:
             # a meta-built backbone has no weights: the engine reads the checkpoint where it needs it
             self.engine.load_pretrained(partial(_pretrained_state_dict, model_cfg))
 

@@ -60,6 +60,6 @@ def test_an_option_of_another_engine_is_refused_with_the_fix():
     from opendelta_dist.train.engines import build_engine
     from opendelta_dist.train.topology import Topology
 
-    fix = r"engine ddp has no option mixed_precision .*~engine.options.mixed_precision"
+    fix = r"engine ddp has no option reshard_after_forward .*~engine.options.reshard_after_forward"
     with pytest.raises(DeltaConfigError, match=fix):
-        build_engine("ddp", Topology(0, 1, 0, torch.device("cpu")), {"mixed_precision": "bf16"})
+        build_engine("ddp", Topology(0, 1, 0, torch.device("cpu")), {"reshard_after_forward": True})

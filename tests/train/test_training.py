@@ -127,15 +127,27 @@ ENGINES = {
     "fsdp": ["engine=fsdp"],
     "deepspeed_zero2": ["engine=deepspeed", "engine.options.stage=2"],
     "deepspeed_zero3": ["engine=deepspeed", "engine.options.stage=3"],
+    # one GPU (one rank), the modules by roles: the same ones as the recipe's [q, k, v, o, wi, wo]
+    "bmt_one_gpu": [
+        "engine=bmt",
+        "device=cuda",
+        "delta.common_structure=true",
+        "delta.modified_modules=[attn.q,attn.k,attn.v,attn.proj,crossattn.q,crossattn.k,crossattn.v,crossattn.proj,"
+        "ff.w1,ff.w2]",
+    ],
 }
+#: rows that need a GPU (and the bmt extra)
+GPU_ENGINES = {"bmt_one_gpu"}
 
 
-@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize(
+    "engine", [pytest.param(e, marks=pytest.mark.gpu) if e in GPU_ENGINES else e for e in sorted(ENGINES)]
+)
 def test_engines_agree_with_ddp(engine, reference, tmp_path):
     """For one seed, every engine (and accumulation) follows DDP's loss curve (fp32 on CPU: within 1e-4
     relative), and its final delta, gathered from shards, has full tensors close to DDP's."""
     run_dir = tmp_path / "run"
-    one_process = engine.startswith("single")
+    one_process = engine.startswith("single") or engine in GPU_ENGINES
     check(launch([*TINY, *ENGINES[engine], "train.max_steps=16", f"run_dir={run_dir}"], nproc=1 if one_process else 2))
     ours, ref = [r["loss"] for r in metrics(run_dir)], [r["loss"] for r in metrics(reference)]
     # the loss is a mean over target tokens: two micro-batch means weigh tokens slightly differently from

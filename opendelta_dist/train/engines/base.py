@@ -36,6 +36,31 @@ from opendelta_dist.train.engines.memory import Backbone, EngineMemory
 from opendelta_dist.train.topology import Topology
 
 OPTIMIZERS = ("adamw", "sgd")
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""``engine.options.precision`` values: the dtype an engine computes in (null: the model's own dtype)."""
+
+
+def check_precision(engine: str, precision: str | None, allowed: tuple[str, ...] = ("bf16",)) -> torch.dtype | None:
+    """The compute dtype of ``engine.options.precision``, which every engine takes; None for null.
+
+    Args:
+        engine: the engine's name, for the message.
+        precision: the configured value.
+        allowed: the values this engine supports.
+
+    Raises:
+        DeltaConfigError: a value the engine does not support.
+    """
+    if precision is None:
+        return None
+    if precision not in allowed:
+        raise DeltaConfigError(
+            f"engine.options.precision={precision!r}: the {engine} engine computes in "
+            f"{' or '.join(allowed)}, or in the model's own dtype (null)"
+        )
+    return PRECISION_DTYPES[precision]
+
+
 TRAINING_STATE = "training_state.pt"
 """The file of the optimizer and schedule state of the engines that step a torch optimizer themselves."""
 
@@ -114,6 +139,8 @@ class Engine(ABC):
     """The engine runs one process only."""
     splits_model: ClassVar[bool] = False
     """The engine partitions the model's parameters over the processes (not only the batch)."""
+    delta_backend: ClassVar[str] = "hf"
+    """The backend of the deltas attached to this engine's backbone (:mod:`opendelta_dist.backends`)."""
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
@@ -142,6 +169,24 @@ class Engine(ABC):
                 :attr:`supports_full_fine_tuning`).
             spec: the optimizer and schedule.
         """
+
+    def build_backbone(self, config: Any) -> nn.Module | None:
+        """Build the backbone with the engine's own model implementation. Collective.
+
+        Args:
+            config: the recipe's :class:`~opendelta_dist.train.models.ModelConfig`.
+
+        Returns:
+            The backbone; None (the default) when the recipe builds transformers' model itself.
+        """
+        return None
+
+    def backbone_checksum(self, model: nn.Module, delta: DeltaBase) -> tuple[str, Any]:
+        """The checksum a saved delta records of its backbone (:func:`opendelta_dist.saving.backbone_checksum`),
+        taken before :meth:`prepare` shards the weights. Collective where reading weights whole is."""
+        from opendelta_dist.saving import backbone_checksum
+
+        return backbone_checksum(model, delta.replaced_parameter_names())
 
     def load_pretrained(self, read_state_dict: Callable[[], dict[str, torch.Tensor]]) -> None:
         """Fill a backbone built on the meta device, after :meth:`prepare`, with pretrained weights. Collective.
@@ -289,11 +334,16 @@ class TorchOptimizerEngine(Engine):
         """A context that skips gradient synchronisation before the last micro-batch (none here)."""
         return nullcontext()
 
+    def compute_context(self) -> AbstractContextManager[Any]:
+        """The context forward runs in (e.g. autocast to the engine's precision); none by default."""
+        return nullcontext()
+
     def micro_step(self, batch: dict[str, torch.Tensor], last: bool) -> torch.Tensor:
         """Forward + backward with the loss divided by the accumulation count."""
         assert self.model is not None
         with self.no_sync(last):
-            loss = self.model(**batch).loss
+            with self.compute_context():
+                loss = self.model(**batch).loss
             (loss / self.spec.grad_accum).backward()
         return loss.detach()
 

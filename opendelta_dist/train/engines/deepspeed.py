@@ -12,7 +12,7 @@ Where the state lives:
 - stage 3: the model's parameters, frozen ones included, are partitioned too; a parameter outside a
   forward is a ``[0]``-shaped placeholder, so :meth:`DeepSpeedEngine.gather_delta` gathers them.
 
-With ``bf16`` the module computes in bf16 and the optimizer keeps fp32 master weights; the engine
+With ``precision: bf16`` the module computes in bf16 and the optimizer keeps fp32 master weights; the engine
 reads and writes the delta through those masters, so a gathered delta holds the full fp32 values and
 a loaded one resumes exactly.
 
@@ -50,7 +50,7 @@ from torch import nn
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.errors import BackendUnavailableError, DeltaCheckpointError, DeltaConfigError
 from opendelta_dist.saving import load_delta_tensors
-from opendelta_dist.train.engines.base import Engine, OptimizerSpec
+from opendelta_dist.train.engines.base import Engine, OptimizerSpec, check_precision
 from opendelta_dist.train.engines.memory import ADAMW_STATES, Backbone, EngineMemory, Row, ceil_div, dtype_name
 from opendelta_dist.train.topology import Topology
 
@@ -92,7 +92,7 @@ class DeepSpeedEngine(Engine):
         stage: ZeRO stage, 2 (partition optimizer state and gradients) or 3 (parameters too).
         offload_optimizer: keep optimizer state and fp32 master weights on the CPU.
         offload_params: keep partitioned parameters on the CPU (stage 3 only).
-        bf16: compute in bf16 with fp32 master weights.
+        precision: ``"bf16"`` to compute in bf16 with fp32 master weights; None for the model's dtype.
         extra_config: DeepSpeed config keys merged over the generated config (nested dicts key by
             key), e.g. ``{"zero_optimization": {"stage3_param_persistence_threshold": 0}}``.
 
@@ -109,7 +109,7 @@ class DeepSpeedEngine(Engine):
         stage: int = 2,
         offload_optimizer: bool = False,
         offload_params: bool = False,
-        bf16: bool = False,
+        precision: str | None = None,
         extra_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(topology)
@@ -123,7 +123,8 @@ class DeepSpeedEngine(Engine):
         self.stage = stage
         self.offload_optimizer = offload_optimizer
         self.offload_params = offload_params
-        self.bf16 = bf16
+        self.bf16 = check_precision(self.name, precision) is not None
+        self.precision = precision
         self.extra_config = dict(extra_config or {})
         self._own_process_group = False
         if topology.device.type == "cpu":
@@ -329,7 +330,7 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def compute_dtype(cls, options: Mapping[str, Any], model_dtype: torch.dtype) -> torch.dtype:
-        """bf16 with ``bf16`` (the engine casts the module), else the model's dtype.
+        """bf16 with ``precision: bf16`` (the engine casts the module), else the model's dtype.
 
         Args:
             options: the engine's options.
@@ -338,13 +339,13 @@ class DeepSpeedEngine(Engine):
         Returns:
             The compute dtype.
         """
-        return torch.bfloat16 if options.get("bf16") else model_dtype
+        return check_precision(cls.name, options.get("precision")) or model_dtype
 
     @classmethod
     def memory_rows(cls, backbone: Backbone, world_size: int, options: Mapping[str, Any]) -> EngineMemory:
         """ZeRO-2 or ZeRO-3, with DeepSpeed's defaults for what the engine does not set.
 
-        With ``bf16`` the whole module is cast to bf16 (frozen parameters too) and computes in it; the
+        With ``precision: bf16`` the whole module is cast to bf16 (frozen parameters too) and computes in it; the
         optimizer keeps fp32 master weights of its partition either way. Stage 2: every GPU holds the whole
         model; each holds 1/world of the trainable parameters' gradients (compute dtype), fp32 masters, AdamW
         moments and, during the step, the fp32 gradient of its master partition. Stage 3 partitions the
@@ -368,7 +369,7 @@ class DeepSpeedEngine(Engine):
         zero = dict((options.get("extra_config") or {}).get("zero_optimization") or {})
         compute = cls.compute_dtype(options, backbone.model_dtype)
         cb = compute.itemsize
-        frozen = c.frozen_numel * cb if options.get("bf16") else c.frozen_bytes
+        frozen = c.frozen_numel * cb if options.get("precision") else c.frozen_bytes
         n_t = c.trainable_numel
         masters = (4 + 4 * ADAMW_STATES) * ceil_div(n_t, w)
         offload_opt = bool(options.get("offload_optimizer"))

@@ -47,7 +47,7 @@ from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.errors import DeltaCheckpointError, DeltaConfigError
 from opendelta_dist.operations import Operation, UnfreezeParameter, original_parameter
 from opendelta_dist.saving import load_delta_tensors
-from opendelta_dist.train.engines.base import TRAINING_STATE, OptimizerSpec, TorchOptimizerEngine
+from opendelta_dist.train.engines.base import TRAINING_STATE, OptimizerSpec, TorchOptimizerEngine, check_precision
 from opendelta_dist.train.engines.memory import (
     ADAMW_STATES,
     Backbone,
@@ -59,7 +59,6 @@ from opendelta_dist.train.engines.memory import (
 )
 from opendelta_dist.train.topology import Topology
 
-MIXED_PRECISION = {"bf16": torch.bfloat16}
 LIVE_UNITS = 2
 """FSDP2 holds the current block's gathered parameters and prefetches the next block's."""
 
@@ -146,14 +145,14 @@ class FSDPEngine(TorchOptimizerEngine):
         reshard_after_forward: free the gathered parameters of the delta and block units after their
             forward and gather them again for backward (less memory, more communication). The root
             unit keeps them, as its backward comes first.
-        mixed_precision: ``"bf16"`` to gather parameters and compute in bf16 while the sharded
+        precision: ``"bf16"`` to gather parameters and compute in bf16 while the sharded
             parameters, gradients and optimizer state stay in their own dtype (fp32) and gradients
             are reduced in fp32; None to compute in the parameters' dtype.
         cpu_offload: keep the sharded parameters, gradients and optimizer state in CPU memory and
             step the optimizer there.
 
     Raises:
-        DeltaConfigError: an unknown ``mixed_precision``.
+        DeltaConfigError: an unknown ``precision``.
     """
 
     name = "fsdp"
@@ -163,16 +162,13 @@ class FSDPEngine(TorchOptimizerEngine):
         self,
         topology: Topology,
         reshard_after_forward: bool = True,
-        mixed_precision: str | None = None,
+        precision: str | None = None,
         cpu_offload: bool = False,
     ) -> None:
         super().__init__(topology)
-        if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
-            raise DeltaConfigError(
-                f"the fsdp engine's mixed_precision is one of {list(MIXED_PRECISION)} or null, not {mixed_precision!r}"
-            )
+        check_precision(self.name, precision)
         self.reshard_after_forward = reshard_after_forward
-        self.mixed_precision = mixed_precision
+        self.precision = precision
         self.cpu_offload = cpu_offload
         self._own_process_group = False
 
@@ -183,7 +179,7 @@ class FSDPEngine(TorchOptimizerEngine):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
         mesh = init_device_mesh(self.topology.device.type, (dist.get_world_size(),))
-        dtype = MIXED_PRECISION.get(self.mixed_precision or "")
+        dtype = check_precision(self.name, self.precision)
         offload = CPUOffloadPolicy(pin_memory=self.topology.device.type == "cuda") if self.cpu_offload else None
         return {
             "mesh": mesh,
@@ -348,7 +344,7 @@ class FSDPEngine(TorchOptimizerEngine):
 
     @classmethod
     def compute_dtype(cls, options: Mapping[str, Any], model_dtype: torch.dtype) -> torch.dtype:
-        """The ``mixed_precision`` dtype when set, else the parameters' own.
+        """The ``precision`` dtype when set, else the parameters' own.
 
         Args:
             options: the engine's options.
@@ -357,14 +353,14 @@ class FSDPEngine(TorchOptimizerEngine):
         Returns:
             The compute dtype.
         """
-        return MIXED_PRECISION.get(options.get("mixed_precision") or "", model_dtype)
+        return check_precision(cls.name, options.get("precision")) or model_dtype
 
     @classmethod
     def memory_rows(cls, backbone: Backbone, world_size: int, options: Mapping[str, Any]) -> EngineMemory:
         """Parameters, gradients and optimizer state sharded over the ranks.
 
         Each block is a unit, each delta module a unit, the rest the root unit. A unit's parameters are
-        gathered in the compute dtype (bf16 with ``mixed_precision``, else their own) around its forward and
+        gathered in the compute dtype (bf16 with ``precision``, else their own) around its forward and
         backward; with ``reshard_after_forward`` two block units are gathered at once (the running one and the
         prefetched one) and the root unit stays gathered, else every unit stays gathered after forward.
         Gathering copies into a new buffer even on one rank. Gradients are sharded in the parameters' dtype
@@ -417,7 +413,7 @@ class FSDPEngine(TorchOptimizerEngine):
 
     @classmethod
     def memory_notes(cls, options: Mapping[str, Any]) -> list[str]:
-        """Without ``mixed_precision`` the engine computes in the parameters' dtype: say so.
+        """Without ``precision`` the engine computes in the parameters' dtype: say so.
 
         Args:
             options: the engine's options.
@@ -425,9 +421,9 @@ class FSDPEngine(TorchOptimizerEngine):
         Returns:
             The notes.
         """
-        if options.get("mixed_precision"):
+        if options.get("precision"):
             return []
-        return [f"{cls.name} without mixed_precision computes in the parameters' dtype"]
+        return [f"{cls.name} without precision computes in the parameters' dtype"]
 
 
 def _refuse_copies_on_meta(delta: DeltaBase) -> None:

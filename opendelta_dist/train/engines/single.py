@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +13,51 @@ from torch import nn
 from opendelta_dist.backends import full_tensor
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.saving import load_delta_tensors
-from opendelta_dist.train.engines.base import OptimizerSpec, TorchOptimizerEngine
+from opendelta_dist.train.engines.base import OptimizerSpec, TorchOptimizerEngine, check_precision
 from opendelta_dist.train.engines.memory import ADAMW_STATES, Backbone, EngineMemory, Row, dtypes_label
 
 
 class SingleEngine(TorchOptimizerEngine):
-    """Trains the module as it is, on this process's device."""
+    """Trains the module as it is, on this process's device.
+
+    Args:
+        topology: this process's rank, world size and device.
+        precision: ``"bf16"`` to run forward under autocast to bf16 (parameters, gradients and optimizer
+            state stay in their own dtype); None to compute in the parameters' dtype.
+    """
 
     name = "single"
     supports_full_fine_tuning = True
     single_process = True
+
+    def __init__(self, topology: Any, precision: str | None = None) -> None:
+        super().__init__(topology)
+        self.precision = precision
+        self.autocast_dtype = check_precision(self.name, precision)
+
+    def compute_context(self) -> AbstractContextManager[Any]:
+        """Autocast to ``precision`` where it is set."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.topology.device.type, dtype=self.autocast_dtype)
+
+    def eval_forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        """Forward without gradients, under the training's autocast."""
+        with self.compute_context():
+            return super().eval_forward(batch)
+
+    @classmethod
+    def compute_dtype(cls, options: Mapping[str, Any], model_dtype: torch.dtype) -> torch.dtype:
+        """bf16 with ``precision: bf16`` (autocast), else the model's dtype.
+
+        Args:
+            options: the engine's options.
+            model_dtype: the dtype the backbone is built in.
+
+        Returns:
+            The compute dtype.
+        """
+        return check_precision(cls.name, options.get("precision")) or model_dtype
 
     def prepare(self, module: nn.Module, delta: DeltaBase | None, spec: OptimizerSpec) -> None:
         """Move the module to the device and build the optimizer over its trainable parameters."""

@@ -13,7 +13,12 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize(
     ("engine", "options"),
-    [("single", {}), ("fsdp", {"mixed_precision": "bf16"}), ("fsdp", {"cpu_offload": True})],
+    [
+        ("single", {}),
+        ("fsdp", {"precision": "bf16"}),
+        ("single", {"precision": "bf16"}),
+        ("fsdp", {"cpu_offload": True}),
+    ],
 )
 def test_engine_trains_on_cuda(engine, options):
     topology = Topology.from_environment("cuda")

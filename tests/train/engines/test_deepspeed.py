@@ -41,7 +41,7 @@ CASES = {
     "zero3": dict(stage=3, extra_config=NO_PERSISTENCE),
     "zero3-persistent": dict(stage=3),  # DeepSpeed's default: tensors under 1e5 values stay whole after a forward
     "zero3-offload": dict(stage=3, offload_optimizer=True, offload_params=True, extra_config=NO_PERSISTENCE),
-    "zero2-bf16": dict(stage=2, bf16=True),
+    "zero2-bf16": dict(stage=2, precision="bf16"),
 }
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
@@ -221,7 +221,7 @@ def test_deepspeed_matches_single_engine(case: str, reference: dict[str, Any], t
     running float product, and with ``pow`` after a resume (1e-7 apart).
     """
     results = run_distributed(deepspeed_worker, CASES[case], str(tmp_path), world_size=WORLD)
-    bf16 = CASES[case].get("bf16", False)
+    bf16 = CASES[case].get("precision") == "bf16"
     loss_tol, norm_tol = (1e-2, 5e-2) if bf16 else (1e-5, 1e-4)
     cpu_adam = CASES[case].get("offload_optimizer", False)
     ref = reference
@@ -288,7 +288,7 @@ def test_config_from_options_and_spec() -> None:
         stage=3,
         offload_optimizer=True,
         offload_params=True,
-        bf16=True,
+        precision="bf16",
         extra_config={"zero_optimization": {"stage3_param_persistence_threshold": 0}, "steps_per_print": 5},
     )
     config = engine.ds_config(dataclasses.replace(SPEC, max_grad_norm=None, grad_accum=4))

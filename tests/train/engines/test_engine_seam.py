@@ -109,7 +109,8 @@ def test_every_engine_config_names_a_registered_engine_with_those_options() -> N
 
 
 def test_an_unknown_engine_names_the_choices() -> None:
-    with pytest.raises(DeltaConfigError, match="unknown engine 'bmtt'; choose one of ddp, deepspeed, fsdp, single"):
+    choices = "bmt, ddp, deepspeed, fsdp, single"
+    with pytest.raises(DeltaConfigError, match=f"unknown engine 'bmtt'; choose one of {choices}"):
         engine_class("bmtt")
 
 
@@ -153,7 +154,7 @@ def test_the_memory_model_needs_no_deepspeed(monkeypatch: pytest.MonkeyPatch) ->
     engine = engine_class("deepspeed")
     counts = ParameterCounts(frozen={torch.float32: 1000}, trainable={torch.float32: 10})
     backbone = Backbone(counts, [], 100, [(1000, False), (10, True)], torch.float32)
-    options = {**engine.option_defaults(), "stage": 3, "bf16": True}
+    options = {**engine.option_defaults(), "stage": 3, "precision": "bf16"}
     memory = engine.memory_rows(backbone, 2, options)
     assert [r.name for r in memory.rows] == ["weights", "deltas", "optimizer"]
     assert engine.compute_dtype(options, torch.float32) == torch.bfloat16

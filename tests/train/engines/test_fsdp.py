@@ -302,10 +302,10 @@ def test_one_process_matches_single_engine() -> None:
     assert not dist.is_initialized()
 
 
-def test_bf16_mixed_precision_keeps_fp32_shards() -> None:
+def test_bf16_precision_keeps_fp32_shards() -> None:
     """bf16 computes in bf16, the sharded parameters (and so the gathered delta) stay fp32."""
     model, delta = build_model("lora")
-    engine = FSDPEngine(CPU, mixed_precision="bf16")
+    engine = FSDPEngine(CPU, precision="bf16")
     engine.prepare(model, delta, dataclasses.replace(SPEC, grad_accum=1))
     try:
         loss = engine.micro_step(global_batch(0), last=True)
@@ -347,9 +347,9 @@ def test_meta_backbone_with_copied_parameters_is_refused() -> None:
     assert not dist.is_initialized()
 
 
-def test_unknown_mixed_precision_is_refused() -> None:
-    with pytest.raises(DeltaConfigError, match="mixed_precision"):
-        FSDPEngine(CPU, mixed_precision="fp8")
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(DeltaConfigError, match=r"engine.options.precision='fp8': the fsdp engine computes in bf16"):
+        FSDPEngine(CPU, precision="fp8")
 
 
 def test_missing_training_state_is_reported(tmp_path: Path) -> None:

@@ -1,0 +1,395 @@
+"""The ``bmt`` engine: BMTrain (ZeRO-3 blocks, its fused Adam) on ModelCenter's T5, with a delta of the bmt backend.
+
+The engine builds the backbone itself (:meth:`BMTEngine.build_backbone`): ModelCenter's T5 from the recipe's
+transformers T5 configuration, in ``model.dtype``, on this process's GPU, every transformer layer a BMTrain
+``Block`` whose weights are partitioned over the ranks and gathered only around its forward and backward
+(activations recomputed in backward). Pretrained transformers weights (``model.name_or_path``) are converted
+into ModelCenter's layout (:mod:`opendelta_dist.train.modelcenter_t5`); without them the weights are random
+(BMTrain's initialisers). The recipe then attaches the delta with ``backend="bmt"`` (its parameters are
+``DistributedParameter``s outside the blocks' storage) and freezes the rest.
+
+**Frozen weights get no gradient storage.** ModelCenter wraps its layers in ``Block``s while building the model,
+before anything is frozen, so each block's storage of weights is marked trainable, and BMTrain would allocate
+a full-size gradient buffer for it in every backward and keep a partition-size gradient of the whole block
+(about 2 bytes per backbone parameter: 22 GB for T5-11B on one GPU) although no weight of it trains.
+:meth:`BMTEngine.prepare` therefore marks every storage of which no parameter is trainable as not requiring a
+gradient, which is what BMTrain reads to decide (``Block._storage_params``); a storage that still holds a
+trainable weight (``unfrozen_modules``) keeps its gradient.
+
+The optimizer is BMTrain's ``AdamOptimizer`` (or ``AdamOffloadOptimizer``, ``offload=true``: states and fp32
+masters in CPU memory) over the trainable parameters only, stepped by an ``OptimManager``: bf16 and fp32 train
+without loss scaling; fp16 with dynamic loss scaling from ``loss_scale`` (a skipped step on overflow). The
+loss goes backward through ``OptimManager.backward``, which divides by the number of ranks: the
+reduce-scatter that brings gradients home sums them. Saved deltas carry transformers' names
+(``encoder.block.0.layer.0.SelfAttention.q.lora.lora_A``), so they load with ``AutoDeltaModel.from_finetuned``
+onto a transformers T5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from opendelta_dist.backends import full_numel, full_tensor
+from opendelta_dist.basemodel import DeltaBase
+from opendelta_dist.errors import DeltaConfigError
+from opendelta_dist.train.engines.base import TRAINING_STATE, Engine, OptimizerSpec, check_precision
+from opendelta_dist.train.engines.memory import Backbone, EngineMemory, Row, ceil_div, dtype_name
+from opendelta_dist.train.modelcenter_t5 import hf_to_modelcenter_name, modelcenter_to_hf_name
+
+IGNORE_INDEX = -100
+FP16_LOSS_SCALE = 2.0**20
+"""The first loss scale of fp16 training when ``loss_scale`` is not given."""
+ADAM_FP32_STATES = 3
+"""BMTrain's Adam keeps an fp32 master copy and two fp32 moments of each bf16/fp16 parameter."""
+
+
+def _modelcenter_inputs(batch: Mapping[str, torch.Tensor], start: int, pad: int) -> dict[str, torch.Tensor]:
+    """A transformers seq2seq batch (``input_ids``, ``attention_mask``, ``labels``) as ModelCenter T5's inputs."""
+    labels = batch["labels"]
+    decoder = torch.full_like(labels, start)
+    decoder[:, 1:] = labels[:, :-1]
+    decoder = decoder.masked_fill(decoder == IGNORE_INDEX, pad)
+    mask = batch.get("attention_mask")
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": mask if mask is not None else torch.ones_like(batch["input_ids"]),
+        "decoder_input_ids": batch.get("decoder_input_ids", decoder),
+        "decoder_attention_mask": batch.get("decoder_attention_mask", torch.ones_like(labels)),
+    }
+
+
+class _Output:
+    """What the recipe reads of a forward: ``loss`` and ``logits`` (transformers' output has them too)."""
+
+    def __init__(self, loss: torch.Tensor, logits: torch.Tensor) -> None:
+        self.loss = loss
+        self.logits = logits
+
+
+class BMTEngine(Engine):
+    """BMTrain on ModelCenter's T5; see the module docstring.
+
+    Args:
+        topology: this process's rank, world size and GPU.
+        offload: keep Adam's states and fp32 master weights in CPU memory (``AdamOffloadOptimizer``).
+        loss_scale: fp16 only: the first dynamic loss scale (default 2**20); bf16 and fp32 use none.
+        precision: ``"bf16"`` or ``"fp16"``: the dtype ModelCenter's T5 is built and computes in (its
+            weights and the delta; Adam keeps fp32 masters); None for ``model.dtype``.
+    """
+
+    name = "bmt"
+    splits_model = True
+    delta_backend: ClassVar[str] = "bmt"
+
+    def __init__(
+        self, topology: Any, offload: bool = False, loss_scale: float | None = None, precision: str | None = None
+    ) -> None:
+        super().__init__(topology)
+        self.dtype = check_precision(self.name, precision, ("bf16", "fp16"))
+        self.precision = precision
+        self.offload = offload
+        self.loss_scale = loss_scale
+        self.manager: Any = None
+        self.hf_config: Any = None
+        self.frozen_storages = 0
+
+    # ----------------------------------------------------------------- the backbone
+
+    def _init_bmtrain(self) -> None:
+        if self.topology.device.type != "cuda":
+            raise DeltaConfigError(
+                "the bmt engine trains on CUDA GPUs (BMTrain has no CPU path): run with device=cuda on a GPU "
+                "machine, or train on the CPU with engine=ddp or engine=fsdp"
+            )
+        try:
+            import bmtrain as bmt
+        except ImportError as exc:
+            raise DeltaConfigError(
+                f"the bmt engine needs BMTrain and ModelCenter ({exc}): install them with bash scripts/install-bmt.sh"
+            ) from exc
+        if not bmt.config.get("initialized", False):
+            # under torchrun: the ranks meet through the agent's store, as torch's own process group does
+            bmt.init_distributed(seed=torch.initial_seed() % 2**32)
+            torch.backends.cudnn.enabled = True  # BMTrain turns cuDNN off; T5 has no convolution either way
+
+    def build_backbone(self, config: Any) -> nn.Module:
+        """ModelCenter's T5 of the recipe's model configuration, on this GPU (see the module docstring).
+
+        Args:
+            config: the recipe's :class:`~opendelta_dist.train.models.ModelConfig` (a transformers T5).
+
+        Raises:
+            DeltaConfigError: no GPU or no BMTrain, a model other than a T5 for generation, or weights that do
+                not fit ModelCenter's T5.
+        """
+        from dataclasses import replace
+
+        from opendelta_dist.train.modelcenter_t5 import hf_to_modelcenter, modelcenter_config
+        from opendelta_dist.train.models import DTYPES, build_model, model_architecture
+
+        self._init_bmtrain()
+        import bmtrain as bmt
+        from model_center.model import T5
+
+        if config.dtype not in DTYPES:
+            raise DeltaConfigError(f"unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
+        hf_config = model_architecture(config)
+        if hf_config.model_type != "t5" or config.task != "seq2seq":
+            raise DeltaConfigError(
+                f"the bmt engine trains T5 for generation (ModelCenter's T5), not a {hf_config.model_type} for "
+                f"{config.task}: use engine=fsdp or engine=deepspeed for this model"
+            )
+        self.hf_config = hf_config
+        dtype = self.dtype or DTYPES[config.dtype]
+        model = T5(modelcenter_config(hf_config, dtype))
+        if config.name_or_path:
+            # every rank reads the checkpoint to CPU memory and keeps its partitions of it
+            dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+            pretrained = build_model(replace(config, dtype=dtype_name, init_device="cpu", gradient_checkpointing=False))
+            state = hf_to_modelcenter(pretrained.state_dict(), hf_config)
+            del pretrained
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise DeltaConfigError(
+                    f"the weights of {config.name_or_path} do not fit ModelCenter's T5: missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}"
+                )
+        else:
+            bmt.init_parameters(model)
+        # the hidden-size probe of adapters runs this forward (a collective: every rank runs it)
+        ids = torch.tensor([[1, 2, 3]], device="cuda")
+        model.delta_dummy_inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "decoder_input_ids": ids,
+            "decoder_attention_mask": torch.ones_like(ids),
+        }
+        return model
+
+    def backbone_checksum(self, model: nn.Module, delta: DeltaBase) -> tuple[str, np.ndarray]:
+        """The checksum of the transformers T5 the saved delta is for: its structure, without values.
+
+        The weights are partitions inside BMTrain blocks here, so no value is sampled (loading compares the
+        structure only); the structure is that of transformers' T5 of the same configuration.
+        """
+        import transformers
+
+        from opendelta_dist.saving import backbone_checksum
+
+        with torch.device("meta"):
+            reference = transformers.AutoModelForSeq2SeqLM.from_config(self.hf_config)
+        return backbone_checksum(reference)
+
+    # ----------------------------------------------------------------- set-up
+
+    def _freeze_storages(self, module: nn.Module) -> None:
+        from bmtrain.block_layer import Block
+
+        for block in module.modules():
+            if not isinstance(block, Block):
+                continue
+            for kw, storage in block._storage_params.items():
+                trains = any(info["parameter"].requires_grad for info in block._param_info if info["kw_name"] == kw)
+                if storage.requires_grad and not trains:
+                    storage.requires_grad_(False)
+                    self.frozen_storages += 1
+
+    def prepare(self, module: nn.Module, delta: DeltaBase | None, spec: OptimizerSpec) -> None:
+        """Drop the gradient storage of frozen blocks, build BMTrain's Adam over the trainable parameters.
+
+        Raises:
+            DeltaConfigError: no delta (full fine-tuning), a delta not of the bmt backend, modules named
+                otherwise than by roles, or an optimizer other than AdamW.
+        """
+        import bmtrain as bmt
+
+        if delta is None or delta.backend != "bmt":
+            raise DeltaConfigError(
+                "the bmt engine trains a delta of the bmt backend (backend='bmt'); full fine-tuning runs on engine=ddp"
+            )
+        if not delta.common_structure:
+            raise DeltaConfigError(
+                "on the bmt engine, name the modified modules by their roles (delta.common_structure=true, e.g. "
+                "modified_modules=[attn.q, attn.v]) so that the saved delta loads on transformers' T5 as well"
+            )
+        if spec.name != "adamw":
+            raise DeltaConfigError(f"the bmt engine steps BMTrain's Adam: use optim.name=adamw, not {spec.name!r}")
+        self.spec = spec
+        self.module = self.model = module
+        self._freeze_storages(module)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = bmt.optim.AdamOffloadOptimizer if self.offload else bmt.optim.AdamOptimizer
+        self.optimizer = optimizer(
+            params, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay
+        )
+        self.scheduler = spec.build_scheduler(self.optimizer)
+        fp16 = any(p.dtype == torch.float16 for p in params)
+        scale = (self.loss_scale or FP16_LOSS_SCALE) if fp16 else None
+        self.manager = bmt.optim.OptimManager(loss_scale=scale)
+        self.manager.add_optimizer(self.optimizer)
+
+    def optimized_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the optimizer's groups."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def optimized_numel(self) -> int:
+        """Elements of the optimized parameters at their whole (not partition) size."""
+        return sum(full_numel(p) for p in self.optimized_parameters())
+
+    # ----------------------------------------------------------------- training
+
+    def _forward(self, batch: Mapping[str, torch.Tensor]) -> _Output:
+        assert self.model is not None and self.hf_config is not None
+        config = self.hf_config
+        inputs = _modelcenter_inputs(batch, config.decoder_start_token_id or 0, config.pad_token_id or 0)
+        logits = self.model(**inputs, output_logits=True, return_dict=True).logits
+        labels = batch["labels"]
+        loss = nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        return _Output(loss, logits)
+
+    def micro_step(self, batch: dict[str, torch.Tensor], last: bool) -> torch.Tensor:
+        """Forward, then backward through the ``OptimManager`` (loss scale, division by the ranks)."""
+        loss = self._forward(batch).loss
+        self.manager.backward(loss / self.spec.grad_accum)
+        return loss.detach()
+
+    def optimizer_step(self) -> float | None:
+        """Clip the global gradient norm, step (skipped on an fp16 overflow), schedule, zero the gradients."""
+        norm = None
+        if self.spec.max_grad_norm is not None:
+            norm = float(self.manager.clip_grad_norm(self.optimizer.param_groups, self.spec.max_grad_norm))
+        self.manager.step()
+        self.scheduler.step()
+        self.manager.zero_grad()
+        return norm
+
+    def eval_forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        """Forward without gradients; returns ``loss`` and ``logits``."""
+        with torch.no_grad():
+            return self._forward(batch)
+
+    # ----------------------------------------------------------------- state
+
+    def gather_delta(self, delta: DeltaBase) -> dict[str, torch.Tensor]:
+        """The delta's whole tensors on CPU under transformers' names. Collective (every rank all-gathers)."""
+        return {modelcenter_to_hf_name(k): full_tensor(p).to("cpu", copy=True) for k, p in delta.named_delta_tensors()}
+
+    def load_delta(self, delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a checkpoint's whole tensors (transformers' names) into the partitions. Collective."""
+        from opendelta_dist.saving import load_delta_tensors
+
+        load_delta_tensors(delta, {hf_to_modelcenter_name(k): v for k, v in tensors.items()})
+
+    def save_training_state(self, directory: Path) -> None:
+        """Rank ``r`` writes its optimizer partition's state; rank 0 also the schedule and the loss scale."""
+        import bmtrain as bmt
+
+        state = {"optimizer": self.optimizer.state_dict(), "loss_scale": self.manager.loss_scale}
+        torch.save(state, directory / f"bmt_optimizer.rank{bmt.rank()}.pt")
+        if bmt.rank() == 0:
+            torch.save(
+                {"scheduler": self.scheduler.state_dict(), "world_size": bmt.world_size()}, directory / TRAINING_STATE
+            )
+        bmt.synchronize()
+
+    def load_training_state(self, directory: Path) -> None:
+        """Read this rank's optimizer partition and the schedule (same world size only: see :meth:`check_resume`)."""
+        import bmtrain as bmt
+
+        shared = torch.load(directory / TRAINING_STATE, map_location="cpu", weights_only=True)
+        self.scheduler.load_state_dict(shared["scheduler"])
+        own = torch.load(directory / f"bmt_optimizer.rank{bmt.rank()}.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(own["optimizer"])
+        self.manager.loss_scale = own["loss_scale"]
+
+    @classmethod
+    def check_resume(cls, saved_state: Mapping[str, Any], topology: Any) -> None:
+        """Refuse another world size: each rank's Adam state is of its own partition.
+
+        Raises:
+            DeltaConfigError: the checkpoint was written by another number of processes, or by another engine.
+        """
+        if saved_state.get("engine") not in (None, cls.name):
+            raise DeltaConfigError(
+                f"this checkpoint was written by engine={saved_state['engine']}; its optimizer state does not fit "
+                "the bmt engine's partitions: resume with that engine, or start a new run from its final delta"
+            )
+        saved = saved_state.get("world_size")
+        if saved is not None and saved != topology.world_size:
+            raise DeltaConfigError(
+                f"this checkpoint's optimizer state is partitioned over {saved} processes, and this run has "
+                f"{topology.world_size}: resume with {saved} processes, or start a new run from its delta"
+            )
+
+    def close(self) -> None:
+        """Nothing to release: BMTrain's communicator lives as long as the process."""
+        return None
+
+    # ----------------------------------------------------------------- memory model
+
+    @classmethod
+    def compute_dtype(cls, options: Mapping[str, Any], model_dtype: torch.dtype) -> torch.dtype:
+        """``precision``'s dtype (the model is built in it) when set, else the model's.
+
+        Args:
+            options: the engine's options.
+            model_dtype: the dtype of ``model.dtype``.
+
+        Returns:
+            The dtype of the weights, the delta and the activations.
+        """
+        return check_precision(cls.name, options.get("precision"), ("bf16", "fp16")) or model_dtype
+
+    @classmethod
+    def memory_rows(cls, backbone: Backbone, world_size: int, options: Mapping[str, Any]) -> EngineMemory:
+        """ZeRO-3 blocks: 1/world of the weights, two blocks gathered at a time, no gradient of frozen weights.
+
+        Each block's weights are a partition of its storage, gathered in full around its forward and its
+        backward (the running block and the next one); embeddings, position biases, norms and the head
+        outside the blocks are gathered on use. Delta parameters and their gradients are partitions, gathered
+        around each use; Adam keeps an fp32 master and two fp32 moments of each trainable element (on CPU
+        with ``offload``).
+
+        Args:
+            backbone: the backbone, as counted by the estimator.
+            world_size: the run's processes.
+            options: the engine's options.
+
+        Returns:
+            The rows; nothing in the workspace.
+        """
+        c, w = backbone.counts, world_size
+        dtype = cls.compute_dtype(options, backbone.model_dtype)
+        itemsize = dtype.itemsize
+        blocks = sorted((b.unit_numel for b in backbone.blocks), reverse=True)
+        gathered = (sum(blocks[:2]) + backbone.root_numel) * itemsize
+        shards = ceil_div(c.frozen_numel * itemsize, w)
+        delta = 3 * ceil_div(c.trainable_numel * itemsize, w)
+        optimizer = ADAM_FP32_STATES * 4 * ceil_div(c.trainable_numel, w)
+        offload = bool(options.get("offload"))
+        return EngineMemory(
+            [
+                Row(
+                    "weights",
+                    shards + gathered,
+                    0,
+                    f"1/{w} partition, two blocks and the parts outside blocks gathered, in {dtype_name(dtype)}",
+                ),
+                Row("deltas", delta, 0, f"1/{w} partitions of trainable parameters and gradients, one gathered copy"),
+                Row(
+                    "optimizer",
+                    0 if offload else optimizer,
+                    optimizer if offload else 0,
+                    f"Adam's fp32 master and moments of 1/{w} of the trainable parameters"
+                    + (", on CPU" if offload else ""),
+                ),
+            ]
+        )
