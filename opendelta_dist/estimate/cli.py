@@ -1,7 +1,7 @@
 """Per-GPU memory of a training run, before running it: ``python -m opendelta_dist.estimate``.
 
     python -m opendelta_dist.estimate +recipe=lora_t5_11b world_size=8
-    python -m opendelta_dist.estimate +recipe=lora_t5_11b engine=deepspeed engine.options.bf16=true world_size=8
+    python -m opendelta_dist.estimate +recipe=lora_t5_11b engine=deepspeed engine.options.precision=bf16 world_size=8
     python -m opendelta_dist.estimate +recipe=lora_t5_11b world_size=1 micro_batch_size=8 input_tokens=512 \\
         target_tokens=128 model.dtype=bf16 format=json
 
