@@ -57,11 +57,16 @@ def test_images_pin_torch_first_and_run_as_a_user_in_a_copy_of_the_repository(do
 
 
 def test_the_gpu_image_builds_bmtrain_for_the_target_architectures():
+    """With the set-up's own script (scripts/install-bmt.sh, tested in tests/bmt), for CUDA_ARCHS."""
     text = GPU.read_text()
     assert 'ARG CUDA_ARCHS="80;90"' in text
-    assert 'bash /tmp/build-bmtrain.sh "${BMTRAIN_VERSION}" "${CUDA_ARCHS}"' in text
-    script = ROOT / "docker" / "build-bmtrain.sh"
-    result = subprocess.run(["bash", str(script), "1.0.1", "sm_90"], capture_output=True, text=True)
+    assert 'BMT_CUDA_ARCHS="${CUDA_ARCHS}" BUILD_DOCKER_ENV=1' in text
+    assert "bash scripts/install-bmt.sh /opt/venv/bin/python" in text
+    assert text.index("bash scripts/install-bmt.sh") > text.index("grep '^torch==' constraints.txt")  # torch's NCCL
+    script = ROOT / "scripts" / "install-bmt.sh"
+    result = subprocess.run(
+        ["bash", str(script)], env={**os.environ, "BMT_CUDA_ARCHS": "sm_90"}, capture_output=True, text=True
+    )
     assert result.returncode == 2 and "give compute capabilities like" in result.stderr
 
 
