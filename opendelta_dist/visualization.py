@@ -33,6 +33,7 @@ from rich.tree import Tree
 from torch import nn
 
 from opendelta_dist.addressing import is_delta_module
+from opendelta_dist.backends import backend_of
 from opendelta_dist.operations import delta_parameter_ids
 
 FROZEN_STYLE = "grey50"
@@ -94,7 +95,8 @@ class _Summarizer:
         if id(module) in self.summaries:
             return self.summaries[id(module)]
         params = tuple(
-            _Param(name, tuple(p.shape), p.requires_grad, id(p) in self.delta_ids)
+            # the whole shape: a sharded backend's parameter holds only its partition
+            _Param(name, tuple(backend_of(p).full_shape(p)), p.requires_grad, id(p) in self.delta_ids)
             for name, p in module.named_parameters(recurse=False)
         )
         children: list[tuple[str, _Summary]] = []

@@ -112,3 +112,14 @@ def test_a_method_needing_what_a_backend_lacks_is_refused_by_name():
 
     with pytest.raises(DeltaConfigError, match=r"PrefixModel .*'transformers'.* backend 'bmt'"):
         PrefixModel(build("gpt2"), backend="bmt")
+
+
+def test_the_structure_graph_shows_whole_shapes_on_a_sharded_backend():
+    from opendelta_dist import Visualization
+
+    model, _ = _built("lora", "t5", sharded.NAME)
+    graph = Visualization(model).structure_text(expand_params=True)
+    ref_model, _ = _built("lora", "t5", "hf")
+    # the same tree and shapes; the sharded backend's module classes are named Sharded<Class>
+    assert graph.replace("Sharded", "") == Visualization(ref_model).structure_text(expand_params=True)
+    assert "lora_A:[8,32]" in graph.replace(" ", "")
