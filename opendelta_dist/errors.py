@@ -30,6 +30,11 @@ class DeltaConfigError(OpenDeltaError, ValueError):
     """A delta configuration is invalid: unknown delta_type, unknown or ill-typed option."""
 
 
+class WholeValueUnavailableError(DeltaConfigError):
+    """A backend cannot read this parameter whole here (e.g. a weight inside a BMTrain block, whole only
+    inside the block's forward)."""
+
+
 class DeltaStateError(OpenDeltaError, RuntimeError):
     """An operation does not fit the delta's state (attaching twice, detaching a detached delta)."""
 

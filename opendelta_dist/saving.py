@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from opendelta_dist.backends import backend_of, full_tensor
-from opendelta_dist.errors import BackboneMismatchError, DeltaCheckpointError
+from opendelta_dist.errors import BackboneMismatchError, DeltaCheckpointError, WholeValueUnavailableError
 from opendelta_dist.operations import pristine_named_parameters
 
 if TYPE_CHECKING:
@@ -67,17 +67,22 @@ def backbone_checksum(backbone: nn.Module, replaced: Collection[str] = ()) -> tu
             backbone whose copy of them was initialised differently.
 
     Returns:
-        ``(sha256 hex of parameter names and shapes, float32 array of sampled parameter values)``.
+        ``(sha256 hex of parameter names and shapes, float32 array of sampled parameter values)``; a value
+        the backend cannot read whole here (a weight inside a BMTrain block) is not sampled (NaN).
     """
     structure = hashlib.sha256()
     samples: list[np.ndarray] = []
     for name, p in pristine_named_parameters(backbone):
-        whole = p if p.device.type == "meta" else full_tensor(p)
-        structure.update(f"{name}:{tuple(backend_of(p).full_shape(p))};".encode())
-        flat = whole.detach().reshape(-1)
-        if flat.numel() == 0 or flat.device.type == "meta" or name in replaced:
-            samples.append(np.full(min(SAMPLES_PER_TENSOR, flat.numel()), np.nan, dtype=np.float32))
+        shape = backend_of(p).full_shape(p)
+        structure.update(f"{name}:{tuple(shape)};".encode())
+        try:
+            whole = p if p.device.type == "meta" else full_tensor(p)
+        except WholeValueUnavailableError:
+            whole = None
+        if whole is None or shape.numel() == 0 or whole.device.type == "meta" or name in replaced:
+            samples.append(np.full(min(SAMPLES_PER_TENSOR, shape.numel()), np.nan, dtype=np.float32))
             continue
+        flat = whole.detach().reshape(-1)
         idx = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel()), device=flat.device).long()
         samples.append(flat[idx].float().cpu().numpy())
     values = np.concatenate(samples) if samples else np.zeros(0, dtype=np.float32)

@@ -42,7 +42,7 @@ from torch import nn
 from opendelta_dist.backends import BiasKind, InitFn, WeightLayout
 from opendelta_dist.backends.hf import BACKEND as HF
 from opendelta_dist.backends.hf import torch_linear_bias_init, torch_linear_weight_init
-from opendelta_dist.errors import DeltaConfigError
+from opendelta_dist.errors import DeltaConfigError, WholeValueUnavailableError
 
 #: the model type under which :attr:`BMTBackend.families` lists ModelCenter's T5 (its class path)
 MODELCENTER_T5 = "model_center.model.t5.T5"
@@ -90,7 +90,7 @@ def _in_block(param: torch.Tensor) -> bool:
 
 def _refuse_in_block(param: torch.Tensor, what: str) -> None:
     if _in_block(param):
-        raise DeltaConfigError(
+        raise WholeValueUnavailableError(
             f"cannot {what} a backbone weight inside a BMTrain Block (shape {tuple(param._original_shape)}): it "
             "is a partition of the block's storage and whole only inside the block's forward. Keep the delta "
             "apart (do not merge it into the backbone on bmt), or merge on a transformers model loaded with "
@@ -215,7 +215,7 @@ class BMTBackend:
         """The whole value, all-gathered (a collective: every rank calls it in the same order), detached.
 
         Raises:
-            DeltaConfigError: ``param`` is a backbone weight inside a BMTrain ``Block``.
+            WholeValueUnavailableError: ``param`` is a backbone weight inside a BMTrain ``Block``.
         """
         if not isinstance(param, bmt.DistributedParameter):
             return param.detach()

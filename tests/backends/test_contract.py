@@ -123,3 +123,44 @@ def test_the_structure_graph_shows_whole_shapes_on_a_sharded_backend():
     # the same tree and shapes; the sharded backend's module classes are named Sharded<Class>
     assert graph.replace("Sharded", "") == Visualization(ref_model).structure_text(expand_params=True)
     assert "lora_A:[8,32]" in graph.replace(" ", "")
+
+
+class _UnreadableBackend(sharded.ShardedReferenceBackend):
+    """Owns the tensors marked ``_unreadable`` and cannot read them whole (as BMTrain's in-block weights)."""
+
+    name = "unreadable-reference"
+
+    def owns(self, tensor):
+        return hasattr(tensor, "_unreadable")
+
+    def full_shape(self, param):
+        return param.shape
+
+    def full_tensor(self, param):
+        from opendelta_dist.errors import WholeValueUnavailableError
+
+        raise WholeValueUnavailableError("a backbone weight is whole only inside its block's forward")
+
+
+def test_a_delta_saves_where_the_backend_cannot_read_backbone_weights_whole(tmp_path):
+    """The checkpoint records the backbone's structure; the values the backend cannot read are left out of
+    the fingerprint (NaN), so the delta loads on a plain backbone of that structure, checked."""
+    import numpy as np
+
+    from opendelta_dist.backends import register_backend
+    from opendelta_dist.saving import SAMPLES_PER_TENSOR, backbone_checksum
+
+    register_backend(_UnreadableBackend.name, _UnreadableBackend())
+    model, delta = _built("lora", "t5", "hf")
+    unreadable = {"encoder.block.0.layer.1.DenseReluDense.wi.weight", "decoder.final_layer_norm.weight"}
+    for name, p in model.named_parameters():
+        if name in unreadable:
+            p._unreadable = True
+    structure, values = backbone_checksum(model)
+    ref_structure, ref_values = backbone_checksum(build("t5"))
+    assert structure == ref_structure
+    missing = np.isnan(values) & ~np.isnan(ref_values)
+    assert missing.sum() == sum(min(SAMPLES_PER_TENSOR, n) for n in (37 * 32, 32))  # wi [37, 32], the norm [32]
+    np.testing.assert_array_equal(values[~np.isnan(values)], ref_values[~np.isnan(values)])
+    delta.save_finetuned(tmp_path / "delta")
+    AutoDeltaModel.from_finetuned(tmp_path / "delta", backbone_model=build("t5"), backend="hf")
