@@ -93,7 +93,10 @@ class BitFitModel(DeltaBase):
     def _bias_operation(self, name: str, module: nn.Module, kind: BiasKind, size: int) -> Operation:
         weight = module.weight
         if kind is BiasKind.EXISTING:
-            return self.unfreeze_parameter(name, "bias", module.bias.detach().clone())
+            # whole, through the backend: a sharded bias is read as the tensor, not as this rank's partition
+            return self.unfreeze_parameter(
+                name, "bias", self.backend_mapping.full_tensor(module._parameters["bias"]).clone()
+            )
         if kind is BiasKind.EMPTY_SLOT:
             return self.unfreeze_parameter(name, "bias", torch.zeros(size, device=weight.device, dtype=weight.dtype))
         bias = self.backend_mapping.parameter((size,), nn.init.zeros_, weight.device, weight.dtype)
