@@ -55,13 +55,6 @@ def test_bad_options_are_refused():
         LoraModel(model, modified_modules=["query"], interactive_modify=True)
 
 
-def test_bmt_backend_is_not_in_this_version_yet():
-    from opendelta_dist.errors import BackendUnavailableError
-
-    with pytest.raises(BackendUnavailableError, match="not part of this version"):
-        LoraModel(build("t5"), backend="bmt")
-
-
 def test_exclude_modules_removes_subtrees():
     delta = LoraModel(build("bert"), modified_modules=["query"], exclude_modules=["layer.1"])
     assert [op.module_name for op in delta._operations] == ["bert.encoder.layer.0.attention.self.query"]
