@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # System packages some tests drive for real (they skip, saying why, where these are missing):
-# a headless Chromium for interactive_modify, and Slurm for the cluster launch tests.
+# a headless Chromium for interactive_modify, Slurm and munge for the cluster launch tests, and
+# iproute2 + util-linux (ip netns, nsenter, unshare) for the emulated multi-host cluster.
 # Needs root and Debian's apt; run once per machine (CI runs it before the tests).
 set -euo pipefail
-PACKAGES=(chromium chromium-driver slurm-wlm munge slurmctld slurmd slurm-client)
+PACKAGES=(chromium chromium-driver slurm-wlm munge slurmctld slurmd slurm-client iproute2 util-linux)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

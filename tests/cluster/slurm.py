@@ -130,9 +130,15 @@ class SlurmCluster:
         (root / "gres.conf").write_text("\n".join(gres) + "\n")
         return True
 
+    def client_argv(self, args: list[str]) -> list[str]:
+        """The command line of a Slurm client command (run as it is here, on the cluster's host)."""
+        return args
+
     def run(self, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         """Run a Slurm client command against this cluster."""
-        result = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=300, cwd=cwd)
+        result = subprocess.run(
+            self.client_argv(list(args)), env=self.env, capture_output=True, text=True, timeout=300, cwd=cwd
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result
@@ -192,11 +198,11 @@ class SlurmCluster:
             except (OSError, ValueError):
                 continue
             deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
+            while alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether the process runs (a daemon's zombie, left to a parent that does not reap it, does not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

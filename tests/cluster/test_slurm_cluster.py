@@ -14,70 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from opendelta_dist import AutoDeltaModel
-from opendelta_dist.train.models import ModelConfig, build_model
+from tests.cluster.jobs import ENDED, TINY, load_final_delta, run_job, sbatch, wait_for_checkpoint
 from tests.cluster.slurm import SlurmCluster
 from tests.train.launch import ROOT, metrics
 
 pytestmark = pytest.mark.slow  # each test runs Slurm jobs of 2 processes (about 10-30 s each)
-SCRIPT = ROOT / "launch" / "slurm" / "train.sbatch"
-TINY = ["+recipe=lora_t5_tiny", "train.eval_every=0"]
-
-
-def job_env(cluster: SlurmCluster) -> dict[str, str]:
-    """What a user's shell has at sbatch time: the environment active, the repository, CPU processes."""
-    return {
-        **cluster.env,
-        "PYTHON": sys.executable,
-        "OPENDELTA_DIST_ROOT": str(ROOT),
-        "NPROC_PER_NODE": "2",
-        "HF_HUB_OFFLINE": "1",
-    }
-
-
-def sbatch(cluster: SlurmCluster, submit_dir: Path, overrides: list[str], *options: str) -> tuple[str, Path]:
-    """Submit train.sbatch from ``submit_dir``; returns the job id and its log."""
-    gpu_options = [] if cluster.gpus else ["--gpus-per-node=0"]
-    result = subprocess.run(
-        ["sbatch", "--parsable", *gpu_options, *options, str(SCRIPT), *overrides],
-        env=job_env(cluster),
-        cwd=submit_dir,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    job_id = result.stdout.strip().split(";")[0]
-    assert job_id.isdigit(), result.stdout + result.stderr
-    return job_id, submit_dir / f"opendelta-{job_id}.out"
-
-
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
-
-
-def run_job(cluster: SlurmCluster, submit_dir: Path, overrides: list[str]) -> tuple[str, Path, dict[str, str]]:
-    """Submit train.sbatch and wait for the job to end (polling: ``sbatch --wait`` backs off to 30 s)."""
-    job_id, log = sbatch(cluster, submit_dir, overrides)
-    return job_id, log, cluster.wait_for(job_id, ENDED, timeout=300)
-
-
-def load_final_delta(run_dir: Path) -> None:
-    """The delta checkpoint loads onto a fresh tiny T5 and sets exactly the saved tensors."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = OmegaConf.to_container(compose("config", overrides=["+recipe=lora_t5_tiny"]), resolve=True)
-    torch.manual_seed(cfg["seed"])  # the tiny T5 is randomly initialised: the same seed gives the same backbone
-    model = build_model(ModelConfig(**cfg["model"]))
-    AutoDeltaModel.from_finetuned(run_dir / "final_delta", model)
-    saved = load_file(run_dir / "final_delta" / "delta_model.safetensors")
-    params = dict(model.named_parameters())
-    assert saved
-    for name, tensor in saved.items():
-        torch.testing.assert_close(params[name], tensor, rtol=0, atol=0)
 
 
 def test_sbatch_trains_the_tiny_recipe_on_two_processes(slurm_cluster, tmp_path):
@@ -100,13 +42,6 @@ def test_a_failing_job_fails(slurm_cluster, tmp_path):
     assert "not divisible by world size 2" in log.read_text()
 
 
-def _wait_for_checkpoint(run_dir: Path, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not list((run_dir / "checkpoints").glob("step_*/trainer_state.json")):
-        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no job log"
-        time.sleep(0.2)
-
-
 @pytest.mark.parametrize("interruption", ["scontrol requeue", "time-limit signal"])
 def test_a_requeued_job_resumes_from_its_last_checkpoint(slurm_cluster, tmp_path, interruption):
     """Preemption-style requeue (Slurm signals every process), or the time-limit warning that the
@@ -115,7 +50,7 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint(slurm_cluster, tmp_path
     overrides = [*TINY, f"train.max_steps={steps}", "checkpoint.every=5", "train.log_every=1"]
     job_id, log = sbatch(slurm_cluster, tmp_path, overrides)
     run_dir = tmp_path / "outputs" / "lora_t5_tiny" / f"slurm-{job_id}"
-    _wait_for_checkpoint(run_dir, log)
+    wait_for_checkpoint(run_dir, log)
     if interruption == "scontrol requeue":
         slurm_cluster.run("scontrol", "requeue", job_id)
     else:
@@ -198,7 +133,7 @@ def test_a_requeued_sweep_job_resumes_and_the_sweep_waits_for_it(slurm_cluster, 
         text=True,
     )
     try:
-        _wait_for_checkpoint(sweep / "0", sweep / "multirun.yaml")
+        wait_for_checkpoint(sweep / "0", sweep / "multirun.yaml")
         (submitted,) = sweep.glob(".submitit/*/*_submitted.pkl")
         job_id = submitted.name.removesuffix("_submitted.pkl")
         slurm_cluster.run("scontrol", "requeue", job_id)
