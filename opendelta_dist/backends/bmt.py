@@ -245,8 +245,8 @@ class BMTBackend:
             raise DeltaConfigError(
                 f"a tensor of shape {tuple(value.shape)} for a {tuple(param._original_shape)} parameter"
             )
-        with torch.no_grad():
-            param._copy_data(value.to(device=param.device, dtype=param.dtype))
+        with torch.no_grad():  # BMTrain copies this rank's slice of ``value.view(-1)``: it must be contiguous
+            param._copy_data(value.to(device=param.device, dtype=param.dtype).contiguous())
 
     # ----------------------------------------------------------------- recognising
 
@@ -264,7 +264,15 @@ class BMTBackend:
 
     def bias_kind(self, module: nn.Module) -> tuple[BiasKind, int] | None:
         """ModelCenter's ``Linear`` and ``LayerNorm`` take a bias (its RMS norm, ``bias=None``, an added one);
-        the ``hf`` backend's answer for other layers."""
+        the ``hf`` backend's answer for other layers.
+
+        ModelCenter's ``Linear`` without a bias keeps ``bias = None`` as a plain attribute, not as a parameter
+        slot (``nn.Linear(bias=False)`` has one): the slot is registered here, empty, so that a delta can fill
+        it (its forward reads ``self.bias`` as before, None until then).
+        """
+        if isinstance(module, MCLinear) and "bias" not in module._parameters and module.__dict__.get("bias") is None:
+            module.__dict__.pop("bias", None)
+            module.register_parameter("bias", None)
         bias = module._parameters.get("bias")
         if isinstance(module, MCLinear):
             return (BiasKind.EXISTING if bias is not None else BiasKind.EMPTY_SLOT), module.dim_out

@@ -7,6 +7,9 @@ three translations live here, all pure functions of configs, names and tensors (
 - :func:`hf_to_modelcenter` / :func:`modelcenter_to_hf` convert a whole state dict, and
   :func:`hf_to_modelcenter_name` / :func:`modelcenter_to_hf_name` a module or parameter name (a delta's
   checkpoint keys, ``encoder.block.0.layer.0.SelfAttention.q.lora.lora_A``, and its module names included).
+  A name below a module with a counterpart whose next part is none of the backbone's own children (a delta's
+  child, as ``encoder.block.0.layer.1.adapter.up_proj.weight`` under a feed-forward sub-layer) keeps that
+  tail unchanged.
 
 The weights are copied **unscaled** (ModelCenter's own converters divide some by 100 or 10 for fp16 and set
 ``scale``; in bf16 that is not needed), so a delta trained on one applies unchanged to the other. Only the LM
@@ -35,6 +38,19 @@ _FFN = {"wi": "w_in.w", "wi_0": "w_in.w_0", "wi_1": "w_in.w_1", "wo": "w_out"}
 _ATTN_BACK = {v: k for k, v in _ATTN.items()}
 _FFN_BACK = {v: k for k, v in _FFN.items()}
 _END = r"(?=\.|$)"
+# the backbone's own children of the modules a delta may be put into: a name below one of them is the backbone's
+# (converted by the tables above, or refused); any other child is a delta's and keeps its name on both sides
+_HF_SUBLAYER_OWN = {"layer_norm", "SelfAttention", "EncDecAttention", "DenseReluDense", "dropout"}
+_HF_ATTENTION_OWN = {*_ATTN, "relative_attention_bias"}
+_HF_FFN_OWN = {*_FFN, "dropout", "act"}
+_MC_SUBLAYER_OWN = {"layernorm_before_attention", "layernorm_before_ffn", "self_attention", "ffn", "dropout"}
+_MC_ATTENTION_OWN = {*_ATTN_BACK, "attention_dropout", "softmax"}
+_MC_FFN_OWN = {"w_in", "w_out", "dropout"}
+
+
+def _first(tail: str) -> str:
+    """The first part of a dotted tail ``.a.b`` (``a``)."""
+    return tail[1:].partition(".")[0]
 
 
 def _scales_decoder_output(config: Any) -> bool:
@@ -103,23 +119,27 @@ def _layer_map(side: str, index: str, sub: str, rest: str) -> str | None:
             "ffn.layernorm_before_ffn" if ffn else f"{'cross_att' if cross else 'self_att'}.layernorm_before_attention"
         )
         return f"{base}.{where}{tail}"
+    part = "ffn" if ffn else ("cross_att" if cross else "self_att")
     if head in ("SelfAttention", "EncDecAttention") and not ffn:
         if (head == "EncDecAttention") != cross:
             return None
         proj, _, after = tail[1:].partition(".")
         after = f".{after}" if after else ""
         if proj in _ATTN:
-            return f"{base}.{'cross_att' if cross else 'self_att'}.self_attention.{_ATTN[proj]}{after}"
-        if proj == "" and not tail:
-            return f"{base}.{'cross_att' if cross else 'self_att'}.self_attention"
+            return f"{base}.{part}.self_attention.{_ATTN[proj]}{after}"
+        if not tail or proj not in _HF_ATTENTION_OWN:  # the attention itself, or a delta's child of it
+            return f"{base}.{part}.self_attention{tail}"
         return None
     if head == "DenseReluDense" and ffn:
         proj, _, after = tail[1:].partition(".")
         after = f".{after}" if after else ""
         if proj in _FFN:
             return f"{base}.ffn.ffn.{_FFN[proj]}{after}"
-        if not tail:
-            return f"{base}.ffn.ffn"
+        if not tail or proj not in _HF_FFN_OWN:  # the feed-forward network itself, or a delta's child of it
+            return f"{base}.ffn.ffn{tail}"
+        return None
+    if head not in _HF_SUBLAYER_OWN:  # a delta's child of the sub-layer
+        return f"{base}.{part}.{rest}"
     return None
 
 
@@ -191,15 +211,17 @@ def modelcenter_to_hf_name(name: str) -> str:
                 for mc, hf in _ATTN_BACK.items():
                     if re.match(rf"\.{re.escape(mc)}{_END}", tail):
                         return f"{base}.{attention}.{hf}{tail[len(mc) + 1 :]}"
-                if not tail:
-                    return f"{base}.{attention}"
-            if part == "ffn" and re.match(rf"ffn{_END}", rest):
+                if not tail or _first(tail) not in _MC_ATTENTION_OWN:  # the attention, or a delta's child of it
+                    return f"{base}.{attention}{tail}"
+            elif part == "ffn" and re.match(rf"ffn{_END}", rest):
                 tail = rest[len("ffn") :]
                 for mc, hf in sorted(_FFN_BACK.items(), key=lambda kv: -len(kv[0])):
                     if re.match(rf"\.{re.escape(mc)}{_END}", tail):
                         return f"{base}.DenseReluDense.{hf}{tail[len(mc) + 1 :]}"
-                if not tail:
-                    return f"{base}.DenseReluDense"
+                if not tail or _first(tail) not in _MC_FFN_OWN:  # the network, or a delta's child of it
+                    return f"{base}.DenseReluDense{tail}"
+            elif _first(f".{rest}") not in _MC_SUBLAYER_OWN:  # a delta's child of the sub-layer
+                return f"{base}.{rest}"
     raise DeltaConfigError(f"ModelCenter's T5 name {name!r} has no counterpart in transformers' T5")
 
 

@@ -70,8 +70,33 @@ def test_delta_keys_map_to_modelcenter_and_back(feed_forward):
     assert hf_to_modelcenter_name("encoder.block.0.layer.1") == "encoder.layers.0.ffn"
 
 
+@pytest.mark.parametrize(
+    ("hf", "mc"),
+    [
+        ("encoder.block.0.layer.1.adapter.up_proj.weight", "encoder.layers.0.ffn.adapter.up_proj.weight"),
+        ("decoder.block.1.layer.1.parallel_adapter.b", "decoder.layers.1.cross_att.parallel_adapter.b"),
+        ("encoder.block.1.layer.0.SelfAttention.adapter.w", "encoder.layers.1.self_att.self_attention.adapter.w"),
+        ("decoder.block.0.layer.1.EncDecAttention.adapter.w", "decoder.layers.0.cross_att.self_attention.adapter.w"),
+        ("decoder.block.2.layer.2.DenseReluDense.adapter.w", "decoder.layers.2.ffn.ffn.adapter.w"),
+    ],
+)  # fmt: skip
+def test_a_deltas_child_of_a_sub_layer_attention_or_feed_forward_keeps_its_tail(hf, mc):
+    assert hf_to_modelcenter_name(hf) == mc
+    assert modelcenter_to_hf_name(mc) == hf
+
+
 def test_names_without_a_counterpart_are_refused():
-    for name in ("encoder.block.0", "encoder.block.0.layer.1.dropout", "encoder.layers.0.cross_att.x"):
+    names = (
+        "encoder.block.0",
+        "encoder.block.0.layer.1.dropout",
+        "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight",
+        "encoder.block.0.layer.1.DenseReluDense.act",
+        "encoder.layers.0.cross_att.x",
+        "encoder.layers.0.ffn.ffn.w_in",
+        "encoder.layers.0.self_att.self_attention.softmax",
+        "encoder.layers.0.self_att.layernorm_before_ffn",
+    )
+    for name in names:
         with pytest.raises(DeltaConfigError, match="no counterpart"):
             (modelcenter_to_hf_name if ".layers." in name else hf_to_modelcenter_name)(name)
 

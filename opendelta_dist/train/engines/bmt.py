@@ -3,9 +3,12 @@
 The engine builds the backbone itself (:meth:`BMTEngine.build_backbone`): ModelCenter's T5 from the recipe's
 transformers T5 configuration, in ``model.dtype``, on this process's GPU, every transformer layer a BMTrain
 ``Block`` whose weights are partitioned over the ranks and gathered only around its forward and backward
-(activations recomputed in backward). Pretrained transformers weights (``model.name_or_path``) are converted
-into ModelCenter's layout (:mod:`opendelta_dist.train.modelcenter_t5`); without them the weights are random
-(BMTrain's initialisers). The recipe then attaches the delta with ``backend="bmt"`` (its parameters are
+(activations recomputed in backward). The weights are those of transformers' T5 converted into ModelCenter's
+layout (:mod:`opendelta_dist.train.modelcenter_t5`): the pretrained ones (``model.name_or_path``), or, for a
+random-weight model, transformers' initialisation drawn from the run's seed exactly as the other engines draw it
+(on ``model.init_device``, the CPU or this GPU), so a run starts from the same backbone whichever engine trains it.
+BMTrain's initialisation re-seeds every generator; it is undone, so the draws that follow (the delta's) are those
+of the other engines as well. The recipe then attaches the delta with ``backend="bmt"`` (its parameters are
 ``DistributedParameter``s outside the blocks' storage) and freezes the rest.
 
 **Frozen weights get no gradient storage.** ModelCenter wraps its layers in ``Block``s while building the model,
@@ -114,8 +117,16 @@ class BMTEngine(Engine):
                 f"the bmt engine needs BMTrain and ModelCenter ({exc}): install them with bash scripts/install-bmt.sh"
             ) from exc
         if not bmt.config.get("initialized", False):
-            # under torchrun: the ranks meet through the agent's store, as torch's own process group does
-            bmt.init_distributed(seed=torch.initial_seed() % 2**32)
+            import random
+
+            # BMTrain seeds torch (CPU and GPU), random and numpy with its ``seed``: the recipe seeded them
+            # already, and what they drew since (data, ...) must not be drawn again, so they are put back
+            states = random.getstate(), np.random.get_state()
+            with torch.random.fork_rng(devices=[self.topology.device]):
+                # under torchrun: the ranks meet through the agent's store, as torch's own process group does
+                bmt.init_distributed(seed=torch.initial_seed() % 2**32)
+            random.setstate(states[0])
+            np.random.set_state(states[1])
             torch.backends.cudnn.enabled = True  # BMTrain turns cuDNN off; T5 has no convolution either way
 
     def build_backbone(self, config: Any) -> nn.Module:
@@ -134,7 +145,6 @@ class BMTEngine(Engine):
         from opendelta_dist.train.models import DTYPES, build_model, model_architecture
 
         self._init_bmtrain()
-        import bmtrain as bmt
         from model_center.model import T5
 
         if config.dtype not in DTYPES:
@@ -148,20 +158,20 @@ class BMTEngine(Engine):
         self.hf_config = hf_config
         dtype = self.dtype or DTYPES[config.dtype]
         model = T5(modelcenter_config(hf_config, dtype))
-        if config.name_or_path:
-            # every rank reads the checkpoint to CPU memory and keeps its partitions of it
-            dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
-            pretrained = build_model(replace(config, dtype=dtype_name, init_device="cpu", gradient_checkpointing=False))
-            state = hf_to_modelcenter(pretrained.state_dict(), hf_config)
-            del pretrained
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise DeltaConfigError(
-                    f"the weights of {config.name_or_path} do not fit ModelCenter's T5: missing {missing[:3]}, "
-                    f"unexpected {unexpected[:3]}"
-                )
-        else:
-            bmt.init_parameters(model)
+        # every rank builds transformers' T5 (the checkpoint read to CPU memory, or random weights drawn from the
+        # seed as every engine draws them) and keeps its partitions of it
+        dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+        where = "cpu" if config.name_or_path or config.init_device == "meta" else config.init_device
+        source = build_model(replace(config, dtype=dtype_name, init_device=where, gradient_checkpointing=False))
+        state = hf_to_modelcenter(source.state_dict(), hf_config)
+        del source
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        del state
+        if missing or unexpected:
+            raise DeltaConfigError(
+                f"the weights of {config.name_or_path or 'transformers T5'} do not fit ModelCenter's T5: missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}"
+            )
         # the hidden-size probe of adapters runs this forward (a collective: every rank runs it)
         ids = torch.tensor([[1, 2, 3]], device="cuda")
         model.delta_dummy_inputs = {
