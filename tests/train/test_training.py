@@ -153,7 +153,11 @@ def test_engines_agree_with_ddp(engine, reference, tmp_path):
     # the loss is a mean over target tokens: two micro-batch means weigh tokens slightly differently from
     # one mean over the whole batch, so other micro-batches follow the curve only to within 1%
     other_micro_batches = "accum" in engine or one_process
-    assert ours == pytest.approx(ref, rel=1e-2 if other_micro_batches else 1e-4)
+    # a GPU row draws its delta's initial values from the GPU's generator (bmt makes them on the GPU), DDP
+    # from the CPU's: another starting point of the same run, so the curve follows within 5%; the bmt
+    # engine's exact comparison, against the single engine on the same GPU, is tests/bmt/test_bmt_engine.py
+    tolerance = 5e-2 if engine in GPU_ENGINES else 1e-2 if other_micro_batches else 1e-4
+    assert ours == pytest.approx(ref, rel=tolerance)
     if other_micro_batches:
         return  # the rest holds exactly only for the same micro-batches
     assert metrics(run_dir, "eval")[-1]["exact_match"] == pytest.approx(metrics(reference, "eval")[-1]["exact_match"])
