@@ -236,6 +236,8 @@ def _batch(vocab: int, device: Any) -> dict[str, Any]:
 
 def _engine_step(variant: str, steps: int, phases: dict[str, float]) -> tuple[Any, Any]:
     """Build the variant's engine, its backbone and the delta; return a one-step function and what to close."""
+    from dataclasses import replace
+
     from opendelta_dist import LoraModel
     from opendelta_dist.train.engines import OptimizerSpec, build_engine
     from opendelta_dist.train.models import build_model
@@ -245,7 +247,9 @@ def _engine_step(variant: str, steps: int, phases: dict[str, float]) -> tuple[An
     topology = Topology.from_environment("cuda")
     engine = build_engine(VARIANTS[variant]["engine"], topology, engine_options(variant))
     config = _model_config("cuda")
-    model = engine.build_backbone(config)
+    # an engine with its own model (bmt) builds it with its own initialisers ("meta": no transformers copy
+    # beside it, which would not fit the cap twice)
+    model = engine.build_backbone(replace(config, init_device="meta"))
     if model is None:
         model = build_model(config)  # gradient checkpointing and input gradients, as the recipe sets them
     delta = LoraModel(model, **LORA, common_structure=True, backend=engine.delta_backend)

@@ -6,7 +6,9 @@ transformers T5 configuration, in ``model.dtype``, on this process's GPU, every 
 (activations recomputed in backward). The weights are those of transformers' T5 converted into ModelCenter's
 layout (:mod:`opendelta_dist.train.modelcenter_t5`): the pretrained ones (``model.name_or_path``), or, for a
 random-weight model, transformers' initialisation drawn from the run's seed exactly as the other engines draw it
-(on ``model.init_device``, the CPU or this GPU), so a run starts from the same backbone whichever engine trains it.
+(on ``model.init_device``, the CPU or this GPU), so a run starts from the same backbone whichever engine trains it;
+with ``model.init_device=meta`` and no checkpoint, ModelCenter's own initialisers fill it on the GPU instead (a
+model too big to hold twice, e.g. T5-11B in a benchmark).
 BMTrain's initialisation re-seeds every generator; it is undone, so the draws that follow (the delta's) are those
 of the other engines as well. The recipe then attaches the delta with ``backend="bmt"`` (its parameters are
 ``DistributedParameter``s outside the blocks' storage) and freezes the rest.
@@ -145,6 +147,7 @@ class BMTEngine(Engine):
         from opendelta_dist.train.models import DTYPES, build_model, model_architecture
 
         self._init_bmtrain()
+        import bmtrain as bmt
         from model_center.model import T5
 
         if config.dtype not in DTYPES:
@@ -158,6 +161,11 @@ class BMTEngine(Engine):
         self.hf_config = hf_config
         dtype = self.dtype or DTYPES[config.dtype]
         model = T5(modelcenter_config(hf_config, dtype))
+        if not config.name_or_path and config.init_device == "meta":
+            # random weights of a model too big to build twice: ModelCenter's own initialisers, on the GPU
+            bmt.init_parameters(model)
+            self._set_dummy_inputs(model)
+            return model
         # every rank builds transformers' T5 (the checkpoint read to CPU memory, or random weights drawn from the
         # seed as every engine draws them) and keeps its partitions of it
         dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
@@ -172,7 +180,12 @@ class BMTEngine(Engine):
                 f"the weights of {config.name_or_path or 'transformers T5'} do not fit ModelCenter's T5: missing "
                 f"{missing[:3]}, unexpected {unexpected[:3]}"
             )
-        # the hidden-size probe of adapters runs this forward (a collective: every rank runs it)
+        self._set_dummy_inputs(model)
+        return model
+
+    @staticmethod
+    def _set_dummy_inputs(model: nn.Module) -> None:
+        """The inputs of the hidden-size probe of adapters (its forward is a collective: every rank runs it)."""
         ids = torch.tensor([[1, 2, 3]], device="cuda")
         model.delta_dummy_inputs = {
             "input_ids": ids,
@@ -180,7 +193,6 @@ class BMTEngine(Engine):
             "decoder_input_ids": ids,
             "decoder_attention_mask": torch.ones_like(ids),
         }
-        return model
 
     def backbone_checksum(self, model: nn.Module, delta: DeltaBase) -> tuple[str, np.ndarray]:
         """The checksum of the transformers T5 the saved delta is for: its structure, without values.
