@@ -39,13 +39,18 @@ def job_env(cluster: SlurmCluster, nproc_per_node: int = 2) -> dict[str, str]:
 
 
 def sbatch(
-    cluster: SlurmCluster, submit_dir: Path, overrides: list[str], *options: str, nproc_per_node: int = 2
+    cluster: SlurmCluster,
+    submit_dir: Path,
+    overrides: list[str],
+    *options: str,
+    nproc_per_node: int = 2,
+    env: dict[str, str] | None = None,
 ) -> tuple[str, Path]:
-    """Submit train.sbatch from ``submit_dir``; returns the job id and its log."""
+    """Submit train.sbatch from ``submit_dir`` (``env``: more variables for the job); returns the job id and its log."""
     gpu_options = [] if cluster.gpus else ["--gpus-per-node=0"]
     result = subprocess.run(
         cluster.client_argv(["sbatch", "--parsable", *gpu_options, *options, str(SCRIPT), *overrides]),
-        env=job_env(cluster, nproc_per_node),
+        env={**job_env(cluster, nproc_per_node), **(env or {})},
         cwd=submit_dir,
         capture_output=True,
         text=True,
@@ -57,10 +62,15 @@ def sbatch(
 
 
 def run_job(
-    cluster: SlurmCluster, submit_dir: Path, overrides: list[str], *options: str, nproc_per_node: int = 2
+    cluster: SlurmCluster,
+    submit_dir: Path,
+    overrides: list[str],
+    *options: str,
+    nproc_per_node: int = 2,
+    env: dict[str, str] | None = None,
 ) -> tuple[str, Path, dict[str, str]]:
     """Submit train.sbatch and wait for the job to end (polling: ``sbatch --wait`` backs off to 30 s)."""
-    job_id, log = sbatch(cluster, submit_dir, overrides, *options, nproc_per_node=nproc_per_node)
+    job_id, log = sbatch(cluster, submit_dir, overrides, *options, nproc_per_node=nproc_per_node, env=env)
     return job_id, log, cluster.wait_for(job_id, ENDED, timeout=300)
 
 

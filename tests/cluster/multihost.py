@@ -232,7 +232,10 @@ class EmulatedCluster(SlurmCluster):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         # munged runs as the munge user, which cannot enter root's private temporary directories
         self._munge_dir = Path(tempfile.mkdtemp(prefix=f"odh-munge-{self.suffix}-"))
-        munge = pwd.getpwnam("munge")
+        try:
+            munge = pwd.getpwnam("munge")
+        except KeyError as exc:
+            raise ClusterUnavailable("no munge user: reinstall munge (bash scripts/system-deps.sh)") from exc
         os.chown(self._munge_dir, munge.pw_uid, munge.pw_gid)
         self._munge_dir.chmod(0o755)
         socket = self._munge_dir / "munge.socket"
@@ -299,7 +302,10 @@ class EmulatedCluster(SlurmCluster):
         _ip("-n", self.namespace(host), "link", "set", HOST_IFNAME, "up")
 
     def heal(self, timeout: float = 60) -> None:
-        """Bring every node back to idle: network up, slurmd started where it died, DOWN nodes resumed."""
+        """Bring every node back to idle: jobs cancelled, network up, slurmd started where it died, DOWN
+        nodes resumed."""
+        if self.run("squeue", "-h", check=False).stdout.strip():
+            self.run("scancel", "--user=root", check=False)
         for node in self.nodes:
             self.restore_network(node)
             pid_file = self.root / f"slurmd-{node}.pid"
@@ -384,18 +390,26 @@ def main(argv: list[str]) -> int:
     """Bring a cluster up by hand: run one command on ``ctl`` and tear down, or wait for Ctrl-C."""
     parser = argparse.ArgumentParser(prog="python -m tests.cluster.multihost", description=__doc__.split("\n")[0])
     parser.add_argument("--hosts", type=int, default=2, help="compute hosts (default 2)")
-    parser.add_argument("--dir", type=Path, help="scratch directory (default: a new temporary one)")
+    parser.add_argument("--dir", type=Path, help="scratch directory, kept (default: a temporary one, removed)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- command to run on ctl, then tear down")
     args = parser.parse_args(argv)
     root = args.dir or Path(tempfile.mkdtemp(prefix="odh-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        cluster = EmulatedCluster.start(root, args.hosts)
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        return _session(root, args.hosts, command)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _session(root: Path, hosts: int, command: list[str]) -> int:
+    try:
+        cluster = EmulatedCluster.start(root, hosts)
     except ClusterUnavailable as exc:
         print(f"multihost: {exc}", file=sys.stderr)
         return 2
     try:
-        command = [c for c in args.command if c != "--"] if args.command else []
         if command:
             return subprocess.run(cluster.client_argv(command), env=cluster.env).returncode
         print(f"hosts {cluster.addresses}; enter one with:")
