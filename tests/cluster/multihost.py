@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.cluster.slurm import CLIENTS, ClusterUnavailable, SlurmCluster, alive
+from tests.cluster.slurm import CLIENTS, PLUGIN_SETTINGS, ClusterUnavailable, SlurmCluster, alive
 
 TOOLS = ("ip", "nsenter", "unshare", "munged", "slurmctld", "slurmd", *CLIENTS)
 HOST_IFNAME = "host0"  # the interface of every emulated host (GLOO_SOCKET_IFNAME=host0 selects it)
@@ -69,14 +69,7 @@ def _config(root: Path, munge_socket: Path, addresses: dict[str, str]) -> str:
             "CredType=cred/munge",
             # a requeued job becomes eligible cred_expire + 1 s after the requeue (default: 121 s)
             f"AuthInfo=socket={munge_socket},cred_expire=10",
-            "MpiDefault=none",
-            # the cgroup plugins fail on these machines' hybrid cgroup v1 hierarchy
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
+            *PLUGIN_SETTINGS,
             "ReturnToService=2",  # a node that was down comes back as soon as its slurmd registers
             "SlurmdTimeout=10",  # a silent node is declared down after ~25-30 s
             "MinJobAge=600",

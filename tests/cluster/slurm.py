@@ -24,6 +24,19 @@ CLIENTS = ("sbatch", "scontrol", "sinfo", "scancel", "srun")
 FAKE_GPUS = 8
 
 
+#: the plugin settings every test cluster uses (single node here, emulated hosts in multihost.py)
+PLUGIN_SETTINGS = (
+    "MpiDefault=none",
+    # the cgroup plugins fail on these machines' hybrid cgroup v1 hierarchy
+    "ProctrackType=proctrack/linuxproc",
+    "TaskPlugin=task/none",
+    "JobAcctGatherType=jobacct_gather/none",
+    "AccountingStorageType=accounting_storage/none",
+    "SelectType=select/cons_tres",
+    "SelectTypeParameters=CR_Core",
+)
+
+
 class ClusterUnavailable(RuntimeError):
     """Slurm cannot run here; the message is the reason (tests skip with it)."""
 
@@ -45,14 +58,7 @@ def _config(root: Path, ctld_port: int, slurmd_port: int, gpus: bool) -> str:
             "AuthType=auth/none",
             "CredType=cred/none",
             "AuthInfo=cred_expire=10",  # a requeued job may start 11 s after the requeue (default: 121 s)
-            "MpiDefault=none",
-            # the cgroup plugins fail on these machines' hybrid cgroup v1 hierarchy
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
+            *PLUGIN_SETTINGS,
             "ReturnToService=2",
             "MinJobAge=600",
             "KillWait=10",

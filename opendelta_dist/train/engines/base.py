@@ -139,6 +139,8 @@ class Engine(ABC):
     """The engine runs one process only."""
     splits_model: ClassVar[bool] = False
     """The engine partitions the model's parameters over the processes (not only the batch)."""
+    precisions: ClassVar[tuple[str, ...]] = ("bf16",)
+    """The values of ``engine.options.precision`` the engine supports (null, the model's dtype, always is)."""
     delta_backend: ClassVar[str] = "hf"
     """The backend of the deltas attached to this engine's backbone (:mod:`opendelta_dist.backends`)."""
 
@@ -274,7 +276,7 @@ class Engine(ABC):
 
     @classmethod
     def compute_dtype(cls, options: Mapping[str, Any], model_dtype: torch.dtype) -> torch.dtype:
-        """The dtype the engine computes (and keeps activations) in: the model's own, by default.
+        """The dtype the engine computes (and keeps activations) in: ``precision``'s, else the model's own.
 
         Args:
             options: the engine's options (:meth:`option_defaults` with the configured ones over them).
@@ -282,8 +284,11 @@ class Engine(ABC):
 
         Returns:
             The compute dtype.
+
+        Raises:
+            DeltaConfigError: a ``precision`` the engine does not support.
         """
-        return model_dtype
+        return check_precision(cls.name, options.get("precision"), cls.precisions) or model_dtype
 
     @classmethod
     @abstractmethod

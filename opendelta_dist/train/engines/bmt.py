@@ -91,12 +91,13 @@ class BMTEngine(Engine):
     name = "bmt"
     splits_model = True
     delta_backend: ClassVar[str] = "bmt"
+    precisions: ClassVar[tuple[str, ...]] = ("bf16", "fp16")
 
     def __init__(
         self, topology: Any, offload: bool = False, loss_scale: float | None = None, precision: str | None = None
     ) -> None:
         super().__init__(topology)
-        self.dtype = check_precision(self.name, precision, ("bf16", "fp16"))
+        self.dtype = check_precision(self.name, precision, self.precisions)
         self.precision = precision
         self.offload = offload
         self.loss_scale = loss_scale
@@ -356,19 +357,6 @@ class BMTEngine(Engine):
         return None
 
     # ----------------------------------------------------------------- memory model
-
-    @classmethod
-    def compute_dtype(cls, options: Mapping[str, Any], model_dtype: torch.dtype) -> torch.dtype:
-        """``precision``'s dtype (the model is built in it) when set, else the model's.
-
-        Args:
-            options: the engine's options.
-            model_dtype: the dtype of ``model.dtype``.
-
-        Returns:
-            The dtype of the weights, the delta and the activations.
-        """
-        return check_precision(cls.name, options.get("precision"), ("bf16", "fp16")) or model_dtype
 
     @classmethod
     def memory_rows(cls, backbone: Backbone, world_size: int, options: Mapping[str, Any]) -> EngineMemory:

@@ -123,7 +123,7 @@ class DeepSpeedEngine(Engine):
         self.stage = stage
         self.offload_optimizer = offload_optimizer
         self.offload_params = offload_params
-        self.bf16 = check_precision(self.name, precision) is not None
+        self.bf16 = check_precision(self.name, precision, self.precisions) is not None
         self.precision = precision
         self.extra_config = dict(extra_config or {})
         self._own_process_group = False
@@ -327,19 +327,6 @@ class DeepSpeedEngine(Engine):
             self._own_process_group = False
 
     # ----------------------------------------------------------------- memory model
-
-    @classmethod
-    def compute_dtype(cls, options: Mapping[str, Any], model_dtype: torch.dtype) -> torch.dtype:
-        """bf16 with ``precision: bf16`` (the engine casts the module), else the model's dtype.
-
-        Args:
-            options: the engine's options.
-            model_dtype: the dtype the backbone is built in.
-
-        Returns:
-            The compute dtype.
-        """
-        return check_precision(cls.name, options.get("precision")) or model_dtype
 
     @classmethod
     def memory_rows(cls, backbone: Backbone, world_size: int, options: Mapping[str, Any]) -> EngineMemory:

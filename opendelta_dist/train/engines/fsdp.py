@@ -166,7 +166,7 @@ class FSDPEngine(TorchOptimizerEngine):
         cpu_offload: bool = False,
     ) -> None:
         super().__init__(topology)
-        check_precision(self.name, precision)
+        check_precision(self.name, precision, self.precisions)
         self.reshard_after_forward = reshard_after_forward
         self.precision = precision
         self.cpu_offload = cpu_offload
@@ -179,7 +179,7 @@ class FSDPEngine(TorchOptimizerEngine):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
         mesh = init_device_mesh(self.topology.device.type, (dist.get_world_size(),))
-        dtype = check_precision(self.name, self.precision)
+        dtype = check_precision(self.name, self.precision, self.precisions)
         offload = CPUOffloadPolicy(pin_memory=self.topology.device.type == "cuda") if self.cpu_offload else None
         return {
             "mesh": mesh,
@@ -341,19 +341,6 @@ class FSDPEngine(TorchOptimizerEngine):
             self._own_process_group = False
 
     # ----------------------------------------------------------------- memory model
-
-    @classmethod
-    def compute_dtype(cls, options: Mapping[str, Any], model_dtype: torch.dtype) -> torch.dtype:
-        """The ``precision`` dtype when set, else the parameters' own.
-
-        Args:
-            options: the engine's options.
-            model_dtype: the dtype the backbone is built in.
-
-        Returns:
-            The compute dtype.
-        """
-        return check_precision(cls.name, options.get("precision")) or model_dtype
 
     @classmethod
     def memory_rows(cls, backbone: Backbone, world_size: int, options: Mapping[str, Any]) -> EngineMemory:

@@ -33,7 +33,7 @@ class SingleEngine(TorchOptimizerEngine):
     def __init__(self, topology: Any, precision: str | None = None) -> None:
         super().__init__(topology)
         self.precision = precision
-        self.autocast_dtype = check_precision(self.name, precision)
+        self.autocast_dtype = check_precision(self.name, precision, self.precisions)
 
     def compute_context(self) -> AbstractContextManager[Any]:
         """Autocast to ``precision`` where it is set."""
@@ -45,19 +45,6 @@ class SingleEngine(TorchOptimizerEngine):
         """Forward without gradients, under the training's autocast."""
         with self.compute_context():
             return super().eval_forward(batch)
-
-    @classmethod
-    def compute_dtype(cls, options: Mapping[str, Any], model_dtype: torch.dtype) -> torch.dtype:
-        """bf16 with ``precision: bf16`` (autocast), else the model's dtype.
-
-        Args:
-            options: the engine's options.
-            model_dtype: the dtype the backbone is built in.
-
-        Returns:
-            The compute dtype.
-        """
-        return check_precision(cls.name, options.get("precision")) or model_dtype
 
     def prepare(self, module: nn.Module, delta: DeltaBase | None, spec: OptimizerSpec) -> None:
         """Move the module to the device and build the optimizer over its trainable parameters."""
