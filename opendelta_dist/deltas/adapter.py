@@ -68,7 +68,8 @@ class BottleneckMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The bottleneck MLP of ``x``, in ``x``'s dtype."""
-        dtype = self.modulelist.down_proj.weight.dtype
+        # the dtype is read without reading the weight: on a sharded backend every read is a gather
+        dtype = next(self.modulelist.down_proj.parameters()).dtype
         return self.modulelist(x.to(dtype)).to(x.dtype)
 
 

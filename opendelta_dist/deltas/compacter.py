@@ -111,14 +111,17 @@ class PHMLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         """The dense (in, out) matrix ``H`` this layer multiplies by."""
-        rules = self.phm_rule_left @ self.phm_rule_right if hasattr(self, "phm_rule_left") else self.phm_rule
-        blocks = torch.bmm(self.W_left, self.W_right) if hasattr(self, "W_left") else self.W
+        # which factors exist is asked of ``_parameters``: on a sharded backend each attribute read is a gather
+        factored = self._parameters
+        rules = self.phm_rule_left @ self.phm_rule_right if "phm_rule_left" in factored else self.phm_rule
+        blocks = torch.bmm(self.W_left, self.W_right) if "W_left" in factored else self.W
         return kronecker_sum(rules, blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x H + b``."""
         out = x @ self.weight()
-        return out if self.b is None else out + self.b
+        b = self.b
+        return out if b is None else out + b
 
 
 def phm_shapes(

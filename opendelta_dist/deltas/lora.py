@@ -87,8 +87,10 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The update for input ``x``; the caller adds it to the linear layer's output."""
+        # each parameter is read once: on a sharded backend every read is a gather
+        lora_a = self.lora_A
         # scaling the (tokens, r) intermediate is cheaper than scaling the (tokens, out) result
-        hidden = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling
+        hidden = F.linear(self.lora_dropout(x).to(lora_a.dtype), lora_a) * self.scaling
         return F.linear(hidden, self.lora_B)
 
 

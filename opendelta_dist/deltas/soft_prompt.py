@@ -40,6 +40,7 @@ from torch import nn
 
 from opendelta_dist.addressing import named_backbone_modules
 from opendelta_dist.auto_delta import register_delta_method
+from opendelta_dist.backends import backend_of
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.config import BaseDeltaConfig, check_positive, check_positive_int, option
 from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
@@ -149,8 +150,9 @@ class SoftPrompt(CallRewriter):
 
     @property
     def soft_token_num(self) -> int:
-        """The number of prompt tokens."""
-        return self.soft_embeds.shape[0]
+        """The number of prompt tokens (asked of the backend: on a sharded one, reading the prompt gathers it)."""
+        prompt = self._parameters["soft_embeds"]
+        return backend_of(prompt).full_shape(prompt)[0]
 
     def before_call(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]

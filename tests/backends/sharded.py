@@ -14,6 +14,7 @@ registered only by the tests, under the name ``sharded-reference``. It is not an
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 
 import torch
@@ -54,12 +55,18 @@ def _gather(param: torch.Tensor, differentiable: bool) -> torch.Tensor:
     return flat[: shape.numel()].view(shape)
 
 
+#: how often each sharded parameter attribute was read, by (module id, attribute name): every read is an
+#: all-gather, as on BMTrain (tests clear it and count)
+READS: Counter[tuple[int, str]] = Counter()
+
+
 class _ShardedModule:
     """Mixed into a module's class: reading a sharded parameter attribute gathers the full tensor."""
 
     def __getattr__(self, name: str) -> object:
         value = super().__getattr__(name)  # type: ignore[misc]
         if isinstance(value, torch.Tensor) and hasattr(value, _FULL_SHAPE):
+            READS[(id(self), name)] += 1
             return _gather(value, differentiable=True)
         return value
 

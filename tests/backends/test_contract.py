@@ -10,12 +10,15 @@ backend, fails here.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from opendelta_dist import AutoDeltaModel
 from opendelta_dist.backends import available_backends, backend_of, full_numel, full_tensor
+from opendelta_dist.deltas.prefix import PrefixLayer
 from opendelta_dist.inspect import inspect_module_statistics
 from opendelta_dist.registry import DELTA_METHODS
 from opendelta_dist.saving import read_config_file
@@ -104,6 +107,38 @@ def test_the_method_runs_through_the_protocol_alone(backend, method, family, tmp
     plain = build(family).to(device)  # the checkpoint records its backend; a plain backbone takes it with backend="hf"
     AutoDeltaModel.from_finetuned(tmp_path / "delta", backbone_model=plain, backend="hf")
     torch.testing.assert_close(logits(plain, inputs), logits(model, inputs), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", sorted(DELTA_METHODS))
+def test_a_delta_layer_gathers_each_parameter_once_a_call(method, family):
+    """Where parameters are sharded, every read of one is an all-gather (BMTrain's ``DistributedModule``
+    gathers on attribute access as the reference backend does): in one forward, a delta parameter is read
+    no more often than its module is called, not once more for its dtype or shape. A holder that is not
+    called is read once (the soft prompt), or once per layer it serves (prefix tuning's shared network:
+    each prefixed attention computes its own rows)."""
+    if sharded.NAME not in DELTA_METHODS[method].supported_backends():
+        pytest.skip(f"{method} needs what the sharded backend lacks")
+    model, delta = _built(method, family, sharded.NAME)
+    ours = {id(p) for _, p in delta.named_delta_tensors()}
+    modules = {id(m): (name, m) for name, m in model.named_modules()}
+    calls: Counter[int] = Counter()
+    hooks = [m.register_forward_pre_hook(lambda m, _: calls.update([id(m)])) for m in model.modules()]
+    sharded.READS.clear()
+    with torch.no_grad():
+        model(**batch(family))
+    for hook in hooks:
+        hook.remove()
+    reads = {
+        (modules[m][0], attr): n
+        for (m, attr), n in sharded.READS.items()
+        if m in modules and id(modules[m][1]._parameters.get(attr)) in ours
+    }
+    assert reads, "the forward read no delta parameter"
+    served = sum(isinstance(m, PrefixLayer) for m in model.modules()) or 1
+    calls_of = {name: calls[m] or served for m, (name, _) in modules.items()}
+    extra = {key: (n, calls_of[key[0]]) for key, n in reads.items() if n > calls_of[key[0]]}
+    assert not extra, f"(module, parameter): (reads, calls) {extra}"
 
 
 def test_a_method_needing_what_a_backend_lacks_is_refused_by_name():
