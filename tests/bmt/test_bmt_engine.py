@@ -120,3 +120,43 @@ def test_frozen_blocks_keep_no_gradient_storage():
     assert storages and all(not s.requires_grad and s.grad is None for s in storages)
     held = torch.cuda.memory_allocated()
     assert held - weights < 0.25 * weights, (held, weights)
+
+
+def test_an_fp16_overflow_skips_the_step_and_the_schedule():
+    """fp16 with a loss scale far too large: every overflowing step leaves the delta and the learning rate as
+    they were and halves the scale; the first step that fits moves both, once."""
+    from opendelta_dist import LoraModel
+    from opendelta_dist.backends import full_tensor
+    from opendelta_dist.train.engines import OptimizerSpec, build_engine
+    from opendelta_dist.train.models import ModelConfig
+    from opendelta_dist.train.topology import Topology
+
+    first_scale = 2.0**40  # a gradient times 2**40 is beyond fp16's range (65504)
+    engine = build_engine("bmt", Topology.from_environment("cuda"), {"precision": "fp16", "loss_scale": first_scale})
+    config = {"model_type": "t5", "vocab_size": 384, "d_model": 256, "d_kv": 32, "d_ff": 1024, "num_layers": 2}
+    model = engine.build_backbone(ModelConfig(config={**config, "num_heads": 8, "dropout_rate": 0.0}))
+    delta = LoraModel(model, modified_modules=["attn.q", "attn.v"], common_structure=True, backend="bmt")
+    delta.freeze_module()
+    engine.prepare(model, delta, OptimizerSpec(lr=1e-3, warmup_steps=0, total_steps=100))
+    step = {k: v.cuda() for k, v in batch("t5", size=4, length=16).items()}
+    step["input_ids"] %= 384
+    step["labels"] %= 384
+
+    def values() -> dict[str, torch.Tensor]:
+        return {k: full_tensor(p).float().clone() for k, p in delta.named_delta_tensors()}
+
+    start, lr = values(), engine.scheduler.get_last_lr()
+    skipped = 0
+    while engine.scheduler.last_epoch == 0:
+        assert skipped < 40, "no step fitted in fp16"
+        scale = engine.manager.loss_scale
+        engine.micro_step(step, last=True)
+        engine.optimizer_step()
+        if engine.scheduler.last_epoch == 0:
+            skipped += 1
+            assert engine.manager.loss_scale == scale / 2
+            assert engine.scheduler.get_last_lr() == lr
+            assert all(torch.equal(v, start[k]) for k, v in values().items())
+    assert skipped >= 20 and engine.manager.loss_scale == first_scale / 2**skipped
+    assert engine.scheduler.last_epoch == 1 and engine.scheduler.get_last_lr() != lr
+    assert any(not torch.equal(v, start[k]) for k, v in values().items())

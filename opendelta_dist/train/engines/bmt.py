@@ -255,7 +255,9 @@ class BMTEngine(Engine):
         fp16 = any(p.dtype == torch.float16 for p in params)
         scale = (self.loss_scale or FP16_LOSS_SCALE) if fp16 else None
         self.manager = bmt.optim.OptimManager(loss_scale=scale)
-        self.manager.add_optimizer(self.optimizer)
+        # the manager steps the schedule, and only with the optimizer: a step skipped on an fp16 overflow
+        # leaves the learning rate where it was
+        self.manager.add_optimizer(self.optimizer, self.scheduler)
 
     def optimized_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the optimizer's groups."""
@@ -285,12 +287,12 @@ class BMTEngine(Engine):
         return loss.detach()
 
     def optimizer_step(self) -> float | None:
-        """Clip the global gradient norm, step (skipped on an fp16 overflow), schedule, zero the gradients."""
+        """Clip the global gradient norm, step and schedule (both skipped on an fp16 overflow, which lowers the
+        loss scale instead), zero the gradients."""
         norm = None
         if self.spec.max_grad_norm is not None:
             norm = float(self.manager.clip_grad_norm(self.optimizer.param_groups, self.spec.max_grad_norm))
         self.manager.step()
-        self.scheduler.step()
         self.manager.zero_grad()
         return norm
 
@@ -315,7 +317,11 @@ class BMTEngine(Engine):
         """Rank ``r`` writes its optimizer partition's state; rank 0 also the schedule and the loss scale."""
         import bmtrain as bmt
 
-        state = {"optimizer": self.optimizer.state_dict(), "loss_scale": self.manager.loss_scale}
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "loss_scale": self.manager.loss_scale,
+            "steps_since_last_scale": self.manager.steps_since_last_scale,
+        }
         torch.save(state, directory / f"bmt_optimizer.rank{bmt.rank()}.pt")
         if bmt.rank() == 0:
             torch.save(
@@ -332,6 +338,7 @@ class BMTEngine(Engine):
         own = torch.load(directory / f"bmt_optimizer.rank{bmt.rank()}.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(own["optimizer"])
         self.manager.loss_scale = own["loss_scale"]
+        self.manager.steps_since_last_scale = own.get("steps_since_last_scale", 0)
 
     @classmethod
     def check_resume(cls, saved_state: Mapping[str, Any], topology: Any) -> None:
