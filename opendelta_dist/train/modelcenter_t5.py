@@ -4,7 +4,8 @@ The ``bmt`` engine trains ModelCenter's T5 (BMTrain blocks) and saves deltas tha
 three translations live here, all pure functions of configs, names and tensors (no BMTrain needed):
 
 - :func:`modelcenter_config` builds ModelCenter's ``T5Config`` from a transformers ``T5Config``;
-- :func:`hf_to_modelcenter` / :func:`modelcenter_to_hf` convert a whole state dict, and
+- :func:`hf_to_modelcenter` / :func:`modelcenter_to_hf` convert a whole state dict
+  (:func:`modelcenter_state_groups` reads a checkpoint directory's one layer at a time), and
   :func:`hf_to_modelcenter_name` / :func:`modelcenter_to_hf_name` a module or parameter name (a delta's
   checkpoint keys, ``encoder.block.0.layer.0.SelfAttention.q.lora.lora_A``, and its module names included).
   A name below a module with a counterpart whose next part is none of the backbone's own children (a delta's
@@ -26,7 +27,9 @@ so the logits agree.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -252,6 +255,104 @@ def hf_to_modelcenter(state_dict: Mapping[str, torch.Tensor], config: Any) -> di
         head = out["output_projection.weight"]
         out["output_projection.weight"] = (head.float() * config.d_model**-0.5).to(head.dtype)
     return out
+
+
+#: a transformers checkpoint directory's weights, in the order they are looked for
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+_TIED_VIEWS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def local_checkpoint(name_or_path: str) -> Path:
+    """The local directory of a transformers checkpoint: ``name_or_path`` itself (``pkg://`` resolved), or the hub
+    repository's snapshot in the hub cache (fetched if missing: its configs and safetensors files, or its PyTorch
+    files where it has no safetensors).
+    """
+    from opendelta_dist.train.models import resolve_name_or_path
+
+    path = Path(resolve_name_or_path(name_or_path))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    for weights in ("*.safetensors*", "pytorch_model*.bin*"):
+        snapshot = Path(snapshot_download(name_or_path, allow_patterns=["*.json", weights]))
+        if any((snapshot / name).exists() for name in WEIGHT_FILES):
+            return snapshot
+    return snapshot
+
+
+def checkpoint_tensors(directory: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every tensor of a transformers checkpoint directory, by name, each read when called.
+
+    The files are memory-mapped (safetensors, or PyTorch's zip format with ``mmap=True``): reading a tensor
+    copies only that tensor, and the processes of one machine share a single copy in the page cache.
+
+    Raises:
+        DeltaConfigError: the directory holds none of :data:`WEIGHT_FILES`.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    found = next((directory / name for name in WEIGHT_FILES if (directory / name).exists()), None)
+    if found is None:
+        raise DeltaConfigError(
+            f"{directory} holds no transformers weights (looked for {', '.join(WEIGHT_FILES)}): pass the directory "
+            "save_pretrained wrote, or a hub name"
+        )
+    if found.name.endswith(".index.json"):
+        files = sorted({directory / f for f in json.loads(found.read_text())["weight_map"].values()})
+    else:
+        files = [found]
+    readers: dict[str, Callable[[], torch.Tensor]] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            handle = safe_open(str(file), framework="pt")
+            readers.update({name: partial(handle.get_tensor, name) for name in handle.keys()})  # noqa: SIM118
+        else:
+            tensors = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            readers.update({name: partial(tensors.__getitem__, name) for name in tensors})
+    return readers
+
+
+def _group(name: str) -> str:
+    layer = re.match(r"(encoder|decoder)\.layers\.\d+\.", name)
+    return layer.group(0) if layer else ""
+
+
+def modelcenter_state_groups(directory: Path, config: Any, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
+    """ModelCenter T5's state read from a transformers checkpoint directory one part at a time: each layer of
+    each stack, then the rest (embedding, position biases, final norms, LM head), in ``dtype``.
+
+    What :func:`hf_to_modelcenter` makes of the whole state dict, without ever holding it: a process loading
+    T5-11B holds one layer's tensors at a time (see :func:`checkpoint_tensors`).
+
+    Raises:
+        DeltaConfigError: no weights, a tensor with no counterpart, or no LM head.
+    """
+    readers = checkpoint_tensors(directory)
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for name in readers:
+        if name not in _TIED_VIEWS:
+            converted = hf_to_modelcenter_name(name)
+            groups.setdefault(_group(converted), []).append((name, converted))
+    head = next((n for n in ("lm_head.weight", "shared.weight") if n in readers), None)
+    if head is None:
+        raise DeltaConfigError(f"the T5 checkpoint in {directory} has neither lm_head.weight nor shared.weight")
+    rest = groups.pop("", [])
+    for group in groups.values():
+        yield {converted: readers[name]().to(dtype) for name, converted in group}
+    out = {converted: readers[name]().to(dtype) for name, converted in rest if converted != "output_projection.weight"}
+    weight = readers[head]().to(dtype)
+    if _scales_decoder_output(config):
+        weight = (weight.float() * config.d_model**-0.5).to(dtype)
+    out["output_projection.weight"] = weight
+    yield out
 
 
 def modelcenter_to_hf(state_dict: Mapping[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:

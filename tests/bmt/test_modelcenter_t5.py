@@ -13,6 +13,7 @@ from opendelta_dist.train.modelcenter_t5 import (
     hf_to_modelcenter,
     hf_to_modelcenter_name,
     modelcenter_config,
+    modelcenter_state_groups,
     modelcenter_to_hf,
     modelcenter_to_hf_name,
 )
@@ -51,6 +52,43 @@ def test_an_untied_head_is_not_scaled():
     assert not getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings)
     converted = hf_to_modelcenter(model.state_dict(), model.config)
     assert torch.equal(converted["output_projection.weight"], model.state_dict()["lm_head.weight"])
+
+
+def _save(model: T.T5ForConditionalGeneration, directory, form: str) -> None:
+    if form == "pytorch bin":
+        directory.mkdir()
+        model.config.save_pretrained(directory)
+        torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    else:
+        model.save_pretrained(directory, max_shard_size="20KB" if form == "sharded safetensors" else "5GB")
+
+
+@pytest.mark.parametrize("form", ["safetensors", "sharded safetensors", "pytorch bin"])
+@pytest.mark.parametrize(("feed_forward", "tied"), [("relu", True), ("gated-gelu", True), ("gated-gelu", False)])
+def test_a_checkpoint_directory_is_read_one_layer_at_a_time(tmp_path, form, feed_forward, tied):
+    """What the bmt engine loads: the whole conversion of the model (in bf16, as the engine's transformers T5 in
+    bf16 converted would be), bit for bit, in parts of one layer each plus one of the rest."""
+    model = t5(feed_forward, tie_word_embeddings=tied)
+    _save(model, tmp_path / "ckpt", form)
+    if form == "sharded safetensors":
+        assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) > 2
+    expected = hf_to_modelcenter({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, model.config)
+    parts = list(modelcenter_state_groups(tmp_path / "ckpt", model.config, torch.bfloat16))
+    assert len(parts) == 2 + 3 + 1  # encoder layers, decoder layers, the rest
+    for part in parts[:-1]:
+        assert len({".".join(k.split(".")[:3]) for k in part}) == 1, sorted(part)
+    assert not any(".layers." in k for k in parts[-1])
+    got = {k: v for part in parts for k, v in part.items()}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], value), key
+
+
+def test_a_directory_without_weights_is_refused_naming_what_was_looked_for(tmp_path):
+    model = t5("relu")
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(DeltaConfigError, match=r"no transformers weights .*model\.safetensors"):
+        next(modelcenter_state_groups(tmp_path, model.config, torch.bfloat16))
 
 
 @pytest.mark.parametrize("feed_forward", FEED_FORWARDS)
@@ -116,17 +154,7 @@ def test_the_modelcenter_config_is_the_transformers_one():
     assert (mc.ffn_activate_fn, mc.tied, mc.scale, mc.dtype) == ("gated_gelu_new", False, None, torch.bfloat16)
 
 
-@pytest.mark.gpu
-@needs_bmt
-@pytest.mark.parametrize("feed_forward", FEED_FORWARDS)
-def test_modelcenter_t5_converted_gives_transformers_logits(feed_forward):
-    from model_center.model import T5
-
-    init_bmtrain()
-    model = t5(feed_forward).cuda().eval()
-    mc = T5(modelcenter_config(model.config, torch.float32))
-    mc.load_state_dict(hf_to_modelcenter(model.state_dict(), model.config), strict=True)
-    mc.eval()
+def _assert_same_logits(model: T.T5ForConditionalGeneration, mc: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(2, 96, (2, 9), generator=g).cuda()
     mask = torch.ones_like(ids)
@@ -139,3 +167,30 @@ def test_modelcenter_t5_converted_gives_transformers_logits(feed_forward):
             decoder_attention_mask=torch.ones_like(decoder_ids), output_logits=True, return_dict=True,
         ).logits  # fmt: skip
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_bmt
+@pytest.mark.parametrize("feed_forward", FEED_FORWARDS)
+def test_modelcenter_t5_converted_gives_transformers_logits(feed_forward):
+    from model_center.model import T5
+
+    init_bmtrain()
+    model = t5(feed_forward).cuda().eval()
+    mc = T5(modelcenter_config(model.config, torch.float32))
+    mc.load_state_dict(hf_to_modelcenter(model.state_dict(), model.config), strict=True)
+    _assert_same_logits(model, mc.eval())
+
+
+@pytest.mark.gpu
+@needs_bmt
+def test_the_bmt_engine_loads_a_sharded_checkpoint_layer_by_layer(tmp_path):
+    from opendelta_dist.train.engines import build_engine
+    from opendelta_dist.train.models import ModelConfig
+    from opendelta_dist.train.topology import Topology
+
+    model = t5("gated-gelu")
+    _save(model, tmp_path / "ckpt", "sharded safetensors")
+    engine = build_engine("bmt", Topology.from_environment("cuda"))
+    mc = engine.build_backbone(ModelConfig(name_or_path=str(tmp_path / "ckpt")))
+    _assert_same_logits(model.cuda().eval(), mc.eval())

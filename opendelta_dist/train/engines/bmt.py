@@ -4,7 +4,8 @@ The engine builds the backbone itself (:meth:`BMTEngine.build_backbone`): ModelC
 transformers T5 configuration, in ``model.dtype``, on this process's GPU, every transformer layer a BMTrain
 ``Block`` whose weights are partitioned over the ranks and gathered only around its forward and backward
 (activations recomputed in backward). The weights are those of transformers' T5 converted into ModelCenter's
-layout (:mod:`opendelta_dist.train.modelcenter_t5`): the pretrained ones (``model.name_or_path``), or, for a
+layout (:mod:`opendelta_dist.train.modelcenter_t5`): the pretrained ones (``model.name_or_path``, read one
+layer at a time from the memory-mapped checkpoint files, so that no rank holds the whole model on the CPU), or, for a
 random-weight model, transformers' initialisation drawn from the run's seed exactly as the other engines draw it
 (on ``model.init_device``, the CPU or this GPU), so a run starts from the same backbone whichever engine trains it;
 with ``model.init_device=meta`` and no checkpoint, ModelCenter's own initialisers fill it on the GPU instead (a
@@ -144,7 +145,12 @@ class BMTEngine(Engine):
         """
         from dataclasses import replace
 
-        from opendelta_dist.train.modelcenter_t5 import hf_to_modelcenter, modelcenter_config
+        from opendelta_dist.train.modelcenter_t5 import (
+            hf_to_modelcenter,
+            local_checkpoint,
+            modelcenter_config,
+            modelcenter_state_groups,
+        )
         from opendelta_dist.train.models import DTYPES, build_model, model_architecture
 
         self._init_bmtrain()
@@ -167,15 +173,26 @@ class BMTEngine(Engine):
             bmt.init_parameters(model)
             self._set_dummy_inputs(model)
             return model
-        # every rank builds transformers' T5 (the checkpoint read to CPU memory, or random weights drawn from the
-        # seed as every engine draws them) and keeps its partitions of it
-        dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
-        where = "cpu" if config.name_or_path or config.init_device == "meta" else config.init_device
-        source = build_model(replace(config, dtype=dtype_name, init_device=where, gradient_checkpointing=False))
-        state = hf_to_modelcenter(source.state_dict(), hf_config)
-        del source
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        del state
+        if config.name_or_path:
+            # every rank reads the checkpoint one layer at a time, memory-mapped (one copy per machine, in the
+            # page cache), and keeps its partitions of each tensor
+            expected = set(model.load_state_dict({}, strict=False).missing_keys)
+            loaded: set[str] = set()
+            unexpected: list[str] = []
+            for part in modelcenter_state_groups(local_checkpoint(config.name_or_path), hf_config, dtype):
+                unexpected += model.load_state_dict(part, strict=False).unexpected_keys
+                loaded.update(part)
+            missing = sorted(expected - loaded)
+        else:
+            # random weights drawn from the seed as every engine draws them: every rank builds transformers' T5
+            # and keeps its partitions of it
+            dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+            where = "cpu" if config.init_device == "meta" else config.init_device
+            source = build_model(replace(config, dtype=dtype_name, init_device=where, gradient_checkpointing=False))
+            state = hf_to_modelcenter(source.state_dict(), hf_config)
+            del source
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            del state
         if missing or unexpected:
             raise DeltaConfigError(
                 f"the weights of {config.name_or_path or 'transformers T5'} do not fit ModelCenter's T5: missing "
