@@ -311,6 +311,29 @@ class EmulatedCluster(SlurmCluster):
                 self.run("scontrol", "update", f"NodeName={node}", "State=RESUME", check=False)
         self.wait_idle(self.nodes, timeout)
 
+    def snapshot(self) -> str:
+        """What each host runs, its TCP sockets, addresses and neighbour table, for failure messages."""
+        parts = []
+        for host in self.addresses:
+            parts.append(f"--- {host}: processes ---")
+            for pid in self.host_pids(host):
+                try:
+                    args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                parts.append(f"{pid} {args[:300]}")
+            sockets = subprocess.run(
+                ["nsenter", f"--net={RUN_NETNS / self.namespace(host)}", "ss", "-tanp"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            parts.append(f"--- {host}: sockets ---\n{sockets.stdout}{sockets.stderr}")
+            links = _ip("-n", self.namespace(host), "-br", "addr", check=False).stdout
+            neighbours = _ip("-n", self.namespace(host), "neigh", check=False).stdout
+            parts.append(f"--- {host}: addresses and neighbours ---\n{links}{neighbours}")
+        return "\n".join(parts)
+
     def logs(self) -> str:
         """The tail of every daemon's log, for failure messages."""
         names = ["slurmctld", *(f"slurmd-{n}" for n in self.nodes)]
