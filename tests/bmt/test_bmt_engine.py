@@ -160,3 +160,33 @@ def test_an_fp16_overflow_skips_the_step_and_the_schedule():
     assert skipped >= 20 and engine.manager.loss_scale == first_scale / 2**skipped
     assert engine.scheduler.last_epoch == 1 and engine.scheduler.get_last_lr() != lr
     assert any(not torch.equal(v, start[k]) for k, v in values().items())
+
+
+@pytest.mark.parametrize("precision", [None, "bf16"])
+def test_weight_decay_is_decoupled_as_adamw_in_every_precision(precision):
+    """BMTrain's own Adam couples the decay of fp32 weights into their gradient (an L2 term, which Adam then
+    normalises); the engine decays them as AdamW does, as BMTrain's bf16 kernel does. At the first step LoRA's
+    A has a zero gradient (B starts at zero), so AdamW leaves it at exactly ``A * (1 - lr * weight_decay)``."""
+    from opendelta_dist import LoraModel
+    from opendelta_dist.backends import full_tensor
+    from opendelta_dist.train.engines import OptimizerSpec, build_engine
+    from opendelta_dist.train.models import ModelConfig
+    from opendelta_dist.train.topology import Topology
+
+    engine = build_engine("bmt", Topology.from_environment("cuda"), {"precision": precision})
+    config = {"model_type": "t5", "vocab_size": 384, "d_model": 256, "d_kv": 32, "d_ff": 1024, "num_layers": 2}
+    model = engine.build_backbone(ModelConfig(config={**config, "num_heads": 8, "dropout_rate": 0.0}))
+    delta = LoraModel(model, modified_modules=["attn.q", "attn.v"], common_structure=True, backend="bmt")
+    delta.freeze_module()
+    lr, decay = 0.1, 0.5
+    engine.prepare(model, delta, OptimizerSpec(lr=lr, weight_decay=decay, warmup_steps=0, total_steps=100))
+    step = {k: v.cuda() for k, v in batch("t5", size=4, length=16).items()}
+    step["input_ids"] %= 384
+    step["labels"] %= 384
+    before = {k: full_tensor(p).float().clone() for k, p in delta.named_delta_tensors() if k.endswith("lora_A")}
+    engine.micro_step(step, last=True)
+    engine.optimizer_step()
+    after = {k: full_tensor(p).float() for k, p in delta.named_delta_tensors() if k.endswith("lora_A")}
+    tolerance = {"rtol": 1e-6, "atol": 0} if precision is None else {"rtol": 1e-2, "atol": 0}
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value * (1 - lr * decay), **tolerance, msg=key)

@@ -51,6 +51,8 @@ from opendelta_dist.train.modelcenter_t5 import hf_to_modelcenter_name, modelcen
 IGNORE_INDEX = -100
 FP16_LOSS_SCALE = 2.0**20
 """The first loss scale of fp16 training when ``loss_scale`` is not given."""
+#: marks the optimizer's group of fp32 parameters, whose weight decay the engine applies (decoupled, as AdamW)
+DECOUPLED = "opendelta_decoupled_weight_decay"
 ADAM_FP32_STATES = 3
 """BMTrain's Adam keeps an fp32 master copy and two fp32 moments of each bf16/fp16 parameter."""
 
@@ -265,8 +267,18 @@ class BMTEngine(Engine):
         self._freeze_storages(module)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = bmt.optim.AdamOffloadOptimizer if self.offload else bmt.optim.AdamOptimizer
+        # BMTrain's Adam decays fp16 and bf16 weights as AdamW does, but fp32 ones through torch's functional
+        # Adam, as an L2 term of the gradient: those get no decay there, and AdamW's in optimizer_step
+        groups = [
+            {"params": [p for p in params if p.dtype != torch.float32]},
+            {"params": [p for p in params if p.dtype == torch.float32], "weight_decay": 0.0, DECOUPLED: True},
+        ]
         self.optimizer = optimizer(
-            params, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay
+            [g for g in groups if g["params"]],
+            lr=spec.lr,
+            betas=tuple(spec.betas),
+            eps=spec.eps,
+            weight_decay=spec.weight_decay,
         )
         self.scheduler = spec.build_scheduler(self.optimizer)
         fp16 = any(p.dtype == torch.float16 for p in params)
@@ -309,7 +321,20 @@ class BMTEngine(Engine):
         norm = None
         if self.spec.max_grad_norm is not None:
             norm = float(self.manager.clip_grad_norm(self.optimizer.param_groups, self.spec.max_grad_norm))
+        # AdamW's decay of the fp32 weights, of their values before the step and at this step's learning rate
+        decay = [
+            (p, p.detach() * (group["lr"] * self.spec.weight_decay))
+            for group in self.optimizer.param_groups
+            if group.get(DECOUPLED) and self.spec.weight_decay
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        epoch = self.scheduler.last_epoch
         self.manager.step()
+        if self.scheduler.last_epoch != epoch:  # not skipped on an fp16 overflow
+            with torch.no_grad():
+                for p, term in decay:
+                    p.sub_(term)
         self.manager.zero_grad()
         return norm
 
@@ -381,6 +406,13 @@ class BMTEngine(Engine):
         return None
 
     # ----------------------------------------------------------------- memory model
+
+    eager_attention: ClassVar[bool] = True
+    """ModelCenter's attention is eager (``model_center/layer/attention.py``): it keeps its softmax output, its
+    probabilities and their dropout mask for backward, which the estimator counts instead of a fused kernel's."""
+    recomputes_blocks: ClassVar[bool] = True
+    """Every ModelCenter layer is a BMTrain ``CheckpointBlock``: it keeps its inputs and recomputes its
+    activations in backward, whatever ``model.gradient_checkpointing`` says."""
 
     @classmethod
     def memory_rows(cls, backbone: Backbone, world_size: int, options: Mapping[str, Any]) -> EngineMemory:
