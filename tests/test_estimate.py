@@ -8,7 +8,8 @@ Activation memory is measured on CPU in two independent ways:
   torch profiler's memory timeline, compared with the estimate within ``STEP_TOLERANCE``.
 
 Both use fused attention on CPU (SDPA's flash kernel), which keeps what the GPU's fused kernels keep;
-the models have no dropout, since CPU attention with dropout falls back to the unfused path.
+the models have no dropout, since CPU attention with dropout falls back to the unfused path. The ``bmt``
+engine's ModelCenter T5 attends eagerly: ModelCenter's own attention code is measured on CPU both ways.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,12 +34,14 @@ from opendelta_dist.estimate import (
     compose,
     count_parameters,
     describe_blocks,
+    eager_attention_saves,
     estimate_memory,
     main,
     outside_block_saves,
 )
 from opendelta_dist.train.engines.fsdp import transformer_blocks
 from opendelta_dist.train.models import ModelConfig, build_model
+from tests.bmt.common import BMT_INSTALLED, NO_BMT
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_TOLERANCE = 0.15
@@ -412,6 +416,144 @@ def test_a_bert_training_step_peaks_where_the_estimate_says(checkpointing):
     assert abs(estimated / measured - 1) < STEP_TOLERANCE, (measured, estimated)
 
 
+# --------------------------------------------------------------------------------------------- eager attention (bmt)
+
+
+def _stored_saves(forward: Callable[[], object], exclude: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves while ``forward()`` runs, storages in ``exclude`` left out."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(saved.values())
+
+
+def _modelcenter_attention(
+    batch: int, heads: int, head_dim: int, q_len: int, k_len: int, dropout: float, dtype: torch.dtype
+) -> tuple[Callable[[], torch.Tensor], set[int]]:
+    """ModelCenter's own ``Attention.forward`` on CPU inputs, and the storages of its stand-in's weights.
+
+    ModelCenter's ``Attention`` cannot be built on CPU (its ``DistributedParameter``s need BMTrain initialised on a
+    GPU), so its forward runs unbound on a stand-in holding torch ``Linear`` layers as the four projections, with the
+    settings ModelCenter's T5 gives it: relative position bias (self-attention only; cross-attention gets none), no
+    score scaling, ``-inf`` mask value, dropout ``dropout_rate``. The projections are frozen and the inputs require a
+    gradient (a LoRA elsewhere in the block), so both matmuls keep both operands.
+    """
+    from model_center.layer.attention import Attention
+    from torch import nn
+
+    d_model = heads * head_dim
+    torch.manual_seed(0)
+    stand_in = nn.Module()
+    for name in ("project_q", "project_k", "project_v", "attention_out"):
+        setattr(stand_in, name, nn.Linear(d_model, d_model, bias=False, dtype=dtype).requires_grad_(False))
+    stand_in.num_heads = stand_in.num_heads_kv = heads
+    stand_in.dim_head = head_dim
+    stand_in.attn_scale = False
+    stand_in.pos_bias_type = "relative"
+    stand_in.mask_value = float("-inf")
+    stand_in.attention_dropout = nn.Dropout(dropout) if dropout else None
+    stand_in.softmax = nn.Softmax(dim=-1)
+
+    query = torch.randn(batch, q_len, d_model, dtype=dtype, requires_grad=True)
+    cross = q_len != k_len
+    key_value = torch.randn(batch, k_len, d_model, dtype=dtype, requires_grad=True) if cross else query
+    mask = torch.ones(batch, q_len, k_len, dtype=torch.bool)
+    mask[0, :, k_len // 2 :] = False  # a padded first sequence, as ModelCenter's T5 builds the mask
+    bias = None if cross else torch.randn(heads, q_len, k_len, dtype=dtype)
+    weights = {p.untyped_storage().data_ptr() for p in stand_in.parameters()}
+    return lambda: Attention.forward(stand_in, query, key_value, mask, bias), weights
+
+
+def _cpu_dropout(batch: int, heads: int, q_len: int, k_len: int, dropout: float, nbytes: int) -> int:
+    """Bytes CPU dropout keeps beyond CUDA's: its scaled noise in the compute dtype, not a boolean mask."""
+    return batch * heads * q_len * k_len * (nbytes - 1) if dropout else 0
+
+
+@pytest.mark.skipif(not BMT_INSTALLED, reason=NO_BMT)
+@pytest.mark.parametrize(("q_len", "k_len"), [(24, 24), (8, 24)], ids=["self-attention", "cross-attention"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_modelcenter_attention_keeps_what_the_eager_formula_says(q_len, k_len, dropout, dtype):
+    """ModelCenter's own attention code (:func:`_modelcenter_attention`), run on CPU, keeps for backward what
+    ``eager_attention_saves`` says, but for CPU dropout's noise in place of CUDA's boolean mask."""
+    batch, heads, head_dim = 3, 4, 8
+    forward, weights = _modelcenter_attention(batch, heads, head_dim, q_len, k_len, dropout, dtype)
+    measured = _stored_saves(forward, weights)
+    nbytes = dtype.itemsize
+    expected = eager_attention_saves(batch, heads, q_len, k_len, head_dim, nbytes, dropout)
+    assert measured == expected + _cpu_dropout(batch, heads, q_len, k_len, dropout, nbytes)
+
+
+@pytest.mark.skipif(not BMT_INSTALLED, reason=NO_BMT)
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_modelcenter_attention_backward_adds_one_score_sized_gradient(dropout):
+    """The peak of ModelCenter's attention forward and backward on CPU is what it keeps plus one score-sized
+    gradient (what ``block_backward_transient`` adds for eager attention), and at most the query, key, value and
+    output gradients more; the shapes make the scores large beside them."""
+    batch, heads, head_dim, tokens = 2, 16, 4, 256
+    forward, _ = _modelcenter_attention(batch, heads, head_dim, tokens, tokens, dropout, torch.float32)
+    grad = torch.randn(batch, tokens, heads * head_dim)
+    measured = _peak_allocated(lambda: forward().backward(grad))
+    kept = eager_attention_saves(batch, heads, tokens, tokens, head_dim, 4, dropout)
+    kept += _cpu_dropout(batch, heads, tokens, tokens, dropout, 4)
+    score_gradient = batch * heads * tokens * tokens * 4
+    qkvo_gradients = 4 * batch * tokens * heads * head_dim * 4
+    assert kept + score_gradient <= measured <= kept + score_gradient + qkvo_gradients, (measured, kept)
+
+
+@pytest.mark.parametrize("input_tokens", [512, 1024])
+def test_bmt_counts_the_scores_modelcenter_attention_keeps(input_tokens):
+    """On T5-11B (bf16, 8 sequences, LoRA on q and v), engine=bmt against fsdp's fused attention, both recomputing
+    every block: the recomputed encoder block keeps ModelCenter's score-sized tensors instead of the fused kernel's
+    output, log-sum-exp and additive mask, and its backward holds one score-sized gradient more."""
+    batch, target_tokens, heads, head_dim, d_model, d_ff, nbytes = 8, 128, 128, 128, 1024, 65536, 2
+
+    def activations(engine: str):
+        cfg = compose(["+recipe=lora_t5_11b", f"engine={engine}", "model.dtype=bf16"])
+        estimate = estimate_memory(
+            cfg, world_size=1, micro_batch_size=batch, input_tokens=input_tokens, target_tokens=target_tokens
+        )
+        assert estimate.setup["compute_dtype"] == "bfloat16" and estimate.setup["gradient_checkpointing"]
+        return estimate.activations
+
+    eager, fused = activations("bmt"), activations("fsdp")
+    scores = batch * heads * input_tokens * input_tokens
+    # eager: the softmax output and the probabilities in bf16, the dropout's boolean mask, and the two
+    # boolean padding masks (batch x input x input) of its two masked_fill calls
+    eager_only = 2 * scores * nbytes + scores + 2 * batch * input_tokens * input_tokens
+    # fused: its output (as large as the query), the fp32 log-sum-exp, the bf16 position bias + padding mask
+    fused_only = batch * heads * input_tokens * head_dim * nbytes + batch * heads * input_tokens * 4 + scores * nbytes
+    growth = eager_only - fused_only
+    term = "encoder block: self-attention"
+    assert eager.terms[term] - fused.terms[term] == growth
+    assert eager.kept == fused.kept  # every block keeps only its input either way
+    assert eager.recompute - fused.recompute == growth
+    tokens = batch * input_tokens
+    residual, ff = 2 * tokens * d_model * nbytes, 2 * tokens * d_ff * nbytes
+    qkvo = 4 * tokens * heads * head_dim * nbytes
+    assert fused.backward == residual + max(ff, qkvo)
+    assert eager.backward == residual + max(ff, qkvo + scores * nbytes)
+    assert eager.block_peak - fused.block_peak == growth + max(0, qkvo + scores * nbytes - ff)
+
+
+def test_bmt_recomputes_its_blocks_whatever_the_model_configuration_says():
+    base = ["+recipe=lora_t5_11b"]
+    recomputed = estimate_memory(compose(base), world_size=8)
+    configured_off = estimate_memory(compose([*base, "model.gradient_checkpointing=false"]), world_size=8)
+    assert configured_off.setup["gradient_checkpointing"] is True
+    assert configured_off.row("activations") == recomputed.row("activations")
+    fsdp = estimate_memory(compose([*base, "engine=fsdp", "model.gradient_checkpointing=false"]), world_size=8)
+    assert fsdp.setup["gradient_checkpointing"] is False
+    assert "ModelCenter's eager attention" in recomputed.notes[0] and "fused SDPA" in fsdp.notes[0]
+
+
 # --------------------------------------------------------------------------------------------- command line
 
 
@@ -472,6 +614,10 @@ def test_the_cli_refuses_bad_input_in_one_line():
         (["+recipe=lora_t5_11b", "world_size=eight"], "world_size must be an integer"),
         (["+recipe=lora_t5_11b", "world_size=8", "format=xml"], "format must be one of table, json"),
         (["+recipe=lora_t5_11b", "world_size=8", "train.max_stepz=1"], "Could not override 'train.max_stepz'"),
+        (
+            ["+recipe=lora_minilm_sst2", "engine=bmt", "world_size=2"],
+            "eager attention is modelled for ModelCenter's T5 (the bmt engine trains T5 only), not for a bert model",
+        ),
         (
             ["+recipe=lora_t5_base", "world_size=2", "model.name_or_path=nobody/no-such-model"],
             "the architecture of 'nobody/no-such-model' is not available offline: add its transformers config",

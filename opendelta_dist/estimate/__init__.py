@@ -9,7 +9,8 @@ figure counts are described in :mod:`opendelta_dist.estimate.cli`. The parts:
 - :mod:`~opendelta_dist.estimate.parameters`: the backbone on the meta device, its delta, its parameter counts;
 - :mod:`~opendelta_dist.estimate.blocks`: its architecture and transformer blocks, read through the family
   descriptions of :mod:`opendelta_dist.families`;
-- :mod:`~opendelta_dist.estimate.activations`: what autograd keeps for backward, per block formula.
+- :mod:`~opendelta_dist.estimate.activations`: what autograd keeps for backward, per block formula (fused
+  attention, or the eager attention an engine's own model declares).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from opendelta_dist.estimate.activations import (
     block_input_bytes,
     block_saves,
     dropout_saves,
+    eager_attention_saves,
     estimate_activations,
     fused_attention_saves,
     gpt2_block_saves,
@@ -80,6 +82,7 @@ __all__ = [
     "count_parameters",
     "describe_blocks",
     "dropout_saves",
+    "eager_attention_saves",
     "engine_options",
     "estimate_activations",
     "estimate_memory",

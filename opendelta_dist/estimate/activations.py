@@ -1,7 +1,9 @@
 """Activation memory: what autograd keeps for backward, per block and outside the blocks, by formula.
 
 One formula per block layout (:attr:`~opendelta_dist.families.Architecture.family`: ``t5``, ``bert``,
-``gpt2``, ``llama``), built from the saves of the layers inside it.
+``gpt2``, ``llama``), built from the saves of the layers inside it. Attention is a fused kernel
+(:func:`fused_attention_saves`), except on an engine that declares eager attention: the ``bmt`` engine's
+ModelCenter T5 keeps its scores (:func:`eager_attention_saves`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opendelta_dist.estimate.blocks import BlockInfo
+from opendelta_dist.estimate.errors import EstimateError
 from opendelta_dist.families import Architecture
 
 
@@ -63,11 +66,30 @@ def fused_attention_saves(
     Query, key, value and output (in the compute dtype), the fp32 log-sum-exp per query and head, and the
     additive mask it was given (T5's position bias folded into it). No ``q_len x k_len`` probabilities are
     stored: attention dropout is regenerated from a seed. (The eager path and CPU attention with dropout
-    store the probabilities instead; this estimate is for the fused GPU kernels.)
+    store the probabilities instead: see :func:`eager_attention_saves`; this estimate is for the fused GPU
+    kernels.)
     """
     qo = 2 * batch * heads * q_len * head_dim * nbytes
     kv = 2 * batch * heads * k_len * head_dim * nbytes
     return qo + kv + batch * heads * q_len * 4 + mask_elements * nbytes
+
+
+def eager_attention_saves(
+    batch: int, heads: int, q_len: int, k_len: int, head_dim: int, nbytes: int, dropout: float
+) -> int:
+    """Bytes ModelCenter's eager attention (``model_center/layer/attention.py``, ``Attention.forward``) keeps.
+
+    Query, key and value (the ``.contiguous()`` copies the two matmuls read), and at the size of the scores
+    (``batch x heads x q_len x k_len``): the softmax's output and the probabilities the second matmul reads (the
+    dropout's output, or the masked softmax output without dropout) in the compute dtype, and the dropout's
+    boolean mask (one byte an element on CUDA; CPU dropout keeps its noise in the compute dtype instead). Each
+    of the two ``masked_fill`` calls keeps its own boolean ``batch x 1 x q_len x k_len`` mask
+    (``attention_mask == False`` is computed twice); the position bias is added, which keeps nothing. Unlike
+    the fused kernel it keeps no log-sum-exp and not its output.
+    """
+    qkv = batch * heads * (q_len + 2 * k_len) * head_dim * nbytes
+    scores = batch * heads * q_len * k_len
+    return qkv + 2 * scores * nbytes + dropout_saves(scores, 1, dropout) + 2 * batch * q_len * k_len
 
 
 def dropout_saves(tokens: int, width: int, rate: float) -> int:
@@ -80,7 +102,7 @@ def _site(block: BlockInfo, site: str, tokens: int, width: int, nbytes: int) -> 
 
     Pass ``width=0`` for a site whose tensor is kept anyway: the attention output projection reads the fused
     kernel's output, which the kernel keeps (its ``(batch, tokens, heads, head_dim)`` layout makes the
-    transposed ``.contiguous()`` a view).
+    transposed ``.contiguous()`` a view). Eager attention keeps no output: its projection's input counts whole.
     """
     if site not in block.sites:
         return 0
@@ -104,18 +126,29 @@ def _feed_forward(arch: Architecture, block: BlockInfo, tokens: int, nbytes: int
     return terms
 
 
-def t5_block_saves(arch: Architecture, block: BlockInfo, shapes: Shapes, checkpointing: bool) -> dict[str, int]:
+def t5_block_saves(
+    arch: Architecture, block: BlockInfo, shapes: Shapes, checkpointing: bool, eager_attention: bool = False
+) -> dict[str, int]:
     """Bytes one T5 block keeps for backward, by term.
 
-    Pre-norm sub-layers (RMS norm, attention or feed-forward, dropout, residual add). The encoder's
-    self-attention mask is the padded ``batch x heads x input x input`` position bias; the decoder's
-    self-attention mask is the causal ``heads x target x target`` bias (batches carry no decoder padding
-    mask); cross-attention's is ``batch x heads x target x input``. Frozen linear layers keep nothing of
-    their own; a site's input is kept when a layer reading it trains or has a LoRA.
+    Pre-norm sub-layers (RMS norm, attention or feed-forward, dropout, residual add). With fused attention
+    (transformers' T5) the encoder's self-attention mask is the padded ``batch x heads x input x input``
+    position bias; the decoder's self-attention mask is the causal ``heads x target x target`` bias (batches
+    carry no decoder padding mask); cross-attention's is ``batch x heads x target x input``. With eager
+    attention (ModelCenter's T5) each attention keeps its scores instead (:func:`eager_attention_saves`).
+    Frozen linear layers keep nothing of their own; a site's input is kept when a layer reading it trains or
+    has a LoRA.
     """
     b, p = shapes.batch, shapes.bytes
     n = shapes.target_tokens if block.kind == "decoder" else shapes.input_tokens
     t, d, h = b * n, arch.d_model, arch.n_heads
+
+    def attention(k_len: int, mask: int) -> int:
+        if eager_attention:
+            return eager_attention_saves(b, h, n, k_len, arch.head_dim, p, arch.dropout)
+        return fused_attention_saves(b, h, n, k_len, arch.head_dim, p, mask)
+
+    out_width = arch.attention_dim if eager_attention else 0
     norm = rms_norm_saves(t, d, p, block.norm_weight_trains)
     self_mask = h * n * n if block.kind == "decoder" else b * h * n * n
     grad_in = checkpointing or not block.first
@@ -123,8 +156,8 @@ def t5_block_saves(arch: Architecture, block: BlockInfo, shapes: Shapes, checkpo
         "block input": t * d * p if grad_in else 0,
         "self-attention norm": norm if grad_in else 0,
         "self-attention input": _site(block, "attn_in", t, d, p),
-        "self-attention": fused_attention_saves(b, h, n, n, arch.head_dim, p, self_mask),
-        "self-attention output input": _site(block, "attn_out", t, 0, p),
+        "self-attention": attention(n, self_mask),
+        "self-attention output input": _site(block, "attn_out", t, out_width, p),
         "self-attention dropout": dropout_saves(t, d, arch.dropout),
     }
     if block.kind == "decoder":
@@ -133,8 +166,8 @@ def t5_block_saves(arch: Architecture, block: BlockInfo, shapes: Shapes, checkpo
             "cross-attention block input": t * d * p,
             "cross-attention norm": norm,
             "cross-attention input": _site(block, "cross_in", t, d, p),
-            "cross-attention": fused_attention_saves(b, h, n, s, arch.head_dim, p, b * h * n * s),
-            "cross-attention output input": _site(block, "cross_out", t, 0, p),
+            "cross-attention": attention(s, b * h * n * s),
+            "cross-attention output input": _site(block, "cross_out", t, out_width, p),
             "cross-attention key/value LoRA": _site(block, "encoder_out", b * s, 0, p),
             "cross-attention dropout": dropout_saves(t, d, arch.dropout),
         }
@@ -219,29 +252,48 @@ def llama_block_saves(arch: Architecture, block: BlockInfo, shapes: Shapes, chec
     }
 
 
-def block_saves(arch: Architecture, block: BlockInfo, shapes: Shapes, checkpointing: bool) -> dict[str, int]:
+def block_saves(
+    arch: Architecture, block: BlockInfo, shapes: Shapes, checkpointing: bool, eager_attention: bool = False
+) -> dict[str, int]:
     """Bytes one block keeps for backward, by term, for the block's family.
 
     The input of a stack's first block is the embedding output, which needs no gradient unless gradient
     checkpointing is on (the launcher then makes it require one): without checkpointing that block's first
     norm keeps nothing of its input.
+
+    Raises:
+        EstimateError: eager attention asked of a family other than T5 (it is ModelCenter's T5's).
     """
+    if eager_attention:
+        if arch.family != "t5":
+            raise EstimateError(
+                f"eager attention is modelled for ModelCenter's T5 (the bmt engine trains T5 only), not for a "
+                f"{arch.family} model: estimate it with engine=fsdp, deepspeed, ddp or single"
+            )
+        return t5_block_saves(arch, block, shapes, checkpointing, eager_attention=True)
     family = {"t5": t5_block_saves, "bert": bert_block_saves, "gpt2": gpt2_block_saves, "llama": llama_block_saves}
     return family[arch.family](arch, block, shapes, checkpointing)
 
 
-def block_backward_transient(arch: Architecture, block: BlockInfo, shapes: Shapes) -> int:
+def block_backward_transient(
+    arch: Architecture, block: BlockInfo, shapes: Shapes, eager_attention: bool = False
+) -> int:
     """The gradients alive at once while one block runs backward, on top of what it keeps.
 
     The gradient of the block's output and of its residual stream (two ``tokens x d_model``), plus the
     larger of the feed-forward's two inner gradients (``tokens x d_ff`` each; three for a gated one) and the
-    attention's query, key, value and output gradients.
+    attention's query, key, value and output gradients. Eager attention adds one gradient at the size of its
+    largest scores: each step back through its probabilities (matmul, dropout, ``masked_fill``, softmax) makes
+    a new score-sized gradient while its input gradient is alive, and frees one saved score-sized tensor after.
     """
     p = shapes.bytes
     n = shapes.target_tokens if block.kind == "decoder" else shapes.input_tokens
     t = shapes.batch * n
     ff = (3 if arch.gated else 2) * t * arch.d_ff * p
     attention = 4 * t * arch.attention_dim * p
+    if eager_attention:
+        k_len = max(n, shapes.input_tokens) if block.kind == "decoder" else n
+        attention += t * arch.n_heads * k_len * p
     return 2 * t * arch.d_model * p + max(ff, attention)
 
 
@@ -331,15 +383,20 @@ class ActivationEstimate:
 
 
 def estimate_activations(
-    arch: Architecture, blocks: Sequence[BlockInfo], shapes: Shapes, checkpointing: bool, seq2seq: bool
+    arch: Architecture,
+    blocks: Sequence[BlockInfo],
+    shapes: Shapes,
+    checkpointing: bool,
+    seq2seq: bool,
+    eager_attention: bool = False,
 ) -> ActivationEstimate:
     """Activation memory of a training step, with or without gradient checkpointing.
 
     Without checkpointing every block's saved tensors stay until its backward; the peak adds the gradients
     of one block's backward less what the blocks after it freed (or the loss buffers, whichever is larger).
-    With non-reentrant checkpointing each block keeps only its inputs (its output is the next block's
-    input); in backward one block at a time recomputes its forward, keeping its saved tensors again, and
-    runs its backward.
+    With checkpointing (non-reentrant, or BMTrain's blocks) each block keeps only its inputs (its output is
+    the next block's input); in backward one block at a time recomputes its forward, keeping its saved
+    tensors again, and runs its backward.
 
     Args:
         arch: the backbone's architecture.
@@ -347,13 +404,18 @@ def estimate_activations(
         shapes: the micro batch.
         checkpointing: gradient checkpointing of every block.
         seq2seq: the model computes an LM loss over ``target_tokens`` (else a classifier's).
+        eager_attention: attention keeps its scores (ModelCenter's T5, :func:`eager_attention_saves`) rather
+            than being a fused kernel.
 
     Returns:
         The estimate.
+
+    Raises:
+        EstimateError: eager attention asked of a family other than T5.
     """
-    per_block = [block_saves(arch, blk, shapes, checkpointing) for blk in blocks]
+    per_block = [block_saves(arch, blk, shapes, checkpointing, eager_attention) for blk in blocks]
     outside = outside_block_saves(arch, blocks, shapes, checkpointing)
-    transients = [block_backward_transient(arch, blk, shapes) for blk in blocks]
+    transients = [block_backward_transient(arch, blk, shapes, eager_attention) for blk in blocks]
     if checkpointing:
         # the block's input is the checkpoint's own input: recomputing does not allocate it again
         peaks = [sum(t.values()) - t["block input"] + tr for t, tr in zip(per_block, transients, strict=True)]

@@ -31,7 +31,9 @@ per category:
 - **optimizer**: AdamW's two moments, plus fp32 master weights where the engine keeps them; offloaded
   state is reported in the CPU column;
 - **activations**: what autograd keeps for backward (every block's saved tensors, or with gradient
-  checkpointing each block's input) plus the peak of one block's recomputation and backward;
+  checkpointing each block's input) plus the peak of one block's recomputation and backward; attention is
+  a fused kernel, except on bmt, whose ModelCenter T5 attends eagerly (keeping score-sized tensors) in
+  BMTrain blocks that always recompute;
 - **workspace**: the logits and loss buffers where they exceed the block peak, the CUDA context and
   NCCL's buffers (constants, below).
 

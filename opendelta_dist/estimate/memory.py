@@ -194,8 +194,11 @@ def estimate_memory(
         (target_tokens or data.max_target_length) if seq2seq else 0,
         compute.itemsize,
     )
-    checkpointing = model_cfg.gradient_checkpointing
-    acts = estimate_activations(arch, blocks, shapes, checkpointing, seq2seq)
+    # what an engine's own model does differently, declared on its class (the bmt engine's ModelCenter T5: eager
+    # attention in BMTrain blocks that recompute in backward whatever model.gradient_checkpointing says)
+    eager_attention = engine.eager_attention
+    checkpointing = model_cfg.gradient_checkpointing or engine.recomputes_blocks
+    acts = estimate_activations(arch, blocks, shapes, checkpointing, seq2seq, eager_attention)
     rows.append(Row("activations", acts.block_peak, 0, _activation_note(acts, checkpointing, compute)))
     nccl = NCCL_BUFFER_BYTES if world > 1 else 0
     workspace_parts = [f"CUDA context {CUDA_CONTEXT_BYTES / GIB:.2f}"]
@@ -229,7 +232,7 @@ def estimate_memory(
         "compute_dtype": dtype_name(compute),
         "gradient_checkpointing": checkpointing,
     }
-    notes = _notes(model_cfg, counts) + engine.memory_notes(options)
+    notes = _notes(model_cfg, counts, eager_attention) + engine.memory_notes(options)
     if foreign:
         notes.insert(
             0,
@@ -249,10 +252,14 @@ def _activation_note(acts: ActivationEstimate, checkpointing: bool, compute: tor
     return f"GiB, {dtype_name(compute)}: {kept} (every block's saved tensors), {acts.backward / GIB:.2f} one backward"
 
 
-def _notes(model_cfg: Any, counts: ParameterCounts) -> list[str]:
+def _notes(model_cfg: Any, counts: ParameterCounts, eager_attention: bool) -> list[str]:
+    attention = (
+        "ModelCenter's eager attention, which keeps its softmax output, probabilities and dropout mask"
+        if eager_attention
+        else "fused SDPA attention kernels (flash / memory-efficient) as on a GPU"
+    )
     notes = [
-        "activations assume batches padded to input_tokens (target_tokens) and fused SDPA attention kernels "
-        "(flash / memory-efficient) as on a GPU",
+        f"activations assume batches padded to input_tokens (target_tokens) and {attention}",
         f"workspace counts {CUDA_CONTEXT_BYTES / GIB:.2f} GiB of CUDA context (not in torch.cuda.max_memory_allocated)"
         " and no allocator fragmentation (reserved memory can exceed the figures by a few percent)",
     ]

@@ -143,6 +143,12 @@ class Engine(ABC):
     """The values of ``engine.options.precision`` the engine supports (null, the model's dtype, always is)."""
     delta_backend: ClassVar[str] = "hf"
     """The backend of the deltas attached to this engine's backbone (:mod:`opendelta_dist.backends`)."""
+    eager_attention: ClassVar[bool] = False
+    """The engine's own model computes attention eagerly (keeps score-sized tensors for backward), where the
+    memory estimator otherwise assumes a fused kernel."""
+    recomputes_blocks: ClassVar[bool] = False
+    """The engine's own model recomputes each block's activations in backward, whatever
+    ``model.gradient_checkpointing`` says."""
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
