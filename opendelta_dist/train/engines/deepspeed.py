@@ -30,8 +30,9 @@ world size``), plus the trainable module weights (stage 2: one file, ``4 bytes x
 fp32) and a few kB of metadata per file. Resuming it needs the same world size.
 
 DeepSpeed compiles C++ ops on first use (``deepspeed_shm_comm`` when it joins the process group,
-``cpu_adam`` with optimizer offload): set ``TORCH_EXTENSIONS_DIR`` to a folder that is kept so this
-happens once per machine.
+``cpu_adam`` with optimizer offload) into ``TORCH_EXTENSIONS_DIR``: the set-up (``scripts/install.sh``)
+compiles both into ``.venv/torch_extensions``, which ``scripts/env.sh`` names; elsewhere, point it at a
+folder that is kept so this happens once per machine.
 """
 
 from __future__ import annotations

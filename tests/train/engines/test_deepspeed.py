@@ -1,8 +1,9 @@
 """The deepspeed engine: ZeRO 2/3 on 2 gloo ranks against the single engine on the whole batch.
 
 DeepSpeed compiles ``deepspeed_shm_comm`` (~50 s) and, for optimizer offload, ``cpu_adam`` (~60 s)
-the first time they are used; the workers keep them in ``TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/opendelta_dist/torch_extensions``) so that happens once per machine. On 2 CPU cores the
+the first time they are used, into ``TORCH_EXTENSIONS_DIR``: the set-up compiles both into
+``.venv/torch_extensions`` and ``scripts/test.sh`` names it (run outside it, the tests default to
+``~/.cache/opendelta_dist/torch_extensions``, so that happens once per machine). On 2 CPU cores the
 file takes about a minute with the ops compiled, three minutes without.
 """
 
