@@ -18,7 +18,8 @@ python3 -m venv --clear "$VENV"
 # DeepSpeed's CPU ops (cpu_adam for optimizer offload, deepspeed_shm_comm for its collectives on the CPU) compile on
 # first use; they are compiled here, once, into the environment's own extensions folder (env.sh points
 # TORCH_EXTENSIONS_DIR there), instead of at the first run of every fresh machine
-TORCH_EXTENSIONS_DIR="$VENV/torch_extensions" DS_ACCELERATOR=cpu "$VENV/bin/python" -c "
+# (with the environment's ninja first on PATH, as when it is active: another ninja's log would start it again)
+PATH="$VENV/bin:$PATH" TORCH_EXTENSIONS_DIR="$VENV/torch_extensions" DS_ACCELERATOR=cpu "$VENV/bin/python" -c "
 from deepspeed.accelerator import get_accelerator
 for name in ('CPUAdamBuilder', 'ShareMemCommBuilder'):
     get_accelerator().create_op_builder(name).load(verbose=False)
