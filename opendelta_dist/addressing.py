@@ -104,7 +104,9 @@ def named_backbone_modules(root: nn.Module, prefix: str = "") -> Iterator[tuple[
             continue
         seen.add(id(module))
         yield name, module
-        children = [(f"{name}.{n}" if name else n, c) for n, c in module._modules.items() if c is not None]
+        # named_children, not _modules: a BMTrain Block keeps its layer outside _modules and shows the layer's
+        # children as its own (the names ModelCenter's checkpoints use)
+        children = [(f"{name}.{n}" if name else n, c) for n, c in module.named_children()]
         # the stack pops from the end: push in reverse to keep the definition order
         stack.extend(reversed(children))
 

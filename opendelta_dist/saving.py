@@ -189,6 +189,7 @@ def save_delta(
     save_config: bool = True,
     state_dict: dict[str, torch.Tensor] | None = None,
     checksum: tuple[str, np.ndarray] | None = None,
+    config_updates: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``delta``'s checkpoint into ``path``; see the module docstring for the layout.
 
@@ -198,6 +199,8 @@ def save_delta(
         save_config: write ``config.json``.
         state_dict: the delta's full tensors when they are not its own parameters (gathered from shards).
         checksum: :func:`backbone_checksum` of the backbone, taken before an engine sharded it.
+        config_updates: entries of ``config.json`` that differ from the delta's own (an engine that trains
+            another implementation of the model saves for transformers' one: ``backend``, ``backbone_class``).
 
     Returns:
         ``path``.
@@ -220,6 +223,7 @@ def save_delta(
             "weights_sha256": sha,
             "format_version": FORMAT_VERSION,
             "opendelta_dist_version": _package_version(),
+            **(config_updates or {}),
         }
         write_json_atomic(path / "config.json", config)
     _fsync_dir(path)

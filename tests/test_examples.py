@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.train.launch import python_path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +31,7 @@ def test_tune_tiny_with_two_processes(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": python_path()},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     losses = [float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("step")]

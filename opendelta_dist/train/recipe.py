@@ -570,7 +570,13 @@ class DeltaTuningRecipe:
             return
         tensors = self.engine.gather_delta(self.delta)
         if self.main:
-            save_delta(self.delta, path, state_dict=tensors, checksum=self.checksum)
+            save_delta(
+                self.delta,
+                path,
+                state_dict=tensors,
+                checksum=self.checksum,
+                config_updates=self.engine.saved_delta_config(),
+            )
 
     def save_final(self) -> Path:
         """Save the final delta (full tensors, ``save_finetuned`` format) to ``<run_dir>/final_delta``, or

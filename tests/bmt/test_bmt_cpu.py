@@ -82,3 +82,33 @@ def test_each_role_on_modelcenter_t5_is_where_the_conversion_puts_transformers_m
         found = {mc for mc in converted.values() if mc_pattern.fullmatch(mc)}
         assert found == expected, role
     assert MODELCENTER_T5 == "model_center.model.t5.T5"
+
+
+@needs_bmt
+def test_modules_inside_a_bmtrain_block_are_addressable():
+    """A BMTrain ``Block`` keeps its layer outside ``_modules``; the layer's modules are found by name below it,
+    as ModelCenter's T5 names them (``encoder.layers.0.self_att...``)."""
+    import bmtrain as bmt
+    from torch import nn
+
+    from opendelta_dist.addressing import select_modules
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.self_att = nn.Module()
+            self.self_att.project_q = nn.Linear(4, 4)
+            self.ffn = nn.Linear(4, 4)
+
+    root = nn.Module()
+    root.layers = nn.ModuleList([bmt.Block(Layer(), initialized=True) for _ in range(2)])
+    assert select_modules(root, ["project_q"]) == ["layers.0.self_att.project_q", "layers.1.self_att.project_q"]
+
+
+def test_the_decoder_start_token_is_t5s_padding_token_when_the_config_has_none():
+    from opendelta_dist.train.engines.bmt import decoder_start_token_id
+
+    config = T.T5Config(pad_token_id=7)
+    config.__dict__.pop("decoder_start_token_id", None)  # transformers 5 sets it only when it is given
+    assert decoder_start_token_id(config) == 7
+    assert decoder_start_token_id(T.T5Config(pad_token_id=0, decoder_start_token_id=3)) == 3

@@ -14,6 +14,11 @@ from tests.train.distributed import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def python_path() -> str:
+    """The repository first, then whatever ``PYTHONPATH`` already names (the GPU check's carried packages)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def launch(
     overrides: list[str], nproc: int = 2, env: dict[str, str] | None = None, max_restarts: int = 0, timeout: int = 600
 ) -> subprocess.CompletedProcess[str]:
@@ -31,7 +36,7 @@ def launch(
     else:
         cmd = [sys.executable]
     cmd += [str(ROOT / "launch" / "train.py"), *overrides]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": python_path(), "DS_ACCELERATOR": "cpu", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

@@ -63,3 +63,23 @@ def test_an_option_of_another_engine_is_refused_with_the_fix():
     fix = r"engine ddp has no option reshard_after_forward .*~engine.options.reshard_after_forward"
     with pytest.raises(DeltaConfigError, match=fix):
         build_engine("ddp", Topology(0, 1, 0, torch.device("cpu")), {"reshard_after_forward": True})
+
+
+DELTA_GROUPS = sorted(p.stem for p in (ROOT / "configs" / "delta").glob("*.yaml") if p.stem != "none")
+
+
+@pytest.mark.parametrize("group", DELTA_GROUPS)
+def test_common_structure_is_an_override_of_every_delta_group(group):
+    """``delta.common_structure=true`` (what the bmt engine's refusal tells users to pass) composes."""
+    cfg = OmegaConf.to_container(_compose([f"delta={group}", "delta.common_structure=true"]), resolve=True)
+    assert delta_config(cfg["delta"]).common_structure is True
+
+
+def test_the_launcher_keeps_the_callers_python_path(monkeypatch):
+    """torchrun's children find what the caller's ``PYTHONPATH`` names (the GPU check's carried packages)."""
+    from tests.train.launch import python_path
+
+    monkeypatch.setenv("PYTHONPATH", "/carried/site")
+    assert python_path().split(":") == [str(ROOT), "/carried/site"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert python_path() == str(ROOT)

@@ -196,6 +196,12 @@ class Engine(ABC):
 
         return backbone_checksum(model, delta.replaced_parameter_names())
 
+    def saved_delta_config(self) -> dict[str, Any]:
+        """What a saved delta's ``config.json`` says differently from the delta's own config: the engines
+        save whole tensors under transformers' names, so a checkpoint loads on transformers' model (the
+        default: nothing differs, the delta is of the ``hf`` backend on that model already)."""
+        return {}
+
     def load_pretrained(self, read_state_dict: Callable[[], dict[str, torch.Tensor]]) -> None:
         """Fill a backbone built on the meta device, after :meth:`prepare`, with pretrained weights. Collective.
 

@@ -57,6 +57,15 @@ ADAM_FP32_STATES = 3
 """BMTrain's Adam keeps an fp32 master copy and two fp32 moments of each bf16/fp16 parameter."""
 
 
+def decoder_start_token_id(config: Any) -> int:
+    """The token transformers' T5 starts its decoder with: the config's ``decoder_start_token_id``, which a
+    transformers 5 ``T5Config`` has only when it was given, else T5's convention, the padding token."""
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(config, "pad_token_id", None)
+    return int(start or 0)
+
+
 def _modelcenter_inputs(batch: Mapping[str, torch.Tensor], start: int, pad: int) -> dict[str, torch.Tensor]:
     """A transformers seq2seq batch (``input_ids``, ``attention_mask``, ``labels``) as ModelCenter T5's inputs."""
     labels = batch["labels"]
@@ -203,6 +212,14 @@ class BMTEngine(Engine):
         self._set_dummy_inputs(model)
         return model
 
+    def saved_delta_config(self) -> dict[str, Any]:
+        """A saved delta is for transformers' T5 (its tensors whole, under transformers' names): it records the
+        ``hf`` backend and transformers' class, so that it loads there as it is."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as names
+
+        assert self.hf_config is not None, "build_backbone() first"
+        return {"backend": "hf", "backbone_class": names[self.hf_config.model_type]}
+
     @staticmethod
     def _set_dummy_inputs(model: nn.Module) -> None:
         """The inputs of the hidden-size probe of adapters (its forward is a collective: every rank runs it)."""
@@ -301,7 +318,7 @@ class BMTEngine(Engine):
     def _forward(self, batch: Mapping[str, torch.Tensor]) -> _Output:
         assert self.model is not None and self.hf_config is not None
         config = self.hf_config
-        inputs = _modelcenter_inputs(batch, config.decoder_start_token_id or 0, config.pad_token_id or 0)
+        inputs = _modelcenter_inputs(batch, decoder_start_token_id(config), config.pad_token_id or 0)
         logits = self.model(**inputs, output_logits=True, return_dict=True).logits
         labels = batch["labels"]
         loss = nn.functional.cross_entropy(
