@@ -1,4 +1,9 @@
-"""Tests marked ``gpu`` need CUDA; elsewhere they are skipped with the reason."""
+"""Tests marked ``gpu`` need CUDA; elsewhere they are skipped with the reason.
+
+Under the CUDA emulation of ``tests/bmt/emulated_cuda.py`` (BMTrain and ModelCenter on the CPU: the bmt tier CI
+runs, ``tests/bmt/test_emulated.py``) ``torch.cuda.is_available()`` is true, so ``gpu`` tests run there; what
+they would measure of the GPU itself (memory) they check only on a real one.
+"""
 
 import pytest
 import torch

@@ -360,6 +360,8 @@ class DeltaTuningRecipe:
             return
         saved = AutoDeltaConfig.from_dict(read_config_file(source / "delta")).to_dict()
         wanted = self.delta.config.to_dict()
+        # what the engine saves differently (the bmt engine saves for transformers' T5, backend hf)
+        wanted |= {k: v for k, v in self.engine.saved_delta_config().items() if k in wanted}
         differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         if differ:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {wanted.get(k)!r}" for k in differ)

@@ -26,10 +26,11 @@ from tests.backends import sharded
 from tests.models import batch, build, logits
 
 sharded.register()
-#: bmt's DistributedParameters live on a GPU, under initialised BMTrain: its cases run there (marked gpu)
+#: bmt's DistributedParameters live on a GPU, under initialised BMTrain: its cases run there (marked gpu), and in CI
+#: under the CUDA emulation (tests/bmt/test_emulated.py)
 ON_GPU = {"bmt"}
 BACKENDS = [
-    pytest.param(name, marks=pytest.mark.gpu) if name in ON_GPU else name
+    pytest.param(name, marks=[pytest.mark.gpu, pytest.mark.emulated]) if name in ON_GPU else name
     for name in sorted({*available_backends(), sharded.NAME})
 ]
 OPTIONS = {

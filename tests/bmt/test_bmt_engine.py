@@ -11,6 +11,7 @@ names, loads on a transformers T5 with the logits of the single engine's delta w
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 from opendelta_dist import AutoDeltaModel
 from tests.bmt.common import needs_bmt
+from tests.bmt.emulated_cuda import EMULATION_ENV
 from tests.models import batch
 from tests.train.launch import ROOT, check, launch, metrics
 
@@ -76,6 +78,7 @@ def test_bmt_follows_the_single_engine_and_its_delta_loads_on_transformers(runs)
     torch.testing.assert_close(logits["bmt"], logits["single"], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.emulated
 def test_a_killed_bmt_run_resumes_from_its_last_checkpoint(runs, tmp_path):
     from opendelta_dist.train.recipe import FAIL_AT_STEP_ENV, FAIL_RANK_ENV
 
@@ -118,10 +121,12 @@ def test_frozen_blocks_keep_no_gradient_storage():
 
     storages = [s for b in model.modules() if isinstance(b, Block) for s in b._storage_params.values()]
     assert storages and all(not s.requires_grad and s.grad is None for s in storages)
-    held = torch.cuda.memory_allocated()
-    assert held - weights < 0.25 * weights, (held, weights)
+    if os.environ.get(EMULATION_ENV) != "1":  # the emulated device has no memory to measure
+        held = torch.cuda.memory_allocated()
+        assert held - weights < 0.25 * weights, (held, weights)
 
 
+@pytest.mark.emulated
 def test_an_fp16_overflow_skips_the_step_and_the_schedule():
     """fp16 with a loss scale far too large: every overflowing step leaves the delta and the learning rate as
     they were and halves the scale; the first step that fits moves both, once."""
@@ -162,6 +167,7 @@ def test_an_fp16_overflow_skips_the_step_and_the_schedule():
     assert any(not torch.equal(v, start[k]) for k, v in values().items())
 
 
+@pytest.mark.emulated
 @pytest.mark.parametrize("precision", [None, "bf16"])
 def test_weight_decay_is_decoupled_as_adamw_in_every_precision(precision):
     """BMTrain's own Adam couples the decay of fp32 weights into their gradient (an L2 term, which Adam then

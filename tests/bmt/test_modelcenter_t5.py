@@ -170,6 +170,7 @@ def _assert_same_logits(model: T.T5ForConditionalGeneration, mc: torch.nn.Module
 
 
 @pytest.mark.gpu
+@pytest.mark.emulated
 @needs_bmt
 @pytest.mark.parametrize("feed_forward", FEED_FORWARDS)
 def test_modelcenter_t5_converted_gives_transformers_logits(feed_forward):
@@ -183,6 +184,7 @@ def test_modelcenter_t5_converted_gives_transformers_logits(feed_forward):
 
 
 @pytest.mark.gpu
+@pytest.mark.emulated
 @needs_bmt
 def test_the_bmt_engine_loads_a_sharded_checkpoint_layer_by_layer(tmp_path):
     from opendelta_dist.train.engines import build_engine

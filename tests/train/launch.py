@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.bmt.emulated_cuda import EMULATION_ENV
 from tests.train.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +23,8 @@ def python_path() -> str:
 def launch(
     overrides: list[str], nproc: int = 2, env: dict[str, str] | None = None, max_restarts: int = 0, timeout: int = 600
 ) -> subprocess.CompletedProcess[str]:
-    """``torchrun --nproc_per_node=nproc launch/train.py *overrides`` (plain python when nproc is 0)."""
+    """``torchrun --nproc_per_node=nproc launch/train.py *overrides`` (plain python when nproc is 0); under the
+    CUDA emulation of ``tests/bmt/emulated_cuda.py`` when this process is, or ``env`` sets its variable."""
     if nproc:
         cmd = [
             sys.executable,
@@ -35,8 +37,10 @@ def launch(
         ]
     else:
         cmd = [sys.executable]
-    cmd += [str(ROOT / "launch" / "train.py"), *overrides]
     full_env = {**os.environ, "PYTHONPATH": python_path(), "DS_ACCELERATOR": "cpu", **(env or {})}
+    if full_env.get(EMULATION_ENV) == "1":  # under the CUDA emulation (or asked for it): the run is too
+        cmd += ["-m", "tests.bmt.emulated_cuda"]
+    cmd += [str(ROOT / "launch" / "train.py"), *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
