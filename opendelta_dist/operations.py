@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from opendelta_dist.addressing import is_delta_module, mark_delta_module, named_backbone_modules, replaced_module
+from opendelta_dist.backends import backend_of
 from opendelta_dist.errors import DeltaStateError, UnsupportedModuleError
 
 Order = tuple[int, int]
@@ -356,17 +357,22 @@ class UnfreezeParameter(Operation):
         original, ops = st.swaps.get(self.param_name, (target._parameters[self.param_name], []))
         current = target._parameters[self.param_name]
         p = self.parameter
-        if current is not None and (current.shape != p.shape):
+        own = backend_of(p).full_shape(p)
+        shape = backend_of(current).full_shape(current) if current is not None else None
+        if shape is not None and shape != own:  # whole shapes: either may be a partition
             raise UnsupportedModuleError(
-                f"{self.module_name}.{self.param_name} has shape {tuple(current.shape)}, the delta's {tuple(p.shape)}"
+                f"{self.module_name}.{self.param_name} has shape {tuple(shape)}, the delta's {tuple(own)}"
             )
         if current is not None and p.device != current.device:
             p.data = p.data.to(current.device)
         _insert_sorted(ops, self)
         st.swaps[self.param_name] = (original, ops)
         target._parameters[self.param_name] = ops[-1].parameter
+        # the target reads the delta's parameter as its backend needs (whole, where the backend shards)
+        self._undo_target = backend_of(p).prepare_target(target)
 
     def _uninstall(self, target: nn.Module) -> None:
+        self._undo_target()
         st = _state(target)
         original, ops = st.swaps[self.param_name]
         ops.remove(self)

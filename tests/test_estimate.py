@@ -291,6 +291,30 @@ def _rows(overrides: list[str], world_size: int | None, **kwargs) -> dict[str, t
     return {r.name: (r.gpu, r.cpu) for r in estimate.rows}
 
 
+def test_bmt_weights_are_modelcenters_with_three_blocks_gathered():
+    """engine=bmt on T5-11B (bf16): the shards hold ModelCenter's T5, whose LM head is apart from the embeddings
+    transformers' T5 ties; gathered are the running and next (decoder) blocks, the first encoder block, which
+    BMTrain never releases (tests/bmt/test_bmt_engine.py shows both on the real BMTrain), and what is outside the
+    blocks, the head included."""
+    cfg = compose(["+recipe=lora_t5_11b"])
+    assert cfg["engine"]["name"] == "bmt"
+    meta = build_meta_backbone(ModelConfig(**cfg["model"]))
+    head = meta.lm_head.weight.numel()
+    assert meta.lm_head.weight is meta.shared.weight
+    frozen = sum(p.numel() for p in meta.parameters())
+    first_encoder, *decoders = (
+        sum(p.numel() for p in b.parameters()) for b in (meta.encoder.block[0], *meta.decoder.block[:2])
+    )  # the first decoder block (with the position bias) and another one are the largest
+    in_blocks = sum(p.numel() for stack in (meta.encoder, meta.decoder) for b in stack.block for p in b.parameters())
+    outside = frozen - in_blocks + head
+    for world in (1, 8):
+        weights = estimate_memory(cfg, world_size=world, micro_batch_size=8).rows[0]
+        assert weights.name == "weights"
+        shards = -(-(frozen + head) * 2 // world)
+        assert weights.gpu == shards + (sum(decoders) + first_encoder + outside) * 2
+    assert "first encoder block (never released)" in weights.note
+
+
 def test_fsdp_and_zero3_shard_the_weights_ddp_and_zero2_do_not():
     frozen = 11_307_321_344 * 4
     fsdp1, fsdp8 = _rows([], 1), _rows([], 8)

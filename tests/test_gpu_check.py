@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
@@ -220,6 +221,43 @@ def test_a_stage_past_its_limit_is_a_timeout_and_the_later_stages_still_run(tmp_
     assert [stages[s]["status"] for s in ("tests", "benchmark")] == ["skipped", "skipped"]
     assert data["finished"] is True
     check_what_comes_back(outdir)
+
+
+def test_the_tests_stage_leaves_out_the_emulated_tests_and_reports_what_ran_before_its_limit(tmp_path):
+    """The tests stage runs ``pytest -m "gpu and not emulated"`` (CI runs the emulated ones), and interrupts it a
+    little before the stage's limit: pytest still writes tests.xml with what passed, and the stage is a timeout.
+    A stand-in for the interpreter records the arguments and runs, instead of the project's gpu tests, one
+    that passes and one that hangs."""
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "test_probe.py").write_text(
+        "import time\n\ndef test_quick():\n    pass\n\ndef test_hangs():\n    time.sleep(600)\n"
+    )
+    record = tmp_path / "args.txt"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1 $2" = "-m pytest" ]; then\n'
+        f'  printf "%s\\n" "$@" > {record}\n'
+        '  for a in "$@"; do case $a in --junitxml) next=1 ;; *) [ -n "${next:-}" ] && xml=$a; next= ;; esac; done\n'
+        f'  exec {sys.executable} -m pytest -p no:cacheprovider -q --junitxml "$xml" {tmp_path / "suite"}\n'
+        "fi\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    stand_in.chmod(0o755)
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "--stage", "tests", str(outdir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHON": str(stand_in), "STAGE_LIMIT": "25"},
+    )
+    assert result.returncode == 124, result.stdout + result.stderr
+    args = record.read_text().splitlines()
+    assert args[args.index("-m", 2) + 1] == "gpu and not emulated"
+    cases = {case.get("name"): case for case in ET.parse(outdir / "tests.xml").getroot().iter("testcase")}
+    assert "test_quick" in cases and cases["test_quick"].find("failure") is None
 
 
 def test_a_failing_stage_is_recorded_with_its_last_line(tmp_path):

@@ -7,7 +7,8 @@ A delta method asks a backend every question that depends on how the backbone st
   init functions are picklable callables such as ``functools.partial(nn.init.normal_, std=0.02)``);
   :meth:`Backend.parameter_from` makes one from existing values; :meth:`Backend.linear` a linear
   layer of such parameters; :meth:`Backend.prepare_module` is called once on every delta module
-  before it is used (a sharded backend turns it into its module class there).
+  before it is used (a sharded backend turns it into its module class there), and
+  :meth:`Backend.prepare_target` on a backbone module into whose parameter slot a delta puts a parameter.
 - **Reading back:** :meth:`Backend.full_tensor`, :meth:`Backend.full_shape` and
   :meth:`Backend.load_full` see a parameter as the whole tensor, so saving, hashing and statistics never
   read a partition as if it were the whole. ``full_tensor`` is a collective where the backend shards.
@@ -101,6 +102,15 @@ class Backend(Protocol):
 
     def prepare_module(self, module: nn.Module) -> None:
         """Make ``module`` (a delta module, with its parameters) ready to run on this backend, in place."""
+        ...
+
+    def prepare_target(self, module: nn.Module) -> Callable[[], None]:
+        """Make the backbone module ``module``, into one of whose parameter slots a delta puts a parameter of
+        this backend, read that parameter as the backend needs (a sharded backend: whole), in place.
+
+        Returns:
+            What undoes it, called when the delta takes its parameter out of the slot again.
+        """
         ...
 
     def owns(self, tensor: torch.Tensor) -> bool:

@@ -31,7 +31,9 @@ a machine with a CUDA GPU before a delta is made; importing this module needs on
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import bmtrain as bmt
 import torch
@@ -98,6 +100,17 @@ def _refuse_in_block(param: torch.Tensor, what: str) -> None:
         )
 
 
+def _no_undo() -> None:
+    return None
+
+
+def _written() -> None:
+    """Order BMTrain's next gathers after what this stream wrote into partitions: ``gather`` all-gathers on
+    BMTrain's load stream without waiting for the current one (as ``bmtrain.init_parameters`` and its optimizer
+    step end, so do the backend's writes)."""
+    bmt.config["load_stream"].wait_stream(torch.cuda.current_stream())
+
+
 def distributed_class(cls: type) -> type:
     """``cls`` with ``bmtrain.DistributedModule`` mixed in (attribute reads gather whole parameters)."""
     if issubclass(cls, bmt.DistributedModule):
@@ -107,6 +120,22 @@ def distributed_class(cls: type) -> type:
         made = type(f"Distributed{cls.__name__}", (cls, bmt.DistributedModule), {"__module__": cls.__module__})
         _DISTRIBUTED_CLASSES[cls] = made
     return made
+
+
+class _WholeReading(nn.Module):
+    """Reads a ``DistributedParameter`` in one of its slots whole (all-gathered, with autograd), as BMTrain's
+    ``DistributedModule`` does, and nothing else of it differs (its state dict included)."""
+
+    def __getattr__(self, name: str) -> Any:
+        value = super().__getattr__(name)
+        if isinstance(value, bmt.DistributedParameter) and not value._in_block:
+            return value.gather()
+        return value
+
+
+_WHOLE_READING_CLASSES: dict[type, type] = {}
+#: backbone modules made to read delta parameters whole: their own class and the number of slots holding one
+_TARGETS: weakref.WeakKeyDictionary[nn.Module, list[Any]] = weakref.WeakKeyDictionary()
 
 
 class BMTBackend:
@@ -149,12 +178,16 @@ class BMTBackend:
                 f"the bmt backend makes parameters on the GPU, not on {torch.device(device).type!r}: build the "
                 "backbone with the bmt engine (ModelCenter on CUDA), or use backend='hf'"
             )
-        return bmt.DistributedParameter(self._whole(shape, dtype, init), requires_grad=True, init_method=init)
+        param = bmt.DistributedParameter(self._whole(shape, dtype, init), requires_grad=True, init_method=init)
+        _written()
+        return param
 
     def parameter_from(self, data: torch.Tensor) -> nn.Parameter:
         """``data`` (the whole tensor, the same on every rank) as a trainable ``DistributedParameter``."""
         _require_initialized()
-        return bmt.DistributedParameter(data.detach().to("cuda"), requires_grad=True)
+        param = bmt.DistributedParameter(data.detach().to("cuda"), requires_grad=True)
+        _written()
+        return param
 
     def reset_module(self, module: nn.Module) -> None:
         """Fill every delta parameter of ``module`` again from its init function (zero without one)."""
@@ -163,6 +196,7 @@ class BMTBackend:
                 whole = self._whole(tuple(param._original_shape), param.dtype, param._init_method)
                 with torch.no_grad():
                     param._copy_data(whole)
+        _written()
 
     def linear(
         self,
@@ -204,6 +238,32 @@ class BMTBackend:
                     sub._buffers[key] = buffer.to("cuda")
             if any(p is not None for p in sub._parameters.values()):
                 sub.__class__ = distributed_class(type(sub))
+        _written()
+
+    def prepare_target(self, module: nn.Module) -> Callable[[], None]:
+        """Make a backbone module that is not a ``DistributedModule`` (a transformers layer on the GPU, whose
+        bias slot BitFit fills) read this backend's parameters whole, until the returned undo is called for
+        every slot that holds one."""
+        if isinstance(module, bmt.DistributedModule):
+            return _no_undo
+        held = _TARGETS.get(module)
+        if held is None:
+            cls = type(module)
+            made = _WHOLE_READING_CLASSES.get(cls)
+            if made is None:
+                made = type(f"WholeReading{cls.__name__}", (_WholeReading, cls), {"__module__": cls.__module__})
+                _WHOLE_READING_CLASSES[cls] = made
+            held = _TARGETS[module] = [cls, 0]
+            module.__class__ = made
+        held[1] += 1
+
+        def undo() -> None:
+            held[1] -= 1
+            if held[1] == 0:
+                module.__class__ = held[0]
+                del _TARGETS[module]
+
+        return undo
 
     # ----------------------------------------------------------------- reading whole
 
@@ -247,6 +307,7 @@ class BMTBackend:
             )
         with torch.no_grad():  # BMTrain copies this rank's slice of ``value.view(-1)``: it must be contiguous
             param._copy_data(value.to(device=param.device, dtype=param.dtype).contiguous())
+        _written()
 
     # ----------------------------------------------------------------- recognising
 

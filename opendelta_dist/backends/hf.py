@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import torch
@@ -20,6 +20,10 @@ except ImportError:  # transformers is a dependency, but the backend does not ne
 INIT_ATTRIBUTE = "_delta_init"
 #: where a prepared delta module keeps its parameters' init functions, by (submodule, parameter) name
 INITS_ATTRIBUTE = "_delta_inits"
+
+
+def _nothing() -> None:
+    return None
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -120,6 +124,10 @@ class HFBackend:
             for name, param in sub._parameters.items()
             if param is not None and hasattr(param, INIT_ATTRIBUTE)
         }
+
+    def prepare_target(self, module: nn.Module) -> Callable[[], None]:
+        """Nothing to do: a plain module reads a plain parameter as it is."""
+        return _nothing
 
     def owns(self, tensor: torch.Tensor) -> bool:
         """Every plain tensor."""

@@ -184,7 +184,9 @@ def estimate_memory(
     root = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks | in_deltas)
     model_dtype = DTYPES[model_cfg.dtype]
     sizes = [(p.numel(), p.requires_grad) for p in model.parameters()]
-    held = engine.memory_rows(Backbone(counts, blocks, root, sizes, model_dtype), world, options)
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head.weight.numel() if head is not None and head.weight is embeddings.weight else 0
+    held = engine.memory_rows(Backbone(counts, blocks, root, sizes, model_dtype, tied), world, options)
     rows = list(held.rows)
     compute = engine.compute_dtype(options, model_dtype)
 
@@ -232,7 +234,7 @@ def estimate_memory(
         "compute_dtype": dtype_name(compute),
         "gradient_checkpointing": checkpointing,
     }
-    notes = _notes(model_cfg, counts, eager_attention) + engine.memory_notes(options)
+    notes = _notes(model_cfg, counts, eager_attention, engine.reads_checkpoints_by_layer) + engine.memory_notes(options)
     if foreign:
         notes.insert(
             0,
@@ -252,7 +254,7 @@ def _activation_note(acts: ActivationEstimate, checkpointing: bool, compute: tor
     return f"GiB, {dtype_name(compute)}: {kept} (every block's saved tensors), {acts.backward / GIB:.2f} one backward"
 
 
-def _notes(model_cfg: Any, counts: ParameterCounts, eager_attention: bool) -> list[str]:
+def _notes(model_cfg: Any, counts: ParameterCounts, eager_attention: bool, by_layer: bool) -> list[str]:
     attention = (
         "ModelCenter's eager attention, which keeps its softmax output, probabilities and dropout mask"
         if eager_attention
@@ -263,7 +265,7 @@ def _notes(model_cfg: Any, counts: ParameterCounts, eager_attention: bool) -> li
         f"workspace counts {CUDA_CONTEXT_BYTES / GIB:.2f} GiB of CUDA context (not in torch.cuda.max_memory_allocated)"
         " and no allocator fragmentation (reserved memory can exceed the figures by a few percent)",
     ]
-    if model_cfg.init_device == "meta" and model_cfg.name_or_path:
+    if model_cfg.init_device == "meta" and model_cfg.name_or_path and not by_layer:
         notes.append(
             f"loading {model_cfg.name_or_path} into the shards, rank 0 also reads the whole checkpoint into CPU memory "
             f"({counts.frozen_bytes / GIB:.1f} GiB in {model_cfg.dtype})"

@@ -26,6 +26,7 @@ so the logits agree.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
@@ -108,6 +109,34 @@ def modelcenter_config(config: Any, dtype: torch.dtype) -> Any:
     )
     mc.dtype = dtype  # ModelCenter's config knows only half=True/False
     return mc
+
+
+def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """ModelCenter's ``rms_layernorm``, eager: the variance in fp32, the product in the input's dtype."""
+    variance = hidden.to(torch.float32).pow(2).mean(dim=-1, keepdim=True)
+    return (hidden * torch.rsqrt(variance + eps)).to(hidden.dtype) * weight
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """ModelCenter's ``gelu_new`` (GELU's tanh approximation), eager."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def use_eager_kernels() -> None:
+    """Put eager functions in place of ModelCenter's TorchScript RMS norm and tanh GELU (for models built after).
+
+    BMTrain recomputes a block's forward in backward and, in a block none of whose inputs requires a gradient
+    (the first encoder block, under frozen embeddings), checks that the recomputation saves the same tensors as
+    the forward did. TorchScript's profiling executor runs a function's first calls as a profile and later ones
+    as an optimized plan that saves other tensors (on CUDA, a fused differentiable graph): a recomputation that
+    meets the other plan fails with ``torch.utils.checkpoint.CheckpointError``. The eager functions compute the
+    same values and save the same tensors at every call; the cost is one unfused norm per sub-layer.
+    """
+    import model_center.layer.feedforward as feedforward
+    import model_center.layer.layernorm as layernorm
+
+    layernorm.rms_layernorm = _rms_norm  # looked up at every call
+    feedforward.gelu_new = _gelu_tanh  # bound by the feed-forward layers when they are built
 
 
 def _layer_map(side: str, index: str, sub: str, rest: str) -> str | None:

@@ -60,13 +60,19 @@ class Topology:
             _check_gpu(device, local)
         return cls(rank, world, local, torch.device("cuda", local) if use_cuda else torch.device("cpu"))
 
+    @property
+    def backend(self) -> str:
+        """The process group's backends: gloo on the CPU; on GPUs, NCCL for CUDA tensors and gloo for CPU ones
+        (FSDP's CPU offload reduces its gradient norm over CPU tensors, which NCCL alone refuses)."""
+        return "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
+
     def init_process_group(self) -> None:
         """Join the process group (gloo on CPU, NCCL on GPU) when there is more than one process."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if not self.distributed or dist.is_initialized():
             return
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        backend = self.backend
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if attempt is None or "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend)
@@ -98,7 +104,7 @@ class Topology:
             return False
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        backend = self.backend
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         return True
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -159,6 +159,18 @@ class ShardedReferenceBackend:
             if param is not None and hasattr(param, "_delta_init")
         }
         _make_sharded(module)
+
+    def prepare_target(self, module: nn.Module) -> Callable[[], None]:
+        """Make a backbone module that does not gather yet (an unsharded model) gather, until undone."""
+        cls = type(module)
+        if issubclass(cls, _ShardedModule):
+            return lambda: None
+        module.__class__ = type(f"Sharded{cls.__name__}", (_ShardedModule, cls), {})
+
+        def undo() -> None:
+            module.__class__ = cls
+
+        return undo
 
     def owns(self, tensor: torch.Tensor) -> bool:
         """Parameters made by this backend (they carry their full shape)."""

@@ -274,10 +274,23 @@ def _on_host_view(fn: Any) -> Any:
 
 
 class _Comm:
-    """An emulated NCCL communicator: this rank's place and the gloo group that carries its collectives."""
+    """An emulated NCCL communicator: this rank's place, and the gloo group of its unique id (None for one rank)."""
 
     def __init__(self, world_size: int, rank: int, group: Any) -> None:
         self.world_size, self.rank, self.group = world_size, rank, group
+
+    def all_reduce(self, tensor: torch.Tensor, op: Any) -> None:
+        options = dist.AllreduceOptions()
+        options.reduceOp = op
+        self.group.allreduce([tensor], options).wait()
+
+    def all_gather(self, parts: list[torch.Tensor], tensor: torch.Tensor) -> None:
+        self.group.allgather([parts], [tensor]).wait()
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> None:
+        options = dist.BroadcastOptions()
+        options.rootRank, options.rootTensor = root, 0
+        self.group.broadcast([tensor], options).wait()
 
 
 _COMMS: dict[int, _Comm] = {}
@@ -307,7 +320,7 @@ def _reduce_all(tensor: torch.Tensor, op: str, comm: _Comm) -> torch.Tensor:
     """``tensor`` reduced over the ranks, computed in fp32 for 16-bit floats (NCCL accumulates wider too)."""
     wide = tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor.clone()
     if comm.world_size > 1:
-        dist.all_reduce(wide, op=_OPS["sum" if op == "avg" else op], group=comm.group)
+        comm.all_reduce(wide, _OPS["sum" if op == "avg" else op])
     if op == "avg":
         wide /= comm.world_size
     return wide.to(tensor.dtype)
@@ -323,21 +336,15 @@ def _comm_init_rank(unique_id: bytes, world_size: int, rank: int) -> Any:
 
     group = None
     if world_size > 1:
-        if not dist.is_initialized():
-            # the launcher's store (torchrun's agent), with the keys of this unique id: as NCCL's ranks meet
-            # through the id, ranks that read different ids wait for each other in vain
-            store = dist.TCPStore(
-                os.environ["MASTER_ADDR"],
-                int(os.environ["MASTER_PORT"]),
-                world_size,
-                is_master=False,
-                timeout=timedelta(seconds=float(os.environ.get("OPENDELTA_EMULATED_NCCL_TIMEOUT", "300"))),
-            )
-            prefixed = dist.PrefixStore(f"emulated-nccl/{unique_id.hex()[:32]}", store)
-            dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=world_size)
-            group = dist.group.WORLD
-        else:
-            group = dist.new_group(list(range(world_size)), backend="gloo")
+        # ranks meet in the launcher's store (torchrun's agent's, or the one BMTrain's rank 0 opened) under keys of
+        # this unique id, as NCCL's ranks meet through the id: ranks that read different ids never meet (a rank
+        # that read a stale id waits until the timeout, or reaches the dead peers of an earlier attempt)
+        timeout = timedelta(seconds=float(os.environ.get("OPENDELTA_EMULATED_NCCL_TIMEOUT", "300")))
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+        )
+        keyed = dist.PrefixStore(f"emulated-nccl/{unique_id.hex()[:32]}", store)
+        group = dist.ProcessGroupGloo(keyed, rank, world_size, timeout)
     ptr = next(_NEXT)
     _COMMS[ptr] = _Comm(world_size, rank, group)
     return NCCLCommunicator(ptr)
@@ -350,8 +357,7 @@ def _all_gather(src: Any, dst: Any, comm: Any) -> None:
     if c.world_size == 1:
         target[: source.numel()].copy_(source)
         return
-    parts = list(_wire(target).chunk(c.world_size))
-    dist.all_gather(parts, _wire(source).clone(), group=c.group)
+    c.all_gather(list(_wire(target).chunk(c.world_size)), _wire(source).clone())
 
 
 @_on_host_view
@@ -376,8 +382,7 @@ def _broadcast(src: Any, dst: Any, root: int, comm: Any) -> None:
     if c.rank == root and target.data_ptr() != source.data_ptr():
         target.copy_(source)
     if c.world_size > 1:
-        wire = _wire(target)
-        dist.broadcast(wire, src=root, group=c.group)
+        c.broadcast(_wire(target), root)
 
 
 @_on_host_view
@@ -390,12 +395,12 @@ def _reduce(src: Any, dst: Any, op: str, root: int, comm: Any) -> None:
 
 @_on_host_view
 def _send(src: Any, peer: int, comm: Any) -> None:
-    dist.send(_wire(_tensor(src)), dst=peer, group=_comm(comm).group)
+    _comm(comm).group.send([_wire(_tensor(src))], peer, 0).wait()
 
 
 @_on_host_view
 def _recv(dst: Any, peer: int, comm: Any) -> None:
-    dist.recv(_wire(_tensor(dst)), src=peer, group=_comm(comm).group)
+    _comm(comm).group.recv([_wire(_tensor(dst))], peer, 0).wait()
 
 
 def _patch_nccl() -> None:

@@ -112,3 +112,73 @@ def test_the_decoder_start_token_is_t5s_padding_token_when_the_config_has_none()
     config.__dict__.pop("decoder_start_token_id", None)  # transformers 5 sets it only when it is given
     assert decoder_start_token_id(config) == 7
     assert decoder_start_token_id(T.T5Config(pad_token_id=0, decoder_start_token_id=3)) == 3
+
+
+@needs_bmt
+def test_modelcenters_norm_and_gelu_are_eager_so_a_non_reentrant_recomputation_matches_its_forward():
+    """BMTrain checkpoints a block none of whose inputs requires a gradient (the first encoder block) without
+    reentrance, which checks that the recomputation saves what the forward saved. A TorchScript function there
+    (ModelCenter's RMS norm and tanh GELU are scripted) fails that backward; the engine's eager ones pass, with
+    the same values."""
+    import model_center.layer.feedforward as feedforward
+    import model_center.layer.layernorm as layernorm
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from opendelta_dist.train.modelcenter_t5 import _gelu_tanh, _rms_norm, use_eager_kernels
+
+    torch.manual_seed(0)
+    linear, weight = torch.nn.Linear(16, 16), torch.rand(16)
+
+    def backward_through(norm) -> None:
+        def block(x):
+            return norm(linear(x), weight, 1e-6)
+
+        first = checkpoint(block, torch.randn(2, 8, 16), use_reentrant=False)  # its input requires no gradient
+        checkpoint(block, first, use_reentrant=True).sum().backward()
+
+    with pytest.raises(RuntimeError):
+        backward_through(torch.jit.script(_rms_norm))
+    backward_through(_rms_norm)
+
+    use_eager_kernels()
+    assert layernorm.rms_layernorm is _rms_norm and feedforward.gelu_new is _gelu_tanh
+    x = torch.randn(3, 5, 16, dtype=torch.bfloat16)
+    scripted_norm = torch.jit.script(_rms_norm)
+    assert torch.equal(_rms_norm(x, weight.bfloat16(), 1e-6), scripted_norm(x, weight.bfloat16(), 1e-6))
+    torch.testing.assert_close(_gelu_tanh(x.float()), torch.nn.functional.gelu(x.float(), approximate="tanh"))
+
+
+def test_after_a_restart_no_rank_reads_the_last_attempts_nccl_id(monkeypatch):
+    """BMTrain publishes its NCCL id under a fixed key of torchrun's store, which outlives a restart: before
+    BMTrain starts again, rank 0 deletes the old id, and the other ranks wait until it has."""
+    import threading
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from opendelta_dist.train.engines.bmt import BMTRAIN_ID_KEY, forget_last_attempts_nccl_id
+    from opendelta_dist.train.topology import Topology
+    from tests.train.distributed import free_port
+
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
+    store.set(BMTRAIN_ID_KEY, "the failed attempt's id")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    ranks = [Topology(r, 2, r, torch.device("cpu")) for r in range(2)]
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a first attempt: nothing stale, nothing to wait for
+    forget_last_attempts_nccl_id(ranks[1])
+    assert store.check([BMTRAIN_ID_KEY])
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    second = threading.Thread(target=forget_last_attempts_nccl_id, args=(ranks[1],))
+    second.start()
+    second.join(timeout=1.0)
+    assert second.is_alive(), "rank 1 went on before rank 0 removed the stale id"
+    forget_last_attempts_nccl_id(ranks[0])
+    second.join(timeout=10)
+    assert not second.is_alive()
+    assert not store.check([BMTRAIN_ID_KEY])

@@ -196,3 +196,39 @@ def test_weight_decay_is_decoupled_as_adamw_in_every_precision(precision):
     tolerance = {"rtol": 1e-6, "atol": 0} if precision is None else {"rtol": 1e-2, "atol": 0}
     for key, value in before.items():
         torch.testing.assert_close(after[key], value * (1 - lr * decay), **tolerance, msg=key)
+
+
+@pytest.mark.emulated
+def test_what_bmtrain_keeps_is_what_the_estimator_counts():
+    """BMTrain's own state after training steps, against the bmt rows of the memory estimate: the first encoder
+    block stays gathered (its inputs need no gradient, so the hook that releases it never runs), no other block
+    does, and ModelCenter's T5 holds an LM head apart from the embeddings that transformers' T5 ties."""
+    from bmtrain.block_layer import Block
+
+    from opendelta_dist import LoraModel
+    from opendelta_dist.backends import full_numel
+    from opendelta_dist.train.engines import OptimizerSpec, build_engine
+    from opendelta_dist.train.models import ModelConfig, build_model
+    from opendelta_dist.train.topology import Topology
+
+    engine = build_engine("bmt", Topology.from_environment("cuda"))
+    config = {"model_type": "t5", "vocab_size": 384, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 3}
+    config = {**config, "num_heads": 4, "dropout_rate": 0.0}
+    model = engine.build_backbone(ModelConfig(config=config))
+    reference = build_model(ModelConfig(config=config))
+    head = reference.get_output_embeddings().weight
+    assert head is reference.get_input_embeddings().weight
+    transformers_numel = sum(p.numel() for p in reference.parameters())
+    assert sum(full_numel(p) for p in model.parameters()) == transformers_numel + head.numel()
+
+    delta = LoraModel(model, modified_modules=["attn.q", "attn.v"], common_structure=True, backend="bmt")
+    delta.freeze_module()
+    engine.prepare(model, delta, OptimizerSpec(lr=1e-3, total_steps=3))
+    step = {k: v.cuda() for k, v in batch("t5", size=4, length=16).items()}
+    step["input_ids"] %= 384
+    step["labels"] %= 384
+    for _ in range(3):
+        engine.micro_step(step, last=True)
+        engine.optimizer_step()
+    gathered = [name for name, block in model.named_modules() if isinstance(block, Block) and block._ready]
+    assert gathered == ["encoder.layers.0"]

@@ -58,8 +58,10 @@ def _inputs() -> dict[str, torch.Tensor]:
     return {**_modelcenter_inputs(data, 0, 0), "labels": data["labels"]}
 
 
-def _train_every_method(out: str, precision: str | None) -> dict[str, dict[str, torch.Tensor]]:
-    """One rank: every method on the bmt engine, trained ``STEPS`` steps on the same batch on every rank;
+def _train_every_method(
+    out: str, precision: str | None, methods: tuple[str, ...] = tuple(METHODS), offload: bool = False
+) -> dict[str, dict[str, torch.Tensor]]:
+    """One rank: ``methods`` on the bmt engine, trained ``STEPS`` steps on the same batch on every rank;
     rank 0 saves each delta into ``out/<method>`` as the recipe does. Returns each method's losses and
     evaluation logits."""
     from tests.bmt.emulated_cuda import install
@@ -72,8 +74,9 @@ def _train_every_method(out: str, precision: str | None) -> dict[str, dict[str, 
     from opendelta_dist.train.topology import Topology
 
     results = {}
-    for method, options in METHODS.items():
-        engine = build_engine("bmt", Topology.from_environment("cuda"), {"precision": precision})
+    for method in methods:
+        options = METHODS[method]
+        engine = build_engine("bmt", Topology.from_environment("cuda"), {"precision": precision, "offload": offload})
         torch.manual_seed(0)  # transformers' T5 of this seed, as the test builds it
         model = engine.build_backbone(ModelConfig(config=T5))
         config = AutoDeltaConfig.from_dict({"delta_type": method, "common_structure": True, **options})
@@ -174,6 +177,74 @@ def test_bf16_trains_with_bmtrains_kernel_and_loads_on_transformers(trained, met
         with torch.no_grad():
             ours = model(**inputs).logits.float()
         torch.testing.assert_close(ours, results[0][method]["logits"], rtol=0.05, atol=0.05, msg=f"world {world}")
+
+
+def _contract_on_two_ranks() -> list[str]:
+    """One rank: every method the bmt backend supports, on transformers' T5 and GPT-2 moved to the (emulated)
+    GPU, against the hf backend: the same initial values, logits and saved tensors, the parameters partitioned
+    over the ranks. Returns the cases it checked."""
+    from tests.bmt.emulated_cuda import install
+
+    install()
+    from opendelta_dist.backends import full_tensor
+    from opendelta_dist.registry import DELTA_METHODS
+    from tests.backends.test_contract import OPTIONS
+    from tests.bmt.common import init_bmtrain
+    from tests.models import build, logits
+
+    init_bmtrain()
+    checked = []
+    for family in ("t5", "gpt2"):
+        inputs = {k: v.cuda() for k, v in batch(family).items()}
+        for method in sorted(DELTA_METHODS):
+            if "bmt" not in DELTA_METHODS[method].supported_backends():
+                continue
+            built = {}
+            for backend in ("hf", "bmt"):
+                model = build(family).cuda()
+                torch.manual_seed(1234)
+                delta = DELTA_METHODS[method](model, backend=backend, **OPTIONS.get(method, {}))
+                delta.freeze_module(exclude=["deltas"])
+                built[backend] = model, delta
+            (ref_model, ref_delta), (model, delta) = built["hf"], built["bmt"]
+            ours = {k: full_tensor(p) for k, p in delta.named_delta_tensors()}
+            ref = {k: p.detach() for k, p in ref_delta.named_delta_tensors()}
+            assert ours.keys() == ref.keys(), (method, family)
+            for key, value in ours.items():
+                assert torch.equal(value, ref[key]), (method, family, key)
+            expected = logits(ref_model, inputs)
+            torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=1e-6)
+            classes = [type(m) for m in model.modules()]
+            delta.detach()  # the backbone as it was (BitFit's targets read their own parameters as before)
+            assert not any(type(m).__name__.startswith("WholeReading") for m in model.modules()), method
+            delta.attach()
+            assert [type(m) for m in model.modules()] == classes
+            torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=1e-6)
+            checked.append(f"{method}/{family}")
+    return checked
+
+
+def test_the_backend_contract_holds_with_partitions_over_two_ranks():
+    """The bmt rows of the backend contract at world size 2 (``tests/backends/test_contract.py`` runs them on one
+    rank): every method's parameters are partitions here, and a module that read one as the whole would differ."""
+    from opendelta_dist.registry import DELTA_METHODS
+
+    cases = run_distributed(_contract_on_two_ranks, world_size=2)
+    supported = [m for m in DELTA_METHODS if "bmt" in DELTA_METHODS[m].supported_backends()]
+    assert cases[0] == cases[1] and len(cases[0]) == 2 * len(supported)
+
+
+def test_offload_steps_with_bmtrains_cpu_adam_as_its_gpu_kernel_does(trained, tmp_path):
+    """``engine.options.offload``: BMTrain's own compiled CPU Adam (AdamOffloadOptimizer) on two ranks' partitions,
+    in bf16, takes the steps the GPU kernel takes: the two agree within a bf16 step of the weights."""
+    offloaded = run_distributed(_train_every_method, str(tmp_path), "bf16", ("lora", "compacter"), True, world_size=2)
+    _, on_gpu = trained[2, "bf16"]
+    for method in ("lora", "compacter"):
+        ours, ref = offloaded[0][method], on_gpu[0][method]
+        torch.testing.assert_close(ours["losses"], ref["losses"], rtol=1e-2, atol=1e-2)
+        # BMTrain's CPU kernel truncates the bf16 copy of its fp32 master where CUDA's rounds to nearest
+        torch.testing.assert_close(ours["logits"], ref["logits"], rtol=0.05, atol=0.05)
+        assert not torch.equal(ours["losses"][0], ours["losses"][-1])
 
 
 EMULATED_RUN = [

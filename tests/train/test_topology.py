@@ -21,3 +21,10 @@ def test_an_unknown_device_is_refused():
 def test_cuda_without_cuda_is_refused_with_the_fix():
     with pytest.raises(DeltaConfigError, match=r"device=cuda, but CUDA is not available .*device=cpu"):
         Topology.from_environment("cuda")
+
+
+def test_a_gpu_run_has_gloo_beside_nccl_for_cpu_tensors():
+    """FSDP's CPU offload clips over CPU gradients: a NCCL-only group refuses them ("No backend type associated
+    with device type cpu"), so a CUDA run's group carries CPU tensors on gloo."""
+    assert Topology(0, 2, 0, torch.device("cuda", 0)).backend == "cpu:gloo,cuda:nccl"
+    assert Topology(0, 2, 0, torch.device("cpu")).backend == "gloo"

@@ -149,6 +149,9 @@ class Engine(ABC):
     recomputes_blocks: ClassVar[bool] = False
     """The engine's own model recomputes each block's activations in backward, whatever
     ``model.gradient_checkpointing`` says."""
+    reads_checkpoints_by_layer: ClassVar[bool] = False
+    """The engine reads a pretrained checkpoint one layer at a time into its shards (memory-mapped), where a
+    meta-device backbone otherwise has rank 0 read the whole checkpoint into CPU memory."""
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology

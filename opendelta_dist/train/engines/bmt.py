@@ -33,7 +33,9 @@ onto a transformers T5.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -55,6 +57,39 @@ FP16_LOSS_SCALE = 2.0**20
 DECOUPLED = "opendelta_decoupled_weight_decay"
 ADAM_FP32_STATES = 3
 """BMTrain's Adam keeps an fp32 master copy and two fp32 moments of each bf16/fp16 parameter."""
+
+
+#: where ``bmtrain.init_distributed`` publishes its NCCL id in the launcher's store (BMTrain 1.0.1's fixed key)
+BMTRAIN_ID_KEY = "bmtrain/BMTRAIN_UNIQUE_ID"
+
+
+def forget_last_attempts_nccl_id(topology: Any, timeout: timedelta = timedelta(minutes=30)) -> None:
+    """Remove the NCCL id an earlier attempt of this run left in torchrun's store, before BMTrain starts.
+
+    ``bmtrain.init_distributed`` has rank 0 publish a new NCCL id under a fixed key of the launcher's store and
+    the other ranks read it. The store outlives a torchrun restart, so after one a rank could read the failed
+    attempt's id before rank 0 replaces it, and wait forever for peers that never come. Rank 0 deletes the key
+    and says so under a key of this attempt; the others wait for that before they start BMTrain (and then for
+    the new id). Nothing to do for one process or a first attempt.
+
+    Args:
+        topology: this process's rank and the world size.
+        timeout: how long a rank waits for rank 0.
+    """
+    import torch.distributed as dist
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if topology.world_size == 1 or attempt == "0" or "MASTER_ADDR" not in os.environ:
+        return
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), topology.world_size, is_master=False, timeout=timeout
+    )
+    forgotten = f"opendelta_dist/attempt{attempt}/bmtrain_id_forgotten"
+    if topology.rank == 0:
+        store.delete_key(BMTRAIN_ID_KEY)
+        store.set(forgotten, "1")
+    else:
+        store.wait([forgotten])
 
 
 def decoder_start_token_id(config: Any) -> int:
@@ -134,6 +169,8 @@ class BMTEngine(Engine):
         if not bmt.config.get("initialized", False):
             import random
 
+            forget_last_attempts_nccl_id(self.topology)
+
             # BMTrain seeds torch (CPU and GPU), random and numpy with its ``seed``: the recipe seeded them
             # already, and what they drew since (data, ...) must not be drawn again, so they are put back
             states = random.getstate(), np.random.get_state()
@@ -161,6 +198,7 @@ class BMTEngine(Engine):
             local_checkpoint,
             modelcenter_config,
             modelcenter_state_groups,
+            use_eager_kernels,
         )
         from opendelta_dist.train.models import DTYPES, build_model, model_architecture
 
@@ -178,6 +216,7 @@ class BMTEngine(Engine):
             )
         self.hf_config = hf_config
         dtype = self.dtype or DTYPES[config.dtype]
+        use_eager_kernels()
         model = T5(modelcenter_config(hf_config, dtype))
         if not config.name_or_path and config.init_device == "meta":
             # random weights of a model too big to build twice: ModelCenter's own initialisers, on the GPU
@@ -427,22 +466,26 @@ class BMTEngine(Engine):
     eager_attention: ClassVar[bool] = True
     """ModelCenter's attention is eager (``model_center/layer/attention.py``): it keeps its softmax output, its
     probabilities and their dropout mask for backward, which the estimator counts instead of a fused kernel's."""
+    reads_checkpoints_by_layer: ClassVar[bool] = True
+    """:meth:`build_backbone` reads a pretrained T5 one layer at a time from its memory-mapped files."""
     recomputes_blocks: ClassVar[bool] = True
     """Every ModelCenter layer is a BMTrain ``CheckpointBlock``: it keeps its inputs and recomputes its
     activations in backward, whatever ``model.gradient_checkpointing`` says."""
 
     @classmethod
     def memory_rows(cls, backbone: Backbone, world_size: int, options: Mapping[str, Any]) -> EngineMemory:
-        """ZeRO-3 blocks: 1/world of the weights, two blocks gathered at a time, no gradient of frozen weights.
+        """ZeRO-3 blocks: 1/world of the weights, three blocks gathered, no gradient of frozen weights.
 
         Each block's weights are a partition of its storage, gathered in full around its forward and its
-        backward (the running block and the next one); embeddings, position biases, norms and the head
-        outside the blocks are gathered on use. Delta parameters and their gradients are partitions, gathered
-        around each use; Adam keeps an fp32 master and two fp32 moments of each trainable element (on CPU
-        with ``offload``).
+        backward: the running block and the next one, and the first encoder block for good (its inputs need no
+        gradient, so BMTrain's backward hook that releases it never runs). Embeddings, position biases, norms and
+        the head outside the blocks are gathered on use; ModelCenter's T5 keeps its LM head apart from the input
+        embeddings even where transformers' ties them. Delta parameters and their gradients are partitions,
+        gathered around each use; Adam keeps an fp32 master and two fp32 moments of each trainable element (on
+        CPU with ``offload``).
 
         Args:
-            backbone: the backbone, as counted by the estimator.
+            backbone: the backbone, as counted by the estimator (transformers' T5).
             world_size: the run's processes.
             options: the engine's options.
 
@@ -452,9 +495,11 @@ class BMTEngine(Engine):
         c, w = backbone.counts, world_size
         dtype = cls.compute_dtype(options, backbone.model_dtype)
         itemsize = dtype.itemsize
-        blocks = sorted((b.unit_numel for b in backbone.blocks), reverse=True)
-        gathered = (sum(blocks[:2]) + backbone.root_numel) * itemsize
-        shards = ceil_div(c.frozen_numel * itemsize, w)
+        stuck = next((b for b in backbone.blocks if b.kind == "encoder" and b.first), None)
+        running = sorted((b.unit_numel for b in backbone.blocks if b is not stuck), reverse=True)[:2]
+        outside = backbone.root_numel + backbone.tied_head_numel  # ModelCenter's untied head
+        gathered = (sum(running) + (stuck.unit_numel if stuck else 0) + outside) * itemsize
+        shards = ceil_div((c.frozen_numel + backbone.tied_head_numel) * itemsize, w)
         delta = 3 * ceil_div(c.trainable_numel * itemsize, w)
         optimizer = ADAM_FP32_STATES * 4 * ceil_div(c.trainable_numel, w)
         offload = bool(options.get("offload"))
@@ -464,7 +509,8 @@ class BMTEngine(Engine):
                     "weights",
                     shards + gathered,
                     0,
-                    f"1/{w} partition, two blocks and the parts outside blocks gathered, in {dtype_name(dtype)}",
+                    f"1/{w} partition (the LM head apart), the running and next blocks, the first encoder block "
+                    f"(never released) and the parts outside blocks gathered, in {dtype_name(dtype)}",
                 ),
                 Row("deltas", delta, 0, f"1/{w} partitions of trainable parameters and gradients, one gathered copy"),
                 Row(

@@ -98,6 +98,16 @@ class BlockSize(Protocol):
         """All parameters of the block."""
         ...
 
+    @property
+    def kind(self) -> str:
+        """``encoder`` or ``decoder``."""
+        ...
+
+    @property
+    def first(self) -> bool:
+        """The block is the first of its stack."""
+        ...
+
 
 @dataclass(frozen=True)
 class Backbone:
@@ -110,6 +120,8 @@ class Backbone:
         parameter_sizes: elements and trainability (``requires_grad``) of every parameter the module holds
             now (each once), for engines that treat tensors by their size.
         model_dtype: the dtype the backbone is built in (``model.dtype``).
+        tied_head_numel: parameters the LM head shares with the input embeddings (counted once above); 0 when
+            the model has no tied head.
     """
 
     counts: ParameterCounts
@@ -117,6 +129,7 @@ class Backbone:
     root_numel: int
     parameter_sizes: Sequence[tuple[int, bool]]
     model_dtype: torch.dtype
+    tied_head_numel: int = 0
 
 
 @dataclass
