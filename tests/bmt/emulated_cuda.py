@@ -8,13 +8,18 @@ What it provides, and nothing more:
   ``record_stream`` do nothing;
   ``torch.cuda``'s streams, events, RNG, legacy ``FloatStorage``/``FloatTensor`` types and device queries are
   CPU stand-ins (streams are in-order no-ops: the CPU runs everything in program order);
-- **NCCL**: ``bmtrain.nccl``'s communicator and collectives (all-gather, reduce-scatter, all-reduce,
-  broadcast, reduce, send/recv) on a gloo process group (plain copies at world size 1). A communicator
-  is keyed by its unique id in the launcher's store, as NCCL's is, so ranks that read different ids never
-  meet (a stale id hangs here as it does on GPUs, until the store's timeout);
-- **BMTrain's CUDA-only kernels**: its fused Adam for fp16 and bf16 weights and its ``has_inf_nan``
-  overflow check, re-written in torch after BMTrain's ``csrc/cuda`` kernels (the CPU Adam of
+- **NCCL**: the functions of BMTrain's C extension that its ``bmtrain.nccl`` wrappers call with raw pointers
+  (communicator, all-gather, reduce-scatter, all-reduce, broadcast, reduce, send/recv), on a gloo group of
+  each communicator's own (plain copies at world size 1). A communicator is keyed by its unique id in the
+  launcher's store, as NCCL's is, so ranks that read different ids never meet (a stale id hangs here as it
+  does on GPUs, until the store's timeout);
+- **BMTrain's CUDA-only kernels**: its fused Adam for fp16 and bf16 weights, bit for bit what nvcc compiles of
+  BMTrain's ``csrc/cuda/adam_cuda.cu``, and its ``has_inf_nan`` overflow check (the CPU Adam of
   ``AdamOffloadOptimizer`` is BMTrain's own compiled code and runs as it is).
+
+What it cannot be: a device apart from the host. A tensor left on the CPU works with the emulated GPU's, ``.cuda()``
+returns the tensor itself, one generator serves both, streams run in program order (a missing stream wait cannot
+show), and nothing measures memory. Those are the GPU check's (``scripts/gpu-check.sh``, ``docs/bmt.md``).
 
 Everything above these (BMTrain's ``DistributedParameter``, blocks, ZeRO contexts, hooks, optimizers and
 their manager, ModelCenter's T5, the project's backend and engine) is the real code. No kernel, NCCL, memory
@@ -27,6 +32,7 @@ Use :func:`install` at the start of a process, before BMTrain is initialised, or
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import os
 import runpy
@@ -35,6 +41,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils._device
@@ -261,6 +268,9 @@ def _patch_torch_cuda() -> None:
 
 
 # ----------------------------------------------------------------------------- NCCL on gloo
+#
+# BMTrain's Python wrappers (``bmtrain.nccl``: checks, dtypes, counts) stay; the functions of its C extension they
+# call with raw pointers are replaced, so every caller is covered, those that imported a wrapper by name too.
 
 
 def _on_host_view(fn: Any) -> Any:
@@ -271,6 +281,23 @@ def _on_host_view(fn: Any) -> Any:
             return fn(*args, **kwargs)
 
     return call
+
+
+#: ``ncclDataType_t`` (``bmtrain/nccl/enums.py``) -> torch dtype
+_DTYPES = {
+    0: torch.int8,
+    1: torch.uint8,
+    2: torch.int32,
+    3: torch.uint32,
+    4: torch.int64,
+    5: torch.uint64,
+    6: torch.float16,
+    7: torch.float32,
+    8: torch.float64,
+    9: torch.bfloat16,
+}
+_SUM, _PROD, _MAX, _MIN, _AVG = range(5)  # ``ncclRedOp_t``
+_GLOO_OPS = {_SUM: dist.ReduceOp.SUM, _PROD: dist.ReduceOp.PRODUCT, _MAX: dist.ReduceOp.MAX, _MIN: dist.ReduceOp.MIN}
 
 
 class _Comm:
@@ -297,32 +324,30 @@ _COMMS: dict[int, _Comm] = {}
 _NEXT = itertools.count(1)
 
 
-def _comm(comm: Any) -> _Comm:
-    return _COMMS[comm.ptr]
+def _buffer(pointer: int, count: int, datatype: int) -> torch.Tensor:
+    """The ``count`` elements at ``pointer`` (the emulated device's memory is the process's) as a tensor."""
+    dtype = _DTYPES[datatype]
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    size = count * dtype.itemsize
+    return torch.frombuffer((ctypes.c_uint8 * size).from_address(pointer), dtype=torch.uint8).view(dtype)
 
 
-def _tensor(storage: Any) -> torch.Tensor:
-    """A flat tensor over a (typed) storage, sharing its memory."""
-    out = torch.empty(0, dtype=storage.dtype)
-    out.set_(storage)
-    return out
-
-
-def _wire(tensor: torch.Tensor) -> torch.Tensor:
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     """What gloo moves bit for bit: the bytes (gloo knows fewer dtypes than NCCL; a copy is dtype-blind)."""
     return tensor.view(torch.uint8)
 
 
-_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "prod": dist.ReduceOp.PRODUCT}
-
-
-def _reduce_all(tensor: torch.Tensor, op: str, comm: _Comm) -> torch.Tensor:
-    """``tensor`` reduced over the ranks, computed in fp32 for 16-bit floats (NCCL accumulates wider too)."""
+def _reduce_all(tensor: torch.Tensor, op: int, comm: _Comm) -> torch.Tensor:
+    """``tensor`` reduced over the ranks as NCCL reduces it. 16-bit floats are added in fp32 and rounded once:
+    NCCL's result at two ranks (one addition, one rounding); with more ranks it rounds at every ring step, which
+    may differ in the last bit. ``avg`` divides floats (NCCL multiplies by 1/n, the same at two ranks) and
+    truncates integers."""
     wide = tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor.clone()
     if comm.world_size > 1:
-        comm.all_reduce(wide, _OPS["sum" if op == "avg" else op])
-    if op == "avg":
-        wide /= comm.world_size
+        comm.all_reduce(wide, _GLOO_OPS[_SUM if op == _AVG else op])
+    if op == _AVG:
+        wide = wide / comm.world_size if wide.is_floating_point() else wide.div(comm.world_size, rounding_mode="trunc")
     return wide.to(tensor.dtype)
 
 
@@ -331,9 +356,7 @@ def _get_unique_id() -> bytes:
 
 
 @_on_host_view
-def _comm_init_rank(unique_id: bytes, world_size: int, rank: int) -> Any:
-    from bmtrain.nccl import NCCLCommunicator
-
+def _comm_init_rank(unique_id: bytes, world_size: int, rank: int) -> int:
     group = None
     if world_size > 1:
         # ranks meet in the launcher's store (torchrun's agent's, or the one BMTrain's rank 0 opened) under keys of
@@ -345,103 +368,123 @@ def _comm_init_rank(unique_id: bytes, world_size: int, rank: int) -> Any:
         )
         keyed = dist.PrefixStore(f"emulated-nccl/{unique_id.hex()[:32]}", store)
         group = dist.ProcessGroupGloo(keyed, rank, world_size, timeout)
-    ptr = next(_NEXT)
-    _COMMS[ptr] = _Comm(world_size, rank, group)
-    return NCCLCommunicator(ptr)
+    pointer = next(_NEXT)
+    _COMMS[pointer] = _Comm(world_size, rank, group)
+    return pointer
 
 
 @_on_host_view
-def _all_gather(src: Any, dst: Any, comm: Any) -> None:
-    c = _comm(comm)
-    source, target = _tensor(src), _tensor(dst)
+def _all_gather(send: int, recv: int, count: int, datatype: int, comm: int, stream: int) -> None:
+    c = _COMMS[comm]
+    source, target = _buffer(send, count, datatype), _buffer(recv, count * c.world_size, datatype)
     if c.world_size == 1:
-        target[: source.numel()].copy_(source)
-        return
-    c.all_gather(list(_wire(target).chunk(c.world_size)), _wire(source).clone())
-
-
-@_on_host_view
-def _reduce_scatter(src: Any, dst: Any, op: str, comm: Any) -> None:
-    c = _comm(comm)
-    source, target = _tensor(src), _tensor(dst)
-    reduced = _reduce_all(source, op, c)
-    n = target.numel()
-    target.copy_(reduced[c.rank * n : (c.rank + 1) * n])
-
-
-@_on_host_view
-def _all_reduce(src: Any, dst: Any, op: str, comm: Any) -> None:
-    c = _comm(comm)
-    _tensor(dst).copy_(_reduce_all(_tensor(src), op, c))
-
-
-@_on_host_view
-def _broadcast(src: Any, dst: Any, root: int, comm: Any) -> None:
-    c = _comm(comm)
-    source, target = _tensor(src), _tensor(dst)
-    if c.rank == root and target.data_ptr() != source.data_ptr():
         target.copy_(source)
+    else:
+        c.all_gather(list(_bytes(target).chunk(c.world_size)), _bytes(source).clone())
+
+
+@_on_host_view
+def _reduce_scatter(send: int, recv: int, count: int, datatype: int, op: int, comm: int, stream: int) -> None:
+    c = _COMMS[comm]
+    reduced = _reduce_all(_buffer(send, count * c.world_size, datatype), op, c)
+    _buffer(recv, count, datatype).copy_(reduced[c.rank * count : (c.rank + 1) * count])
+
+
+@_on_host_view
+def _all_reduce(send: int, recv: int, count: int, datatype: int, op: int, comm: int, stream: int) -> None:
+    c = _COMMS[comm]
+    _buffer(recv, count, datatype).copy_(_reduce_all(_buffer(send, count, datatype), op, c))
+
+
+@_on_host_view
+def _broadcast(send: int, recv: int, count: int, datatype: int, root: int, comm: int, stream: int) -> None:
+    c = _COMMS[comm]
+    target = _buffer(recv, count, datatype)
+    if c.rank == root and send != recv:
+        target.copy_(_buffer(send, count, datatype))
     if c.world_size > 1:
-        c.broadcast(_wire(target), root)
+        c.broadcast(_bytes(target), root)
 
 
 @_on_host_view
-def _reduce(src: Any, dst: Any, op: str, root: int, comm: Any) -> None:
-    c = _comm(comm)
-    reduced = _reduce_all(_tensor(src), op, c)
+def _reduce(send: int, recv: int, count: int, datatype: int, op: int, root: int, comm: int, stream: int) -> None:
+    c = _COMMS[comm]
+    reduced = _reduce_all(_buffer(send, count, datatype), op, c)
     if c.rank == root:
-        _tensor(dst).copy_(reduced)
+        _buffer(recv, count, datatype).copy_(reduced)
 
 
 @_on_host_view
-def _send(src: Any, peer: int, comm: Any) -> None:
-    _comm(comm).group.send([_wire(_tensor(src))], peer, 0).wait()
+def _send(send: int, count: int, datatype: int, peer: int, comm: int, stream: int) -> None:
+    _COMMS[comm].group.send([_bytes(_buffer(send, count, datatype))], peer, 0).wait()
 
 
 @_on_host_view
-def _recv(dst: Any, peer: int, comm: Any) -> None:
-    _comm(comm).group.recv([_wire(_tensor(dst))], peer, 0).wait()
+def _recv(recv: int, count: int, datatype: int, peer: int, comm: int, stream: int) -> None:
+    _COMMS[comm].group.recv([_bytes(_buffer(recv, count, datatype))], peer, 0).wait()
 
 
 def _patch_nccl() -> None:
-    import bmtrain.distributed.ops as ops
-    import bmtrain.nccl as nccl
+    from bmtrain import C
 
     table = {
-        "getUniqueId": _get_unique_id,
-        "commInitRank": _comm_init_rank,
-        "commDestroy": lambda comm: comm._destroy_ptr(),
-        "commCount": lambda comm: _comm(comm).world_size,
-        "commRank": lambda comm: _comm(comm).rank,
-        "allGather": _all_gather,
-        "reduceScatter": _reduce_scatter,
-        "allReduce": _all_reduce,
-        "broadcast": _broadcast,
-        "reduce": _reduce,
-        "send": _send,
-        "recv": _recv,
-        "groupStart": lambda: None,  # gloo's collectives are synchronous and every rank issues them in one order
-        "groupEnd": lambda: None,
+        "ncclGetUniqueId": _get_unique_id,
+        "ncclCommInitRank": _comm_init_rank,
+        "ncclCommDestroy": lambda comm: _COMMS.pop(comm, None) and None,
+        "ncclCommCount": lambda comm: _COMMS[comm].world_size,
+        "ncclCommUserRank": lambda comm: _COMMS[comm].rank,
+        "ncclAllGather": _all_gather,
+        "ncclReduceScatter": _reduce_scatter,
+        "ncclAllReduce": _all_reduce,
+        "ncclBroadcast": _broadcast,
+        "ncclReduce": _reduce,
+        "ncclSend": _send,
+        "ncclRecv": _recv,
+        # gloo's collectives are synchronous and every rank issues them in one order; a group of point-to-point
+        # calls (BMTrain's pipeline, which the project does not use) could wait on gloo where NCCL would not
+        "ncclGroupStart": lambda: None,
+        "ncclGroupEnd": lambda: None,
     }
     for name, fn in table.items():
-        setattr(nccl, name, fn)
-    # bmtrain.distributed.ops imported some of them by name
-    ops.ncclAllGather, ops.ncclAllReduce = _all_gather, _all_reduce
-    ops.ncclBroadcast, ops.ncclReduceScatter, ops.recv = _broadcast, _reduce_scatter, _recv
+        setattr(C, name, fn)
 
 
 # ----------------------------------------------------------------------------- BMTrain's CUDA kernels
+#
+# Bit for bit what nvcc makes of BMTrain's ``csrc/cuda/adam_cuda.cu`` (checked against its compiled SASS): constants
+# in fp32 (``1 - beta`` of the fp32 ``beta``), nvcc's fused multiply-adds (one rounding: computed in fp64),
+# IEEE square roots (torch's fp32 CPU sqrt may be 1 ulp off: computed in fp64).
+
+
+def _f32(x: float) -> float:
+    """``x`` as the fp32 the kernel launcher receives."""
+    return float(np.float32(x))
+
+
+def _fma(a: torch.Tensor, b: Any, c: Any) -> torch.Tensor:
+    """fp32 ``a * b + c`` with one rounding, as CUDA's ``fmaf``."""
+    b = b.double() if torch.is_tensor(b) else b
+    c = c.double() if torch.is_tensor(c) else c
+    return (a.double() * b + c).float()
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    return x.double().sqrt().float()
 
 
 def _adam_fp16(
     param_fp32, param_fp16, g_fp16, m_fp16, v_fp32, beta1, beta2, eps, lr, scale, weight_decay, step
 ) -> None:  # type: ignore[no-untyped-def]
-    """``adam_fp32_accum`` of BMTrain's ``adam_cuda.cu``: m kept scaled in fp16, v scaled in fp32."""
-    c1, c2 = 1 - beta1**step, 1 - beta2**step
+    """``adam_fp32_accum``: m kept scaled in fp16, v scaled in fp32, AdamW's decay."""
+    c1, c2 = _f32(1 - beta1**step), _f32(1 - beta2**step)
+    b1, b2, eps, lr, scale = map(_f32, (beta1, beta2, eps, lr, scale))
+    decay = _f32(np.float32(lr) * np.float32(weight_decay))
+    one_b1, one_b2 = _f32(np.float32(1) - np.float32(b1)), _f32(np.float32(1) - np.float32(b2))
     g = g_fp16.float()
-    m = beta1 * m_fp16.float() + (1 - beta1) * g
-    v = beta2 * v_fp32 + (1 - beta2) * g * g / scale
-    p = param_fp32 - lr * m / c1 / ((v * scale / c2).sqrt() + eps * scale) - lr * weight_decay * param_fp32
+    m = _fma(g, one_b1, m_fp16.float() * b1)
+    v = _fma(v_fp32, b2, (g * one_b2) * g / scale)
+    denominator = _fma(torch.full_like(v, eps), scale, _sqrt(v * scale / c2))
+    p = _fma(param_fp32, -decay, param_fp32 - (m * lr) / c1 / denominator)
     param_fp32.copy_(p)
     param_fp16.copy_(p.half())
     v_fp32.copy_(v)
@@ -451,12 +494,15 @@ def _adam_fp16(
 def _adam_bf16(
     param_fp32, param_bf16, g_bf16, m_fp32, v_fp32, beta1, beta2, eps, lr, scale, weight_decay, step
 ) -> None:  # type: ignore[no-untyped-def]
-    """``adam_fp32_accum_bf16`` of BMTrain's ``adam_cuda.cu``: unscaled fp32 moments, AdamW's decay."""
-    c1, c2 = 1 - beta1**step, 1 - beta2**step
+    """``adam_fp32_accum_bf16``: unscaled fp32 moments, AdamW's decay; the bf16 copy rounded to nearest."""
+    c1, c2 = _f32(1 - beta1**step), _f32(1 - beta2**step)
+    b1, b2, eps, lr, scale = map(_f32, (beta1, beta2, eps, lr, scale))
+    decay = _f32(np.float32(lr) * np.float32(weight_decay))
+    one_b1, one_b2 = _f32(np.float32(1) - np.float32(b1)), _f32(np.float32(1) - np.float32(b2))
     g = g_bf16.float() / scale
-    m = beta1 * m_fp32 + (1 - beta1) * g
-    v = beta2 * v_fp32 + (1 - beta2) * g * g
-    p = param_fp32 - lr * m / c1 / ((v / c2).sqrt() + eps) - lr * weight_decay * param_fp32
+    m = _fma(m_fp32, b1, g * one_b1)
+    v = _fma(v_fp32, b2, (g * one_b2) * g)
+    p = _fma(param_fp32, -decay, param_fp32 - (m * lr) / c1 / (_sqrt(v / c2) + eps))
     param_fp32.copy_(p)
     param_bf16.copy_(p.bfloat16())
     v_fp32.copy_(v)
@@ -465,6 +511,7 @@ def _adam_bf16(
 
 def _has_inf_nan(g_half: torch.Tensor, out: torch.Tensor) -> None:
     """``has_nan_inf_*_launcher``: sets ``out`` to 1 when ``g_half`` holds an inf or a NaN (never clears it)."""
+    assert out.dtype == torch.uint8 and g_half.dtype in (torch.float16, torch.bfloat16), (out.dtype, g_half.dtype)
     if not torch.isfinite(g_half).all():
         out.fill_(1)
 
@@ -476,8 +523,6 @@ def _patch_kernels() -> None:
     import bmtrain.optim.optim_manager as manager
 
     optim_fn.adam_fp16, optim_fn.adam_bf16 = _adam_fp16, _adam_bf16
-    optim_fn.bf16_from_fp32 = lambda p: p.to(torch.bfloat16)
-    optim_fn.fp16_from_fp32 = lambda p: p.to(torch.float16)
     loss_fn.has_inf_nan = manager.has_inf_nan = _has_inf_nan
     cpu_adam = optim_fn.adam_cpu
 

@@ -182,3 +182,29 @@ def test_after_a_restart_no_rank_reads_the_last_attempts_nccl_id(monkeypatch):
     second.join(timeout=10)
     assert not second.is_alive()
     assert not store.check([BMTRAIN_ID_KEY])
+
+
+@needs_bmt
+@pytest.mark.parametrize("scale", [1.0, 1024.0])
+def test_the_emulated_bf16_adam_is_bmtrains_kernel(scale):
+    """The CUDA emulation's bf16 Adam (``tests/bmt/emulated_cuda.py``, after BMTrain's ``adam_cuda.cu``) against
+    BMTrain's own compiled CPU kernel, which computes the same fp32 arithmetic: masters and moments equal bit for
+    bit over five steps; the bf16 weights are the masters rounded to nearest (CUDA's conversion; the CPU kernel
+    truncates instead)."""
+    import bmtrain.optim._function as kernels
+    import torch
+
+    from tests.bmt.emulated_cuda import _adam_bf16
+
+    torch.manual_seed(0)
+    n, args = 4096, (0.9, 0.999, 1e-8, 1e-2, scale, 0.01)
+    start = torch.randn(n) * 0.05
+    ours = [start.clone(), start.bfloat16(), torch.zeros(n), torch.zeros(n)]
+    theirs = [start.clone(), start.bfloat16(), torch.zeros(n), torch.zeros(n)]
+    for step in range(1, 6):
+        grad = (torch.randn(n) * 1e-2 * scale).bfloat16()
+        _adam_bf16(ours[0], ours[1], grad, ours[2], ours[3], *args, step)
+        kernels.adam_cpu(theirs[0], theirs[1], None, grad, theirs[2], theirs[3], *args, step)
+    for mine, reference in zip(ours[::2] + ours[3:], theirs[::2] + theirs[3:], strict=True):
+        assert torch.equal(mine, reference)
+    assert torch.equal(ours[1], theirs[0].bfloat16())

@@ -126,7 +126,6 @@ def test_frozen_blocks_keep_no_gradient_storage():
         assert held - weights < 0.25 * weights, (held, weights)
 
 
-@pytest.mark.emulated
 def test_an_fp16_overflow_skips_the_step_and_the_schedule():
     """fp16 with a loss scale far too large: every overflowing step leaves the delta and the learning rate as
     they were and halves the scale; the first step that fits moves both, once."""
@@ -167,12 +166,15 @@ def test_an_fp16_overflow_skips_the_step_and_the_schedule():
     assert any(not torch.equal(v, start[k]) for k, v in values().items())
 
 
-@pytest.mark.emulated
 @pytest.mark.parametrize("precision", [None, "bf16"])
-def test_weight_decay_is_decoupled_as_adamw_in_every_precision(precision):
+def test_weight_decay_is_decoupled_as_adamw_in_every_precision(precision, monkeypatch):
     """BMTrain's own Adam couples the decay of fp32 weights into their gradient (an L2 term, which Adam then
     normalises); the engine decays them as AdamW does, as BMTrain's bf16 kernel does. At the first step LoRA's
-    A has a zero gradient (B starts at zero), so AdamW leaves it at exactly ``A * (1 - lr * weight_decay)``."""
+    A has a zero gradient (B starts at zero), so AdamW leaves it at exactly ``A * (1 - lr * weight_decay)``.
+    The engine's own writes come before BMTrain's load stream last waits for the step, as BMTrain's do: the
+    next gather reads the decayed values."""
+    import bmtrain as bmt
+
     from opendelta_dist import LoraModel
     from opendelta_dist.backends import full_tensor
     from opendelta_dist.train.engines import OptimizerSpec, build_engine
@@ -191,7 +193,18 @@ def test_weight_decay_is_decoupled_as_adamw_in_every_precision(precision):
     step["labels"] %= 384
     before = {k: full_tensor(p).float().clone() for k, p in delta.named_delta_tensors() if k.endswith("lora_A")}
     engine.micro_step(step, last=True)
-    engine.optimizer_step()
+    params = engine.optimized_parameters()
+    waited: list[list[int]] = []
+
+    class Recording(type(bmt.config["load_stream"])):  # the load stream, noting the weights' versions at each wait
+        def wait_stream(self, stream) -> None:
+            waited.append([p._version for p in params])
+            super().wait_stream(stream)
+
+    with monkeypatch.context() as patch:
+        patch.setitem(bmt.config, "load_stream", Recording(priority=-1))
+        engine.optimizer_step()
+    assert waited and waited[-1] == [p._version for p in params], "a write after the load stream's last wait"
     after = {k: full_tensor(p).float() for k, p in delta.named_delta_tensors() if k.endswith("lora_A")}
     tolerance = {"rtol": 1e-6, "atol": 0} if precision is None else {"rtol": 1e-2, "atol": 0}
     for key, value in before.items():
@@ -232,3 +245,21 @@ def test_what_bmtrain_keeps_is_what_the_estimator_counts():
         engine.optimizer_step()
     gathered = [name for name, block in model.named_modules() if isinstance(block, Block) and block._ready]
     assert gathered == ["encoder.layers.0"]
+
+
+@pytest.mark.emulated
+def test_the_engines_modelcenter_t5_runs_no_torchscript():
+    """ModelCenter's norms and gated GELU are eager in the engine's model (a scripted one can fail BMTrain's
+    non-reentrant recomputation: tests/bmt/test_bmt_cpu.py)."""
+    import model_center.layer.layernorm as layernorm
+
+    from opendelta_dist.train.engines import build_engine
+    from opendelta_dist.train.models import ModelConfig
+    from opendelta_dist.train.topology import Topology
+
+    engine = build_engine("bmt", Topology.from_environment("cuda"))
+    config = {"model_type": "t5", "vocab_size": 64, "d_model": 16, "d_kv": 4, "d_ff": 32, "num_layers": 1}
+    model = engine.build_backbone(ModelConfig(config={**config, "num_heads": 4, "feed_forward_proj": "gated-gelu"}))
+    acts = [m.act for m in model.modules() if hasattr(m, "act")]
+    assert acts and not any(isinstance(a, torch.jit.ScriptFunction) for a in acts)
+    assert not isinstance(layernorm.rms_layernorm, torch.jit.ScriptFunction)

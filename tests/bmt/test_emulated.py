@@ -309,7 +309,7 @@ def test_a_killed_bmt_run_on_two_ranks_resumes_bit_exact(recipe_runs, tmp_path):
 def test_the_gpu_tests_of_the_bmt_backend_and_engine_pass_under_the_emulation(tmp_path):
     """The ``gpu`` tests of ``tests/bmt`` and the bmt rows of the backend contract, in one emulated process (world
     size 1): each passes, or is skipped for the one reason the emulation allows (a method the bmt backend refuses
-    by name); those that measure the GPU itself are ``real_gpu`` and wait for the GPU check."""
+    by name). What they would measure of the GPU itself (memory) they check only on a real one."""
     report = tmp_path / "report.xml"
     command = [
         sys.executable,

@@ -374,6 +374,8 @@ class BMTEngine(Engine):
     def optimizer_step(self) -> float | None:
         """Clip the global gradient norm, step and schedule (both skipped on an fp16 overflow, which lowers the
         loss scale instead), zero the gradients."""
+        import bmtrain as bmt
+
         norm = None
         if self.spec.max_grad_norm is not None:
             norm = float(self.manager.clip_grad_norm(self.optimizer.param_groups, self.spec.max_grad_norm))
@@ -387,10 +389,12 @@ class BMTEngine(Engine):
         ]
         epoch = self.scheduler.last_epoch
         self.manager.step()
-        if self.scheduler.last_epoch != epoch:  # not skipped on an fp16 overflow
+        if self.scheduler.last_epoch != epoch and decay:  # not skipped on an fp16 overflow
             with torch.no_grad():
                 for p, term in decay:
                     p.sub_(term)
+            # BMTrain's next gather reads the partitions on its load stream: after these writes
+            bmt.config["load_stream"].wait_stream(torch.cuda.current_stream())
         self.manager.zero_grad()
         return norm
 
