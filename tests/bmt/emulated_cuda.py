@@ -472,14 +472,31 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     return x.double().sqrt().float()
 
 
+def _constants(
+    beta1: float, beta2: float, eps: float, lr: float, scale: float, weight_decay: float, step: int
+) -> tuple:
+    """The launcher's fp32 arguments and what the kernels compute of them in fp32: bias corrections, betas,
+    ``1 - beta``, eps, lr, scale, ``lr * weight_decay``."""
+    b1, b2 = _f32(beta1), _f32(beta2)
+    return (
+        _f32(1 - beta1**step),
+        _f32(1 - beta2**step),
+        b1,
+        b2,
+        _f32(np.float32(1) - np.float32(b1)),
+        _f32(np.float32(1) - np.float32(b2)),
+        _f32(eps),
+        _f32(lr),
+        _f32(scale),
+        _f32(np.float32(lr) * np.float32(weight_decay)),
+    )
+
+
 def _adam_fp16(
     param_fp32, param_fp16, g_fp16, m_fp16, v_fp32, beta1, beta2, eps, lr, scale, weight_decay, step
 ) -> None:  # type: ignore[no-untyped-def]
     """``adam_fp32_accum``: m kept scaled in fp16, v scaled in fp32, AdamW's decay."""
-    c1, c2 = _f32(1 - beta1**step), _f32(1 - beta2**step)
-    b1, b2, eps, lr, scale = map(_f32, (beta1, beta2, eps, lr, scale))
-    decay = _f32(np.float32(lr) * np.float32(weight_decay))
-    one_b1, one_b2 = _f32(np.float32(1) - np.float32(b1)), _f32(np.float32(1) - np.float32(b2))
+    c1, c2, b1, b2, one_b1, one_b2, eps, lr, scale, decay = _constants(beta1, beta2, eps, lr, scale, weight_decay, step)
     g = g_fp16.float()
     m = _fma(g, one_b1, m_fp16.float() * b1)
     v = _fma(v_fp32, b2, (g * one_b2) * g / scale)
@@ -495,10 +512,7 @@ def _adam_bf16(
     param_fp32, param_bf16, g_bf16, m_fp32, v_fp32, beta1, beta2, eps, lr, scale, weight_decay, step
 ) -> None:  # type: ignore[no-untyped-def]
     """``adam_fp32_accum_bf16``: unscaled fp32 moments, AdamW's decay; the bf16 copy rounded to nearest."""
-    c1, c2 = _f32(1 - beta1**step), _f32(1 - beta2**step)
-    b1, b2, eps, lr, scale = map(_f32, (beta1, beta2, eps, lr, scale))
-    decay = _f32(np.float32(lr) * np.float32(weight_decay))
-    one_b1, one_b2 = _f32(np.float32(1) - np.float32(b1)), _f32(np.float32(1) - np.float32(b2))
+    c1, c2, b1, b2, one_b1, one_b2, eps, lr, scale, decay = _constants(beta1, beta2, eps, lr, scale, weight_decay, step)
     g = g_bf16.float() / scale
     m = _fma(m_fp32, b1, g * one_b1)
     v = _fma(v_fp32, b2, (g * one_b2) * g)
