@@ -36,6 +36,8 @@
 #   GPU_CHECK_TIMEOUT_ENV, GPU_CHECK_TIMEOUT_INSTALL, GPU_CHECK_TIMEOUT_TESTS, GPU_CHECK_TIMEOUT_BENCHMARK
 #                               a stage's limit in seconds (decimals allowed)
 #   GPU_CHECK_TOTAL             the whole run's limit in seconds (default 480): a stage never runs past it
+#   GPU_CHECK_MARKERS           the tests stage's pytest marker expression (default "gpu and not emulated"; "gpu"
+#                               adds the tests CI runs under the CUDA emulation, given the time)
 #   GPU_CHECK_VARIANTS          benchmark variants (default: peft bmt fsdp deepspeed-zero3)
 #   GPU_CHECK_WARMUP, GPU_CHECK_STEPS, GPU_CHECK_CAP_GB   benchmark warm-up steps (1), timed steps (3), cap (40)
 #   BMT_CUDA_ARCHS, BMT_BUILD_JOBS                        passed to build-bmtrain.sh (default architecture 90)
@@ -163,14 +165,14 @@ stage_tests() {
     [ ${#files[@]} -gt 0 ] || files=(tests)
     # a hung test (a collective waiting forever) fails alone rather than taking the stage's whole limit
     "$PY" -c 'import pytest_timeout' 2>/dev/null && options=(--timeout "${GPU_CHECK_TEST_TIMEOUT:-90}")
-    # the gpu tests that CI runs under the CUDA emulation (marked emulated) are left out: here only what needs the
-    # GPU itself (CUDA engines, memory) and the bmt engine's smoke run against the single engine. pytest is
-    # interrupted a little before the stage's limit, so that it still writes its report of what ran
+    # the gpu tests that CI runs under the CUDA emulation (marked emulated) are left out by default: here what needs
+    # the GPU itself (CUDA engines, BMTrain's kernels, memory) and the bmt engine's smoke run against the single
+    # engine. pytest is interrupted a little before the stage's limit, so that it still writes its report
     local limit
     limit=$(calc 'l - 12 > 10 ? l - 12 : 10' l="${STAGE_LIMIT:-${BUDGET[tests]}}")
     timeout --signal=INT --kill-after=8 "$limit" \
-        "$PY" -m pytest -m "gpu and not emulated" -p no:cacheprovider -v --durations=10 "${options[@]}" \
-        --junitxml "$OUTDIR/tests.xml" "${files[@]}"
+        "$PY" -m pytest -m "${GPU_CHECK_MARKERS:-gpu and not emulated}" -p no:cacheprovider -v --durations=10 \
+        "${options[@]}" --junitxml "$OUTDIR/tests.xml" "${files[@]}"
 }
 
 stage_benchmark() {
