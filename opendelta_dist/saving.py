@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +57,16 @@ SAMPLES_PER_TENSOR = 8
 _RTOL = 2e-2  # bf16 keeps 8 significant bits: a relative error of at most 2**-8 per value
 
 
-def backbone_checksum(backbone: nn.Module, replaced: Collection[str] = ()) -> tuple[str, np.ndarray]:
+def sample_values(tensor: torch.Tensor) -> np.ndarray:
+    """The values of the whole ``tensor`` that a fingerprint keeps (evenly spaced, as fp32)."""
+    flat = tensor.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel()), device=flat.device).long()
+    return flat[idx].float().cpu().numpy()
+
+
+def backbone_checksum(
+    backbone: nn.Module, replaced: Collection[str] = (), samples: Mapping[str, np.ndarray] | None = None
+) -> tuple[str, np.ndarray]:
     """The backbone's structure hash and value fingerprint, ignoring attached deltas and dtype.
 
     Args:
@@ -65,27 +74,33 @@ def backbone_checksum(backbone: nn.Module, replaced: Collection[str] = ()) -> tu
         replaced: names of parameters a delta trains as its own copies (e.g. a task head the delta
             saves): their values are left out of the fingerprint (NaN), so the delta also loads onto a
             backbone whose copy of them was initialised differently.
+        samples: the values to fingerprint, by parameter name (:func:`sample_values` of the weights), where
+            ``backbone`` does not hold them (an engine that trains another implementation of the model);
+            a name without samples is left out (NaN).
 
     Returns:
         ``(sha256 hex of parameter names and shapes, float32 array of sampled parameter values)``; a value
         the backend cannot read whole here (a weight inside a BMTrain block) is not sampled (NaN).
     """
     structure = hashlib.sha256()
-    samples: list[np.ndarray] = []
+    kept: list[np.ndarray] = []
     for name, p in pristine_named_parameters(backbone):
         shape = backend_of(p).full_shape(p)
         structure.update(f"{name}:{tuple(shape)};".encode())
+        missing = np.full(min(SAMPLES_PER_TENSOR, shape.numel()), np.nan, dtype=np.float32)
+        if samples is not None:
+            given = samples.get(name)
+            kept.append(missing if given is None or name in replaced else given)
+            continue
         try:
             whole = p if p.device.type == "meta" else full_tensor(p)
         except WholeValueUnavailableError:
             whole = None
         if whole is None or shape.numel() == 0 or whole.device.type == "meta" or name in replaced:
-            samples.append(np.full(min(SAMPLES_PER_TENSOR, shape.numel()), np.nan, dtype=np.float32))
+            kept.append(missing)
             continue
-        flat = whole.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel()), device=flat.device).long()
-        samples.append(flat[idx].float().cpu().numpy())
-    values = np.concatenate(samples) if samples else np.zeros(0, dtype=np.float32)
+        kept.append(sample_values(whole))
+    values = np.concatenate(kept) if kept else np.zeros(0, dtype=np.float32)
     return structure.hexdigest(), values
 
 

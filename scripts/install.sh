@@ -49,6 +49,9 @@ for name in ('CPUAdamBuilder', 'ShareMemCommBuilder'):
 " >/dev/null
 # BMTrain compiles CUDA kernels when it is installed: only where the CUDA toolkit is (the bmt tests skip elsewhere)
 if [ "${OPENDELTA_BMT:-1}" != 0 ] && { command -v nvcc >/dev/null || [ -n "${CUDACXX:-}" ]; }; then
-  bash "$ROOT/scripts/install-bmt.sh" "$VENV/bin/python"
+  if ! bash "$ROOT/scripts/install-bmt.sh" "$VENV/bin/python"; then
+    echo "set-up: building BMTrain failed (above); OPENDELTA_BMT=0 sets up without the bmt extra" >&2
+    exit 1
+  fi
 fi
 fingerprint "$REQUIREMENTS" >"$VENV/.installed"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from opendelta_dist.errors import DeltaConfigError
+from opendelta_dist.train.engines import engine_class
 from opendelta_dist.train.engines.base import OPTIMIZERS, OptimizerSpec
 from opendelta_dist.train.models import ModelConfig, check_model_source
 
@@ -135,7 +136,7 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
 
     Args:
         cfg: the configuration as plain containers (``train``, ``optim``, ``model``, ``checkpoint``,
-            ``run_dir``, ``seed``).
+            ``run_dir``, ``seed``, ``engine``, ``delta``).
 
     Raises:
         DeltaConfigError: the first key that is out of range or points nowhere, named with its fix.
@@ -143,4 +144,5 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
     _check_integers(cfg)
     _check_optimizer(cfg)
     check_model_source(ModelConfig(**cfg["model"]))
+    engine_class(cfg["engine"]["name"]).check_delta_options(cfg.get("delta") or {})
     check_run_dir(cfg["run_dir"])

@@ -324,9 +324,10 @@ _COMMS: dict[int, _Comm] = {}
 _NEXT = itertools.count(1)
 
 
-def _buffer(pointer: int, count: int, datatype: int) -> torch.Tensor:
-    """The ``count`` elements at ``pointer`` (the emulated device's memory is the process's) as a tensor."""
-    dtype = _DTYPES[datatype]
+def _buffer(pointer: int, count: int, datatype: int | torch.dtype) -> torch.Tensor:
+    """The ``count`` elements at ``pointer`` (the emulated device's memory is the process's) as a tensor; the
+    dtype as NCCL's ``ncclDataType_t`` or torch's."""
+    dtype = datatype if isinstance(datatype, torch.dtype) else _DTYPES[datatype]
     if count == 0:
         return torch.empty(0, dtype=dtype)
     size = count * dtype.itemsize
@@ -451,9 +452,9 @@ def _patch_nccl() -> None:
 
 # ----------------------------------------------------------------------------- BMTrain's CUDA kernels
 #
-# Bit for bit what nvcc makes of BMTrain's ``csrc/cuda/adam_cuda.cu`` (checked against its compiled SASS): constants
-# in fp32 (``1 - beta`` of the fp32 ``beta``), nvcc's fused multiply-adds (one rounding: computed in fp64),
-# IEEE square roots (torch's fp32 CPU sqrt may be 1 ulp off: computed in fp64).
+# What nvcc makes of BMTrain's ``csrc/cuda/adam_cuda.cu`` (checked against its compiled SASS): constants in fp32
+# (``1 - beta`` of the fp32 ``beta``), nvcc's fused multiply-adds (computed in fp64 and rounded once, which equals
+# ``fmaf`` but in rare double-rounding cases), IEEE square roots (torch's fp32 CPU sqrt may be 1 ulp off: fp64).
 
 
 def _f32(x: float) -> float:
@@ -473,14 +474,14 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
 
 
 def _constants(
-    beta1: float, beta2: float, eps: float, lr: float, scale: float, weight_decay: float, step: int
+    beta1: float, beta2: float, eps: float, lr: float, scale: float, weight_decay: float, bc1: float, bc2: float
 ) -> tuple:
     """The launcher's fp32 arguments and what the kernels compute of them in fp32: bias corrections, betas,
     ``1 - beta``, eps, lr, scale, ``lr * weight_decay``."""
     b1, b2 = _f32(beta1), _f32(beta2)
     return (
-        _f32(1 - beta1**step),
-        _f32(1 - beta2**step),
+        _f32(bc1),
+        _f32(bc2),
         b1,
         b2,
         _f32(np.float32(1) - np.float32(b1)),
@@ -492,11 +493,10 @@ def _constants(
     )
 
 
-def _adam_fp16(
-    param_fp32, param_fp16, g_fp16, m_fp16, v_fp32, beta1, beta2, eps, lr, scale, weight_decay, step
-) -> None:  # type: ignore[no-untyped-def]
-    """``adam_fp32_accum``: m kept scaled in fp16, v scaled in fp32, AdamW's decay."""
-    c1, c2, b1, b2, one_b1, one_b2, eps, lr, scale, decay = _constants(beta1, beta2, eps, lr, scale, weight_decay, step)
+def adam_fp16(param_fp32, param_fp16, g_fp16, m_fp16, v_fp32, *arguments: float) -> None:  # type: ignore[no-untyped-def]
+    """``adam_fp32_accum``: m kept scaled in fp16, v scaled in fp32, AdamW's decay. ``arguments``: the
+    launcher's beta1, beta2, eps, lr, scale, weight_decay, bias_correction1, bias_correction2."""
+    c1, c2, b1, b2, one_b1, one_b2, eps, lr, scale, decay = _constants(*arguments)
     g = g_fp16.float()
     m = _fma(g, one_b1, m_fp16.float() * b1)
     v = _fma(v_fp32, b2, (g * one_b2) * g / scale)
@@ -508,11 +508,10 @@ def _adam_fp16(
     m_fp16.copy_(m.half())
 
 
-def _adam_bf16(
-    param_fp32, param_bf16, g_bf16, m_fp32, v_fp32, beta1, beta2, eps, lr, scale, weight_decay, step
-) -> None:  # type: ignore[no-untyped-def]
-    """``adam_fp32_accum_bf16``: unscaled fp32 moments, AdamW's decay; the bf16 copy rounded to nearest."""
-    c1, c2, b1, b2, one_b1, one_b2, eps, lr, scale, decay = _constants(beta1, beta2, eps, lr, scale, weight_decay, step)
+def adam_bf16(param_fp32, param_bf16, g_bf16, m_fp32, v_fp32, *arguments: float) -> None:  # type: ignore[no-untyped-def]
+    """``adam_fp32_accum_bf16``: unscaled fp32 moments, AdamW's decay; the bf16 copy rounded to nearest.
+    ``arguments`` as :func:`adam_fp16`'s."""
+    c1, c2, b1, b2, one_b1, one_b2, eps, lr, scale, decay = _constants(*arguments)
     g = g_bf16.float() / scale
     m = _fma(m_fp32, b1, g * one_b1)
     v = _fma(v_fp32, b2, (g * one_b2) * g)
@@ -523,21 +522,57 @@ def _adam_bf16(
     m_fp32.copy_(m)
 
 
-def _has_inf_nan(g_half: torch.Tensor, out: torch.Tensor) -> None:
-    """``has_nan_inf_*_launcher``: sets ``out`` to 1 when ``g_half`` holds an inf or a NaN (never clears it)."""
-    assert out.dtype == torch.uint8 and g_half.dtype in (torch.float16, torch.bfloat16), (out.dtype, g_half.dtype)
-    if not torch.isfinite(g_half).all():
-        out.fill_(1)
+def _adam_launcher(kernel: Any, half: torch.dtype, moment: torch.dtype) -> Any:
+    """``adam_*_launcher(n, param_fp32, param_h, g, m, v, *arguments, stream)``, on the buffers at the pointers."""
+
+    def launch(n: int, p32: int, ph: int, g: int, m: int, v: int, *rest: float) -> None:
+        if n <= 0:
+            return
+        *arguments, _stream = rest
+        buffers = (_buffer(p32, n, torch.float32), _buffer(ph, n, half), _buffer(g, n, half))
+        kernel(*buffers, _buffer(m, n, moment), _buffer(v, n, torch.float32), *arguments)
+
+    return launch
+
+
+def _has_nan_inf_launcher(half: torch.dtype) -> Any:
+    """``has_nan_inf_*_launcher(n, g, mid, out, stream)``: sets ``out`` to 1 when ``g`` holds an inf or a NaN (never
+    clears it)."""
+
+    def launch(n: int, g: int, mid: int, out: int, stream: int) -> None:
+        if n > 0 and not torch.isfinite(_buffer(g, n, half)).all():
+            _buffer(out, 1, torch.uint8).fill_(1)
+
+    return launch
+
+
+def _not_emulated(name: str) -> Any:
+    def launch(*args: Any) -> None:
+        raise NotImplementedError(
+            f"BMTrain's CUDA kernel {name} is not part of the CUDA emulation (tests/bmt/emulated_cuda.py): run this "
+            "on a GPU, or emulate it there after BMTrain's csrc/cuda source"
+        )
+
+    return launch
+
+
+_DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _patch_kernels() -> None:
-    import bmtrain
-    import bmtrain.loss._function as loss_fn
     import bmtrain.optim._function as optim_fn
-    import bmtrain.optim.optim_manager as manager
+    from bmtrain import C
 
-    optim_fn.adam_fp16, optim_fn.adam_bf16 = _adam_fp16, _adam_bf16
-    loss_fn.has_inf_nan = manager.has_inf_nan = _has_inf_nan
+    # its Python wrappers (and their checks) run as they are; the CUDA launchers they call are these
+    C.adam_fp16_launcher = _adam_launcher(adam_fp16, torch.float16, torch.float16)
+    C.adam_bf16_launcher = _adam_launcher(adam_bf16, torch.bfloat16, torch.float32)
+    for suffix, dtype in _DTYPE_NAMES.items():
+        setattr(C, f"has_nan_inf_{suffix}_launcher", _has_nan_inf_launcher(dtype))
+    # the fused cross entropy and softmax (bmt.loss.FusedCrossEntropy): not emulated, so never silently wrong
+    for name in dir(C):
+        if name.endswith("_launcher") and not name.startswith(("adam_", "has_nan_inf_")):
+            setattr(C, name, _not_emulated(name))
+    C.is_bf16_supported = lambda: True
     cpu_adam = optim_fn.adam_cpu
 
     def adam_cpu(*args: Any, **kwargs: Any) -> None:
@@ -546,7 +581,6 @@ def _patch_kernels() -> None:
             cpu_adam(*args, **kwargs)
 
     optim_fn.adam_cpu = adam_cpu
-    bmtrain.C.is_bf16_supported = lambda: True
 
 
 # ----------------------------------------------------------------------------- installing
@@ -576,7 +610,13 @@ def main(argv: list[str]) -> None:
     """``python -m tests.bmt.emulated_cuda SCRIPT ARGS...`` (or ``-m MODULE ARGS...``): run it under the emulation."""
     if not argv or (argv[0] == "-m" and len(argv) < 2):
         raise SystemExit("usage: python -m tests.bmt.emulated_cuda (SCRIPT | -m MODULE) [ARGS...]")
-    install()
+    try:
+        install()
+    except ImportError as exc:
+        raise SystemExit(
+            f"the CUDA emulation runs the real BMTrain and ModelCenter ({exc}): install them with bash "
+            "scripts/install-bmt.sh (it needs nvcc, not a GPU)"
+        ) from exc
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)

@@ -1,4 +1,5 @@
-"""The bmt backend's own duties toward BMTrain, on a GPU (and in CI under the CUDA emulation)."""
+"""The bmt backend's own duties toward BMTrain, and what of BMTrain the CUDA emulation leaves to a GPU; on a GPU
+(and in CI under the CUDA emulation)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from torch import nn
 
 from tests.bmt.common import init_bmtrain, needs_bmt
 
-pytestmark = [pytest.mark.gpu, pytest.mark.emulated, needs_bmt]
+pytestmark = [pytest.mark.gpu, needs_bmt]
 
 
+@pytest.mark.emulated
 def test_every_write_into_delta_partitions_is_ordered_before_bmtrains_next_gather(monkeypatch):
     """``DistributedParameter.gather`` all-gathers on BMTrain's load stream without waiting for the current one:
     each way the backend writes partitions (making, copying in, re-initialising, wrapping) ends with the load
@@ -46,3 +48,25 @@ def test_every_write_into_delta_partitions_is_ordered_before_bmtrains_next_gathe
     holder.weight = made["p"]
     assert writes(lambda: backend.reset_module(holder)) >= 1
     assert writes(lambda: backend.prepare_module(nn.Linear(3, 2))) >= 1
+
+
+def test_bmtrains_fused_cross_entropy_is_torchs_and_the_emulation_refuses_it():
+    """A BMTrain kernel the CUDA emulation does not provide is refused there with the reason, never computed from
+    host pointers; on a GPU, BMTrain's fused cross entropy gives torch's."""
+    import os
+
+    import bmtrain as bmt
+
+    from tests.bmt.emulated_cuda import EMULATION_ENV
+
+    init_bmtrain()
+    torch.manual_seed(0)
+    logits = torch.randn(6, 32, device="cuda", dtype=torch.half)
+    target = torch.randint(0, 32, (6,), device="cuda")
+    loss = bmt.loss.FusedCrossEntropy()
+    if os.environ.get(EMULATION_ENV) == "1":
+        with pytest.raises(NotImplementedError, match="cross_entropy_forward_fp16_launcher is not part of the CUDA"):
+            loss(logits, target)
+        return
+    expected = nn.functional.cross_entropy(logits.float(), target)
+    torch.testing.assert_close(loss(logits, target).float(), expected, rtol=1e-3, atol=1e-3)

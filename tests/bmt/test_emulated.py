@@ -103,10 +103,10 @@ def _train_every_method(
     return results
 
 
-def _transformers_t5(dtype: torch.dtype = torch.float32):
+def _transformers_t5(dtype: torch.dtype = torch.float32, seed: int = 0):
     from opendelta_dist.train.models import ModelConfig, build_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return build_model(ModelConfig(config=T5)).to(dtype).eval()
 
 
@@ -127,8 +127,9 @@ def trained(tmp_path_factory) -> dict[tuple[int, str], tuple[Path, dict]]:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_bmt_trained_delta_loads_on_transformers_t5_with_the_bmt_models_outputs(trained, method):
     """fp32, both world sizes: the saved delta (transformers' names, backend hf) loads on transformers' T5 of the
-    same weights as it is, and that model's logits are the bmt model's."""
+    same weights as it is, and that model's logits are the bmt model's; on other weights it is refused."""
     from opendelta_dist import AutoDeltaModel
+    from opendelta_dist.errors import BackboneMismatchError
     from opendelta_dist.saving import read_config_file
 
     data = _inputs()
@@ -141,6 +142,9 @@ def test_a_bmt_trained_delta_loads_on_transformers_t5_with_the_bmt_models_output
         with torch.no_grad():
             ours = model(**inputs).logits
         torch.testing.assert_close(ours, results[0][method]["logits"], rtol=1e-4, atol=1e-4, msg=f"world {world}")
+    # the checkpoint keeps values of the weights it was trained on: a T5 of other weights is refused
+    with pytest.raises(BackboneMismatchError, match="sampled backbone values differ"):
+        AutoDeltaModel.from_finetuned(where / method, _transformers_t5(seed=1))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -128,3 +128,14 @@ def test_model_source(tmp_path):
     check_model_source(ModelConfig(config={"model_type": "t5", "d_model": 8}))
     with pytest.raises(DeltaConfigError, match=r"model\.config does not describe a transformers model"):
         check_model_source(ModelConfig(config={"model_type": "no_such_model_type"}))
+
+
+def test_module_names_on_the_bmt_engine_are_refused_before_anything_is_built(tmp_path):
+    """ModelCenter's T5 has other module names than the recipe's (q, k, v, ...): the bmt engine asks for roles,
+    naming the overrides, before a backbone or a run directory exists (not a "matches no module" error)."""
+    cfg = _set(_config("lora_t5_tiny", tmp_path), "engine", {"name": "bmt", "options": {}})
+    with pytest.raises(DeltaConfigError, match=r"delta.common_structure=true .*delta.modified_modules=null"):
+        validate_run_config(cfg)
+    assert list(tmp_path.iterdir()) == []
+    validate_run_config(_set(cfg, "delta.common_structure", True))  # read as roles (checked when attached)
+    validate_run_config(_set(cfg, "delta.modified_modules", None))  # the method's default roles

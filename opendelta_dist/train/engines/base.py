@@ -199,6 +199,18 @@ class Engine(ABC):
 
         return backbone_checksum(model, delta.replaced_parameter_names())
 
+    @classmethod
+    def check_delta_options(cls, options: Mapping[str, Any]) -> None:
+        """Refuse, before anything is built, a delta configuration the engine cannot train (none by default).
+
+        Args:
+            options: the run's ``delta`` group.
+
+        Raises:
+            DeltaConfigError: the option to change, and how.
+        """
+        return None
+
     def saved_delta_config(self) -> dict[str, Any]:
         """What a saved delta's ``config.json`` says differently from the delta's own config: the engines
         save whole tensors under transformers' names, so a checkpoint loads on transformers' model (the

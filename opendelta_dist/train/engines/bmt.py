@@ -151,6 +151,7 @@ class BMTEngine(Engine):
         self.manager: Any = None
         self.hf_config: Any = None
         self.frozen_storages = 0
+        self.backbone_samples: dict[str, np.ndarray] = {}
 
     # ----------------------------------------------------------------- the backbone
 
@@ -193,6 +194,8 @@ class BMTEngine(Engine):
         """
         from dataclasses import replace
 
+        from opendelta_dist.operations import pristine_named_parameters
+        from opendelta_dist.saving import sample_values
         from opendelta_dist.train.modelcenter_t5 import (
             hf_to_modelcenter,
             local_checkpoint,
@@ -240,6 +243,8 @@ class BMTEngine(Engine):
             where = "cpu" if config.init_device == "meta" else config.init_device
             source = build_model(replace(config, dtype=dtype_name, init_device=where, gradient_checkpointing=False))
             state = hf_to_modelcenter(source.state_dict(), hf_config)
+            # the values a saved delta's fingerprint keeps of this backbone, under transformers' names
+            self.backbone_samples = {name: sample_values(p) for name, p in pristine_named_parameters(source)}
             del source
             missing, unexpected = model.load_state_dict(state, strict=False)
             del state
@@ -250,6 +255,22 @@ class BMTEngine(Engine):
             )
         self._set_dummy_inputs(model)
         return model
+
+    @classmethod
+    def check_delta_options(cls, options: Mapping[str, Any]) -> None:
+        """ModelCenter's T5 names its modules otherwise than transformers' T5: modules are named by their roles,
+        so that the saved delta loads on transformers' T5 too (the method's defaults are roles).
+
+        Raises:
+            DeltaConfigError: ``modified_modules`` given as module names.
+        """
+        if options.get("modified_modules") is not None and not options.get("common_structure"):
+            raise DeltaConfigError(
+                f"the bmt engine's T5 (ModelCenter's) names its modules otherwise than transformers' T5, so "
+                f"delta.modified_modules={list(options['modified_modules'])} must be roles: pass "
+                "delta.common_structure=true with role names (e.g. 'delta.modified_modules=[attn.q,attn.v]'), or "
+                "delta.modified_modules=null for the method's default roles"
+            )
 
     def saved_delta_config(self) -> dict[str, Any]:
         """A saved delta is for transformers' T5 (its tensors whole, under transformers' names): it records the
@@ -271,10 +292,11 @@ class BMTEngine(Engine):
         }
 
     def backbone_checksum(self, model: nn.Module, delta: DeltaBase) -> tuple[str, np.ndarray]:
-        """The checksum of the transformers T5 the saved delta is for: its structure, without values.
-
-        The weights are partitions inside BMTrain blocks here, so no value is sampled (loading compares the
-        structure only); the structure is that of transformers' T5 of the same configuration.
+        """The checksum of the transformers T5 the saved delta is for: the structure of transformers' T5 of the
+        same configuration, and the values sampled of the transformers T5 the weights were converted from (a
+        random-weight model). A pretrained checkpoint's values, read one layer at a time, and ModelCenter's own
+        initialisation (``init_device=meta`` without a checkpoint) are not sampled: loading such a delta
+        compares the structure only.
         """
         import transformers
 
@@ -282,7 +304,8 @@ class BMTEngine(Engine):
 
         with torch.device("meta"):
             reference = transformers.AutoModelForSeq2SeqLM.from_config(self.hf_config)
-        return backbone_checksum(reference)
+        replaced = {modelcenter_to_hf_name(name) for name in delta.replaced_parameter_names()}
+        return backbone_checksum(reference, replaced, samples=self.backbone_samples)
 
     # ----------------------------------------------------------------- set-up
 
@@ -311,11 +334,7 @@ class BMTEngine(Engine):
             raise DeltaConfigError(
                 "the bmt engine trains a delta of the bmt backend (backend='bmt'); full fine-tuning runs on engine=ddp"
             )
-        if not delta.common_structure:
-            raise DeltaConfigError(
-                "on the bmt engine, name the modified modules by their roles (delta.common_structure=true, e.g. "
-                "modified_modules=[attn.q, attn.v]) so that the saved delta loads on transformers' T5 as well"
-            )
+        self.check_delta_options(delta.config.to_dict())
         if spec.name != "adamw":
             raise DeltaConfigError(f"the bmt engine steps BMTrain's Adam: use optim.name=adamw, not {spec.name!r}")
         self.spec = spec
