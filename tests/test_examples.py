@@ -85,3 +85,22 @@ def test_multitask_server_answers_each_request_with_exactly_its_delta(tmp_path, 
     assert all(answer == expected[task] for task, answer in answers)
     with pytest.raises(KeyError, match="no delta for task 'translate'"):
         server.generate("translate", texts)
+
+
+def test_the_readmes_python_runs_as_written(tmp_path):
+    """The README's Python blocks, in order, as one script (a user copies them): nothing undefined, nothing
+    that needs the network."""
+    text = (ROOT / "README.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+    assert len(blocks) >= 3
+    script = tmp_path / "readme.py"
+    script.write_text("\n".join(blocks))
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": python_path(), "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

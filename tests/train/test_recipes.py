@@ -83,3 +83,16 @@ def test_the_launcher_keeps_the_callers_python_path(monkeypatch):
     assert python_path().split(":") == [str(ROOT), "/carried/site"]
     monkeypatch.delenv("PYTHONPATH")
     assert python_path() == str(ROOT)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("group", DELTA_GROUPS)
+def test_another_delta_on_a_recipe_starts_from_its_own_defaults(recipe, group):
+    """``delta=X`` on any recipe gives method X as its config file says: a recipe's module choices for its own
+    method (LoRA on every T5 linear layer) live in that method's file, not in the shared ``delta`` key."""
+    cfg = OmegaConf.to_container(_compose([f"+recipe={recipe}", f"delta={group}"]), resolve=True)
+    alone = OmegaConf.to_container(_compose([f"delta={group}"]), resolve=True)
+    recipe_keys = {"unfrozen_modules"}  # method-neutral: a task head that trains with any delta
+    assert {k: v for k, v in cfg["delta"].items() if k not in recipe_keys} == {
+        k: v for k, v in alone["delta"].items() if k not in recipe_keys
+    }
