@@ -44,7 +44,6 @@ from opendelta_dist.inspect import (
 from opendelta_dist.saving import save_delta
 from opendelta_dist.train import checkpoint as ckpt
 from opendelta_dist.train.data import (
-    IGNORE_INDEX,
     DataConfig,
     TokenizedDataset,
     build_dataloader,
@@ -54,7 +53,7 @@ from opendelta_dist.train.data import (
 )
 from opendelta_dist.train.engines import OptimizerSpec, build_engine, engine_class, engine_names
 from opendelta_dist.train.loggers import MetricLogger
-from opendelta_dist.train.metrics import METRIC_NAMES, MetricAccumulator, accuracy, teacher_forced_exact_match
+from opendelta_dist.train.metrics import METRIC_NAMES, MetricAccumulator, batch_metrics
 from opendelta_dist.train.models import ModelConfig, build_model
 from opendelta_dist.train.topology import Topology
 from opendelta_dist.train.validation import validate_run_config
@@ -518,17 +517,7 @@ class DeltaTuningRecipe:
         model.eval()
         for raw in self.eval_loader:
             batch = self._to_device(raw)
-            logits, labels = self.engine.eval_forward(batch).logits.float(), batch["labels"]
-            if self.task == "classification":
-                losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-                correct, total = accuracy(logits, labels)
-            else:
-                token_losses = torch.nn.functional.cross_entropy(
-                    logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-                )
-                losses = token_losses.sum(-1) / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
-                correct, total = teacher_forced_exact_match(logits, labels)
-            sums.update(correct, total, float(losses.sum()), int(losses.numel()))
+            sums.update(*batch_metrics(self.task, self.engine.eval_forward(batch).logits.float(), batch["labels"]))
         model.train()
         return sums.compute(self.topology.device)
 
@@ -587,6 +576,7 @@ class DeltaTuningRecipe:
         self._save_tuned(path)
         if self.main:
             self.console.print(f"saved the final {self._tuned_name} to {path}")
+            self.console.print(f"use it: python launch/predict.py run_dir={self.run_dir}")
         self.topology.barrier()
         return path
 
