@@ -167,9 +167,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _plain_file_mode() -> int:
+    """The permissions a new file gets from this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _temporary_beside(file: Path) -> tuple[int, str]:
+    """A new temporary file next to ``file``, with the permissions a plain new file gets (``mkstemp`` makes it
+    private to its owner, and the rename would keep that: teammates on a shared file system could not read it)."""
+    fd, name = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+    os.fchmod(fd, _plain_file_mode())
+    return fd, name
+
+
 def write_json_atomic(file: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON to ``file`` through a flushed temporary file and a rename."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+    fd, tmp_name = _temporary_beside(file)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
@@ -184,11 +199,12 @@ def write_json_atomic(file: Path, data: dict[str, Any]) -> None:
 def write_safetensors_atomic(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> str:
     """Write ``tensors`` (copied to CPU, contiguous) as safetensors, atomically; return the file's sha256."""
     cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+    fd, tmp_name = _temporary_beside(file)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         save_file(cpu, tmp, metadata=metadata)
+        tmp.chmod(_plain_file_mode())  # safetensors writes the file anew
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         sha = _file_sha256(tmp)

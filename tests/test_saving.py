@@ -333,3 +333,22 @@ def test_a_delta_with_its_own_task_head_loads_onto_a_differently_initialised_hea
     other = build("bert", seed=3)  # but other backbone weights are still refused
     with pytest.raises(BackboneMismatchError):
         AutoDeltaModel.from_finetuned(tmp_path / "d", other)
+
+
+def test_saved_files_get_the_permissions_of_any_new_file(tmp_path):
+    """The atomic writes (a private temporary file, renamed) leave files readable as the umask says, so a
+    teammate on a shared file system can load the delta."""
+    import os
+    import stat
+
+    from opendelta_dist import LoraModel
+    from tests.models import build
+
+    umask = os.umask(0o022)
+    try:
+        delta = LoraModel(build("t5"))
+        delta.save_finetuned(tmp_path / "delta")
+    finally:
+        os.umask(umask)
+    for file in (tmp_path / "delta").iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o644, file

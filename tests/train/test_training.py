@@ -148,7 +148,12 @@ def test_engines_agree_with_ddp(engine, reference, tmp_path):
     relative), and its final delta, gathered from shards, has full tensors close to DDP's."""
     run_dir = tmp_path / "run"
     one_process = engine.startswith("single") or engine in GPU_ENGINES
-    check(launch([*TINY, *ENGINES[engine], "train.max_steps=16", f"run_dir={run_dir}"], nproc=1 if one_process else 2))
+    result = launch(
+        [*TINY, *ENGINES[engine], "train.max_steps=16", f"run_dir={run_dir}"], nproc=1 if one_process else 2
+    )
+    check(result)
+    # the training log is not buried under the deprecation warnings of collectives the engine's library calls
+    assert "is deprecated. Please use `torch.distributed" not in result.stderr
     ours, ref = [r["loss"] for r in metrics(run_dir)], [r["loss"] for r in metrics(reference)]
     # the loss is a mean over target tokens: two micro-batch means weigh tokens slightly differently from
     # one mean over the whole batch, so other micro-batches follow the curve only to within 1%

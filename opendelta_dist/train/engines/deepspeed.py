@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -54,6 +55,8 @@ from opendelta_dist.saving import load_delta_tensors
 from opendelta_dist.train.engines.base import Engine, OptimizerSpec, check_precision
 from opendelta_dist.train.engines.memory import ADAMW_STATES, Backbone, EngineMemory, Row, ceil_div, dtype_name
 from opendelta_dist.train.topology import Topology
+
+_RENAMED_COLLECTIVES = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
 
 CHECKPOINT_TAG = "engine"
 SUPPORTED_STAGES = (2, 3)
@@ -179,6 +182,9 @@ class DeepSpeedEngine(Engine):
             BackendUnavailableError: DeepSpeed is not installed.
         """
         deepspeed = _import_deepspeed()
+        # DeepSpeed calls the collectives torch 2.13 renamed (all_gather_single, reduce_scatter_single) from many
+        # places, each warning once: hundreds of lines that bury the training log, and nothing a user can change
+        warnings.filterwarnings("ignore", message=_RENAMED_COLLECTIVES, category=FutureWarning)
         self._own_process_group = self.topology.ensure_process_group()
         self.spec = spec
         optimizer = self.build_optimizer(spec, [p for p in module.parameters() if p.requires_grad])
