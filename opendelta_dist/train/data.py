@@ -113,7 +113,7 @@ def load_rows(config: DataConfig, split: str) -> list[dict[str, Any]]:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if config.task not in TASKS:
-        raise DataError(f"unknown task {config.task!r} in DataConfig.task; use one of {', '.join(TASKS)}")
+        raise DataError(f"unknown task data.task={config.task!r}; use one of {', '.join(TASKS)}")
     raw, source = _read_split(config, split)
     if not raw:
         raise DataError(f"{source} has no rows; fill it or point DataConfig at another file")
@@ -135,7 +135,7 @@ def _read_split(config: DataConfig, split: str) -> tuple[list[tuple[dict[str, An
         if path is None:
             other = "eval_file" if key == "train_file" else "train_file"
             raise DataError(
-                f"DataConfig.{key} is not set but DataConfig.{other} is; pass {key}=<path> too "
+                f"data.{key} is not set but data.{other} is; pass data.{key}=<path> too "
                 "(files are never mixed with the embedded or hub data)"
             )
         return _read_file(Path(path), config.format, key), str(path)
@@ -145,8 +145,8 @@ def _read_split(config: DataConfig, split: str) -> tuple[list[tuple[dict[str, An
         path = DATA_DIR / ("train.jsonl" if split == "train" else "dev.jsonl")
         return _read_file(path, "jsonl", "embedded tiny_t2t"), str(path)
     raise DataError(
-        f"no data for DataConfig.name={config.name!r}: only 'tiny_t2t' is embedded; "
-        "pass train_file/eval_file (local files) or hub_name"
+        f"no data for data.name={config.name!r}: only 'tiny_t2t' is embedded; "
+        "pass data.train_file=<path> data.eval_file=<path> (local files) or data.hub_name=<name>"
     )
 
 
@@ -159,10 +159,10 @@ def _read_file(path: Path, fmt: str | None, key: str) -> list[tuple[dict[str, An
         if fmt is None:
             raise DataError(
                 f"{key}: cannot infer the format of {str(path)!r} from its extension {path.suffix!r}; "
-                f"set DataConfig.format to one of {', '.join(FORMATS)}"
+                f"set data.format=<one of {', '.join(FORMATS)}>"
             )
     if fmt not in FORMATS:
-        raise DataError(f"unknown DataConfig.format {fmt!r}; use one of {', '.join(FORMATS)}")
+        raise DataError(f"unknown data.format={fmt!r}; use one of {', '.join(FORMATS)}")
     with path.open(encoding="utf-8", newline="") as handle:
         if fmt == "jsonl":
             return _read_jsonl(handle, path)
@@ -193,7 +193,7 @@ def _read_json(handle: Any, path: Path) -> list[tuple[dict[str, Any], str]]:
     except json.JSONDecodeError as error:
         raise DataError(
             f"{path}: not valid JSON ({error.msg} at line {error.lineno}); a file with one object per line "
-            "is JSON Lines: name it .jsonl or set DataConfig.format='jsonl'"
+            "is JSON Lines: name it .jsonl or set data.format=jsonl"
         ) from error
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON array of objects, got {type(value).__name__}")
@@ -236,14 +236,15 @@ def _read_hub(config: DataConfig, split: str) -> list[tuple[dict[str, Any], str]
     except ImportError as error:
         raise DataError(
             f"hub_name={config.hub_name!r} needs the `datasets` package, which is not installed; "
-            "pip install datasets, or download the files and pass train_file/eval_file"
+            "pip install datasets, or download the files and pass data.train_file=<path> data.eval_file=<path>"
         ) from error
     try:
         splits = datasets.load_dataset(config.hub_name, config.hub_config)
     except Exception as error:  # offline, unknown name, bad config: all end the same way for the user
         raise DataError(
             f"could not load hub data set {config.hub_name!r} (config {config.hub_config!r}): {error}; "
-            "check the name and the network, or download the files and pass train_file/eval_file"
+            "check the name and the network, or download the files and pass data.train_file=<path> "
+            "data.eval_file=<path>"
         ) from error
     for name in _HUB_SPLITS[split]:
         if name in splits:
@@ -262,7 +263,7 @@ def _normalise(config: DataConfig, values: dict[str, Any], where: str) -> dict[s
         if column not in values:
             raise DataError(
                 f"{where}: no column {column!r} (columns present: {', '.join(map(str, values))}); "
-                "set DataConfig.input_column/target_column to the right names"
+                "name them with data.input_column=<column> data.target_column=<column>"
             )
     text = values[config.input_column]
     if not isinstance(text, str):
@@ -294,7 +295,7 @@ def _class_id(label: Any, label_names: list[str] | None, where: str) -> int:
     index = _as_int(label)
     if index is None:
         known = f"one of {label_names}" if label_names is not None else "an integer class id"
-        raise DataError(f"{where}: label {label!r} is not {known}; fix the row or DataConfig.label_names")
+        raise DataError(f"{where}: label {label!r} is not {known}; fix the row or data.label_names")
     if index < 0 or (label_names is not None and index >= len(label_names)):
         raise DataError(
             f"{where}: class id {index} is out of range for label_names {label_names}; "
@@ -318,7 +319,7 @@ def _target_text(label: Any, label_names: list[str] | None, where: str) -> str:
         return label
     if isinstance(label, int) and not isinstance(label, bool):
         return str(label)
-    raise DataError(f"{where}: target {label!r} must be text (or an integer with DataConfig.label_names)")
+    raise DataError(f"{where}: target {label!r} must be text (or an integer with data.label_names)")
 
 
 # ----------------------------------------------------------------------------------------- tokenizing
@@ -402,8 +403,8 @@ class TokenizedDataset(Dataset):
         if len(ids[longest]) > max_target_length:
             raise DataError(
                 f"target {longest!r} is {len(ids[longest])} tokens (with end-of-sequence) but "
-                f"max_target_length is {max_target_length}; raise DataConfig.max_target_length to at least "
-                f"{len(ids[longest])} or shorten the targets"
+                f"data.max_target_length is {max_target_length}; set data.max_target_length={len(ids[longest])} "
+                "(or more), or shorten the targets"
             )
         return [ids[row["target"]] for row in rows]
 

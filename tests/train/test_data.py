@@ -167,7 +167,7 @@ def test_one_file_without_the_other_is_refused(tmp_path):
 
 def test_unknown_extension_and_unknown_format(tmp_path):
     path = write(tmp_path / "rows.txt", "jsonl", ROWS)
-    assert "DataConfig.format" in error_of(DataConfig(train_file=str(path), eval_file=str(path)))
+    assert "data.format=" in error_of(DataConfig(train_file=str(path), eval_file=str(path)))
     config = files_config(tmp_path, format="parquet")
     assert "parquet" in error_of(config)
 

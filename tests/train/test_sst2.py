@@ -71,7 +71,7 @@ def test_minilm_recipes_follow_the_benchmark_protocol(recipe):
     bound = delta_config(cfg["delta"])  # what the recipe builds the delta from; None: no delta
     assert (bound is None) == (delta_type == FULL_FINE_TUNING)
     if delta_type == "lora":
-        assert cfg["delta"]["modified_modules"] == ["query", "value"]
+        assert cfg["delta"]["modified_modules"] is None  # LoRA's default positions: BERT's query and value
         assert (cfg["delta"]["lora_r"], cfg["delta"]["lora_alpha"], cfg["delta"]["lora_dropout"]) == (8, 16, 0.0)
     if delta_type == FULL_FINE_TUNING:
         assert set(cfg["delta"]) == {"delta_type"}
@@ -142,7 +142,7 @@ def test_full_fine_tuning_refuses_delta_options_and_sharding_engines(tmp_path):
     with pytest.raises(DeltaConfigError, match="takes no options, but lora_r are set"):
         delta_config({"delta_type": FULL_FINE_TUNING, "lora_r": 8, "modified_modules": None})
     with pytest.raises(DeltaConfigError, match="takes no options, but modified_modules are set"):
-        run(_compose(["+recipe=lora_t5_tiny", "delta=none", "engine=single", f"run_dir={tmp_path}"]))
+        run(_compose(["+recipe=lora_t5_tiny", "delta=none", "+delta.modified_modules=[q]", f"run_dir={tmp_path}"]))
     with pytest.raises(DeltaConfigError, match="not on engine=fsdp"):
         run(_tiny_full(tmp_path, "engine=fsdp"))
 
