@@ -10,6 +10,7 @@ batch by the world size by :func:`~opendelta_dist.train.data.check_batch`.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from opendelta_dist.errors import DeltaConfigError
+from opendelta_dist.train.data import DataConfig
 from opendelta_dist.train.engines import engine_class
 from opendelta_dist.train.engines.base import OPTIMIZERS, OptimizerSpec
 from opendelta_dist.train.models import ModelConfig, check_model_source
@@ -73,6 +75,46 @@ def _check_integers(cfg: dict[str, Any]) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             kind = "a positive integer" if minimum == 1 else "0 or a positive integer"
             raise DeltaConfigError(f"{key}={value!r}: {what} must be {kind}; set e.g. {key}={example}")
+
+
+#: the keys of each group the recipe reads (delta, engine and optim are checked by what reads them)
+_GROUP_KEYS: dict[str, tuple[str, ...]] = {
+    "": (
+        "seed",
+        "device",
+        "run_dir",
+        "resume",
+        "train",
+        "model",
+        "delta",
+        "data",
+        "engine",
+        "optim",
+        "logger",
+        "checkpoint",
+    ),
+    "train": ("max_steps", "global_batch_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"),
+    "checkpoint": ("every", "keep_last"),
+    "logger": ("backends", "project"),
+    "model": tuple(f.name for f in fields(ModelConfig)),
+    "data": tuple(f.name for f in fields(DataConfig)),
+}
+
+
+def _check_keys(cfg: dict[str, Any]) -> None:
+    """A key that nothing reads (a typo, often added with Hydra's ``+``) is refused rather than ignored."""
+    for group, known in _GROUP_KEYS.items():
+        node = cfg if not group else cfg.get(group)
+        if not isinstance(node, dict):
+            continue
+        for key in sorted(set(node) - set(known)):
+            name = f"{group}.{key}" if group else key
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {group + '.' if group else ''}{close[0]}? " if close else ""
+            raise DeltaConfigError(
+                f"{group or 'the configuration'} has no key {key!r} (its keys: {', '.join(known)}); {hint}"
+                f"drop it with ~{name}"
+            )
 
 
 def _check_optimizer(cfg: dict[str, Any]) -> None:
@@ -141,6 +183,7 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
     Raises:
         DeltaConfigError: the first key that is out of range or points nowhere, named with its fix.
     """
+    _check_keys(cfg)
     _check_integers(cfg)
     _check_optimizer(cfg)
     check_model_source(ModelConfig(**cfg["model"]))

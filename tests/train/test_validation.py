@@ -71,6 +71,12 @@ BAD = [
     ("optim.betas", [0.9], "two numbers in [0, 1)"),
     ("optim.name", "adam", "choose one of adamw, sgd"),
     ("optim.total_steps", 5, "optim has no key total_steps"),
+    ("train.max_stepz", 5, "train has no key 'max_stepz' (its keys: max_steps, "),
+    ("train.max_stepz", 5, "did you mean train.max_steps? drop it with ~train.max_stepz"),
+    ("checkpoint.evry", 10, "did you mean checkpoint.every?"),
+    ("model.foo", 1, "model has no key 'foo'"),
+    ("data.train_fiel", "x.jsonl", "did you mean data.train_file?"),
+    ("logger.projct", "p", "did you mean logger.project?"),
 ]
 
 
@@ -139,3 +145,9 @@ def test_module_names_on_the_bmt_engine_are_refused_before_anything_is_built(tmp
     assert list(tmp_path.iterdir()) == []
     validate_run_config(_set(cfg, "delta.common_structure", True))  # read as roles (checked when attached)
     validate_run_config(_set(cfg, "delta.modified_modules", None))  # the method's default roles
+
+
+def test_an_unknown_top_level_key_is_refused(tmp_path):
+    cfg = _set(_config("lora_t5_tiny", tmp_path), "sede", 1)
+    with pytest.raises(DeltaConfigError, match=r"the configuration has no key 'sede' .*did you mean seed\?"):
+        validate_run_config(cfg)
