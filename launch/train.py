@@ -16,14 +16,30 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from opendelta_dist.errors import OpenDeltaError
+from opendelta_dist.errors import DeltaConfigError, OpenDeltaError
+from opendelta_dist.train.data import DataError
 from opendelta_dist.train.recipe import run
+
+
+def report(exc: OpenDeltaError) -> None:
+    """One line on stderr, from rank 0 for an error every rank meets alike (a configuration or data error);
+    under torchrun, also in the launcher's error file, so that its failure summary names the cause."""
+    alike = isinstance(exc, DeltaConfigError | DataError)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank or not alike:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        ErrorHandler().record_exception(exc)
+    if alike and not main_rank:
+        time.sleep(3)  # rank 0 meets the same error: torchrun stops every rank at the first exit, so let it speak
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
@@ -36,7 +52,7 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
         status = 0
     except OpenDeltaError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        report(exc)
         status = 1
     # The recipe has closed its loggers and left the process group. gloo's background threads outlive
     # destroy_process_group() and can abort the interpreter's shutdown (SIGABRT after a finished run),

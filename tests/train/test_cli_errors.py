@@ -61,3 +61,16 @@ def test_a_run_dir_under_proc_is_refused_even_for_root():
     result = launch([*TINY, "run_dir=/proc/nope/run"], nproc=0)
     _refused(result, ["run_dir=/proc/nope/run", "no directory can be created in /proc"])
     assert not Path("/proc/nope").exists()
+
+
+def test_under_torchrun_the_error_is_one_line_and_the_launchers_summary_names_it(tmp_path):
+    """Every rank meets a configuration error alike: rank 0 prints it once, and torchrun's failure summary at the
+    bottom of the output ends with the cause, not with "To enable traceback see ..."."""
+    result = launch(["+recipe=lora_t5_tiny", "train.global_batch_size=15", f"run_dir={tmp_path / 'run'}"], nproc=2)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "global batch 15 is not divisible by world size 2" in errors[0], result.stderr[-3000:]
+    summary = result.stderr[result.stderr.index("Root Cause") :]
+    assert "global batch 15 is not divisible" in summary
+    assert not (tmp_path / "run").exists()
