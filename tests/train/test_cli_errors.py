@@ -74,3 +74,13 @@ def test_under_torchrun_the_error_is_one_line_and_the_launchers_summary_names_it
     summary = result.stderr[result.stderr.index("Root Cause") :]
     assert "global batch 15 is not divisible" in summary
     assert not (tmp_path / "run").exists()
+
+
+def test_help_says_how_to_choose_a_recipe_and_lists_them():
+    result = launch(["--help"], nproc=0)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "+recipe=NAME" in text and "torchrun" in text
+    recipes = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+    listed = [line.split()[0] for line in text.split("Recipes:")[1].split("\n\n")[0].splitlines() if line.strip()]
+    assert sorted(listed) == recipes
