@@ -11,6 +11,9 @@ from rich.console import Console
 
 from opendelta_dist.errors import DeltaConfigError
 
+#: rank 0's console lines, kept in the run directory
+CONSOLE_LOG = "train.log"
+
 
 class MetricLogger:
     """Sends ``{name: value}`` at a step to every configured backend, and to ``<run_dir>/metrics.jsonl``.
@@ -42,6 +45,7 @@ class MetricLogger:
         self._tb: Any = None
         self._wandb: Any = None
         self._jsonl = run_dir / "metrics.jsonl"
+        self._console_log = run_dir / CONSOLE_LOG
         if not enabled:
             return
         if "tensorboard" in backends:
@@ -72,6 +76,8 @@ class MetricLogger:
         if "console" in self.backends:
             shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
             self.console.print(f"[bold]{prefix}[/] step {step}: {shown}", highlight=False, soft_wrap=True)
+            with self._console_log.open("a") as f:
+                f.write(f"{prefix} step {step}: {shown}\n")
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{prefix}/{k}", v, step)

@@ -52,7 +52,7 @@ from opendelta_dist.train.data import (
     load_rows,
 )
 from opendelta_dist.train.engines import OptimizerSpec, build_engine, engine_class, engine_names
-from opendelta_dist.train.loggers import MetricLogger
+from opendelta_dist.train.loggers import CONSOLE_LOG, MetricLogger
 from opendelta_dist.train.metrics import METRIC_NAMES, MetricAccumulator, batch_metrics
 from opendelta_dist.train.models import ModelConfig, build_model
 from opendelta_dist.train.topology import Topology
@@ -222,6 +222,17 @@ def attach_delta(model: torch.nn.Module, options: dict[str, Any], engine: str, b
     return None
 
 
+def _header(cfg: dict[str, Any], topology: Topology) -> str:
+    """One line that says what this run is: model, delta, engine, processes, steps, where it writes."""
+    model = cfg["model"].get("name_or_path") or f"a random {cfg['model'].get('config', {}).get('model_type', '')} model"
+    train = cfg["train"]
+    processes = f"{topology.world_size} process{'es' if topology.world_size > 1 else ''} on {topology.device.type}"
+    return (
+        f"training {cfg['delta'].get('delta_type')} on {model} with engine {cfg['engine']['name']}, {processes}: "
+        f"{train['max_steps']} steps of global batch {train['global_batch_size']}; run_dir {cfg['run_dir']}"
+    )
+
+
 class DeltaTuningRecipe:
     """Delta-tune a backbone on one engine; see the module docstring.
 
@@ -233,6 +244,18 @@ class DeltaTuningRecipe:
         self.cfg = _plain(cfg)
         self.console = Console(soft_wrap=True)
         self.step = 0
+        self._said: list[str] = []  # what rank 0 said before run_dir existed, for its console log
+
+    def say(self, text: str) -> None:
+        """Print a line on rank 0's console and keep it in ``run_dir/train.log`` (from the start, once run_dir
+        exists). Call on rank 0 only."""
+        self.console.print(text, highlight=False)
+        log = self.run_dir / CONSOLE_LOG if hasattr(self, "run_dir") else None
+        if log is None or not log.parent.is_dir():
+            self._said.append(text)
+            return
+        with log.open("a") as f:
+            f.write(text + "\n")
 
     # ------------------------------------------------------------------ set-up
 
@@ -249,6 +272,8 @@ class DeltaTuningRecipe:
         self.main = self.topology.is_main
         self.run_dir = Path(cfg["run_dir"]).resolve()
         self.ckpt_root = self.run_dir / "checkpoints"
+        if self.main:
+            self.say(_header(cfg, self.topology))
         torch.manual_seed(int(cfg.get("seed", 0)))
 
         model_cfg = ModelConfig(**cfg["model"])
@@ -310,8 +335,8 @@ class DeltaTuningRecipe:
         if self.main:
             print_module_statistics(stats, memory=False)
             if self.delta is None:
-                self.console.print("full fine-tuning (delta_type: none): no delta, every parameter trains")
-            self.console.print(
+                self.say("full fine-tuning (delta_type: none): no delta, every parameter trains")
+            self.say(
                 f"optimizer ({self.engine.name}): {len(held)} tensors, {self.engine.optimized_numel():,} parameters"
             )
         check_optimizer(held, self.engine.module)
@@ -320,6 +345,9 @@ class DeltaTuningRecipe:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            with (self.run_dir / CONSOLE_LOG).open("a") as log:
+                log.writelines(f"{line}\n" for line in self._said)
+            self._said.clear()
         self.logger = MetricLogger(
             list(cfg.get("logger", {}).get("backends", ["console"])),
             self.run_dir,
@@ -386,7 +414,7 @@ class DeltaTuningRecipe:
         ckpt.load_rng(source, self.topology.rank)
         self.step = int(state["step"])
         if self.main:
-            self.console.print(f"resumed from {source} at step {self.step}")
+            self.say(f"resumed from {source} at step {self.step}")
 
     # ------------------------------------------------------------------ loop
 
@@ -575,8 +603,8 @@ class DeltaTuningRecipe:
         path = self.run_dir / f"final_{self._tuned_name}"
         self._save_tuned(path)
         if self.main:
-            self.console.print(f"saved the final {self._tuned_name} to {path}")
-            self.console.print(f"use it: python launch/predict.py run_dir={self.run_dir}")
+            self.say(f"saved the final {self._tuned_name} to {path}")
+            self.say(f"use it: python launch/predict.py run_dir={self.run_dir}")
         self.topology.barrier()
         return path
 

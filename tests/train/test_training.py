@@ -34,6 +34,11 @@ def reference(tmp_path_factory) -> Path:
 def test_default_recipe_learns_and_its_delta_reproduces_the_metric(reference):
     losses = [r["loss"] for r in metrics(reference)]
     assert len(losses) == 16 and losses[-1] < losses[0] / 2
+    # rank 0's console, kept in the run directory: what the run is, first; how to use it, last
+    log = (reference / "train.log").read_text().splitlines()
+    assert log[0].startswith("training lora on a random t5 model with engine ddp, 2 processes on cpu: 16 steps")
+    assert log[-1] == f"use it: python launch/predict.py run_dir={reference}"
+    assert sum(line.startswith("train step ") for line in log) == len(losses)
     final = metrics(reference, "eval")[-1]
 
     # the saved delta on a plain, unsharded model built from the same config gives the same evaluation
