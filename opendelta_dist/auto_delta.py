@@ -12,6 +12,7 @@ Loading a checkpoint directory (:func:`load_delta`) works for three kinds of dir
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +141,18 @@ def load_delta(
     if check_hash and not legacy:
         check_backbone(file_config, backbone_model)
     delta = cls.from_config(config, backbone_model)
+    stacked = [
+        op.module_name for op in delta.operations if getattr(op, "child_name", None) not in (None, op.delta_name)
+    ]
+    if stacked:
+        warnings.warn(
+            f"{path}: the backbone carries a {cls.delta_type} delta on {stacked[0]!r}"
+            f"{f' and {len(stacked) - 1} more modules' if len(stacked) > 1 else ''} already, and both apply now; "
+            "if that one is this checkpoint loaded before, detach it first (delta.detach()) or load onto a fresh "
+            "backbone",
+            UserWarning,
+            stacklevel=3,
+        )
     try:
         if legacy:
             tensors = delta.opendelta_tensors(tensors, path)

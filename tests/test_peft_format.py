@@ -102,3 +102,27 @@ def test_peft_adapters_a_delta_cannot_express_are_refused(change, match, tmp_pat
         AutoDeltaModel.from_finetuned(tmp_path / "peft", fresh)
     assert torch.equal(logits(fresh, inputs), pristine)
     assert not any(".lora" in n for n, _ in fresh.named_modules())
+
+
+@pytest.mark.parametrize(
+    ("family", "auto_class", "task_type"),
+    [("t5", "AutoPeftModelForSeq2SeqLM", "SEQ_2_SEQ_LM"), ("gpt2", "AutoPeftModelForCausalLM", "CAUSAL_LM")],
+)
+def test_an_export_loads_with_peft_auto_classes_from_its_own_config(family, auto_class, task_type, tmp_path):
+    """The exported adapter_config.json names PEFT's task type and the base model, so PEFT's auto class rebuilds
+    the whole tuned model from the adapter folder alone."""
+    base = tmp_path / "base"
+    build(family).save_pretrained(base)
+    model = type(build(family)).from_pretrained(base).eval()
+    torch.manual_seed(0)
+    delta = LoraModel(model, modified_modules=None if family == "t5" else ["c_attn"])
+    for p in delta.trainable_parameters():  # B starts at zero: make the adapter do something
+        torch.nn.init.normal_(p, std=0.1)
+    delta.save_peft(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == task_type and config["base_model_name_or_path"] == str(base)
+    loaded = getattr(peft, auto_class).from_pretrained(tmp_path / "adapter").eval()
+    inputs = {k: v for k, v in batch(family).items() if k != "labels"}
+    if family == "t5":
+        inputs["decoder_input_ids"] = torch.tensor([[0, 5, 9], [0, 7, 3]])
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=1e-5, atol=1e-5)

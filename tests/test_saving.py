@@ -352,3 +352,20 @@ def test_saved_files_get_the_permissions_of_any_new_file(tmp_path):
         os.umask(umask)
     for file in (tmp_path / "delta").iterdir():
         assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
+
+
+def test_loading_a_delta_onto_a_backbone_that_carries_one_of_its_kind_warns(tmp_path):
+    """Loading a checkpoint twice onto one backbone stacks two copies (several deltas on a module are allowed):
+    it says so, and how to avoid it."""
+    import warnings
+
+    from opendelta_dist import AutoDeltaModel, LoraModel
+    from tests.models import build
+
+    LoraModel(build("t5")).save_finetuned(tmp_path / "delta")
+    model = build("t5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoDeltaModel.from_finetuned(tmp_path / "delta", model)  # the first one: no warning
+    with pytest.warns(UserWarning, match=r"carries a lora delta on '.*q' and \d+ more modules already.*detach"):
+        AutoDeltaModel.from_finetuned(tmp_path / "delta", model)

@@ -57,6 +57,30 @@ _UNSUPPORTED: dict[str, Any] = {
 }
 
 
+
+#: transformers' auto-class mappings -> PEFT's task types (what AutoPeftModelFor... reads)
+_PEFT_TASKS = {
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES": "SEQ_2_SEQ_LM",
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "CAUSAL_LM",
+    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": "SEQ_CLS",
+    "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES": "TOKEN_CLS",
+    "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES": "QUESTION_ANS",
+    "MODEL_MAPPING_NAMES": "FEATURE_EXTRACTION",
+}
+
+
+def peft_task_type(backbone: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for the backbone's class (``SEQ_2_SEQ_LM`` for ``T5ForConditionalGeneration``, ...),
+    None for a model transformers' auto classes do not list."""
+    from transformers.models.auto import modeling_auto
+
+    name = type(backbone).__name__
+    for mapping, task in _PEFT_TASKS.items():
+        classes = getattr(modeling_auto, mapping).values()
+        if any(name == c or (isinstance(c, tuple | list) and name in c) for c in classes):
+            return task
+    return None
+
 def save_peft(delta: LoraModel, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write a LoRA delta in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -105,7 +129,7 @@ def save_peft(delta: LoraModel, path: str | Path, base_model_name_or_path: str |
         name = getattr(getattr(delta.backbone_model, "config", None), "_name_or_path", None) or None
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": peft_task_type(delta.backbone_model),
         "base_model_name_or_path": name,
         "r": delta.config.lora_r,
         "lora_alpha": delta.config.lora_alpha,
