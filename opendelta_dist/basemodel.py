@@ -531,6 +531,36 @@ class DeltaBase(nn.Module):
         """
         return tensors
 
+    def save_peft(self, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+        """PEFT's format holds LoRA adapters only (:meth:`LoraModel.save_peft`).
+
+        Raises:
+            DeltaConfigError: always, for this method: save it with :meth:`save_finetuned`.
+        """
+        raise DeltaConfigError(
+            f"PEFT's adapter format is written for LoRA deltas only, not for a {type(self).__name__}: save it with "
+            "save_finetuned(path), which from_finetuned loads"
+        )
+
+    def merge(self, exact_unmerge: bool = True) -> None:
+        """Only LoRA's update folds into the backbone's weights (:meth:`LoraModel.merge`).
+
+        Raises:
+            DeltaStateError: always, for this method.
+        """
+        raise DeltaStateError(
+            f"a {type(self).__name__} adds computation that no weight can absorb, so it cannot be merged (LoRA can): "
+            "keep it attached for inference, or detach() it for the plain backbone"
+        )
+
+    def unmerge(self) -> None:
+        """Only a merged LoRA unmerges (:meth:`LoraModel.unmerge`).
+
+        Raises:
+            DeltaStateError: always, for this method.
+        """
+        raise DeltaStateError(f"a {type(self).__name__} is never merged, so there is nothing to unmerge")
+
     def save_finetuned(
         self,
         finetuned_delta_path: str | Path = "./delta_checkpoints/",

@@ -194,6 +194,15 @@ class LoraModel(DeltaBase):
         if self._state_dict_handle is not None:  # the merged backbone saves in full
             self._state_dict_handle.remove()
             self._state_dict_handle = None
+        # a training step on the merged model would train nothing of the delta: refused with the fix
+        self._merged_guard = self.backbone_model.register_forward_pre_hook(self._refuse_training_while_merged)
+
+    def _refuse_training_while_merged(self, module: nn.Module, args: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            raise DeltaStateError(
+                "this LoRA is merged into the backbone's weights (merge()), so its parameters take no part in a "
+                "training forward: call delta.unmerge() before training, or model.eval() / torch.no_grad() to infer"
+            )
 
     def unmerge(self) -> None:
         """Take the folded updates out of the weights again and put the LoRA branches back.
@@ -212,6 +221,7 @@ class LoraModel(DeltaBase):
                 self._fold(target, original)
                 op.install(self.backbone_model, (self._serial, i))
         self._merged = []
+        self._merged_guard.remove()
         if self._filter_state_dict:
             self.set_active_state_dict(self.backbone_model)
 

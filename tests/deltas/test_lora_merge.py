@@ -93,3 +93,38 @@ def test_merge_misuse_gives_clear_errors(tmp_path):
     delta.detach()
     with pytest.raises(DeltaStateError, match="not attached; attach\\(\\) it before merging"):
         delta.merge()
+
+
+def test_a_training_step_on_a_merged_lora_is_refused_with_the_fix():
+    """Merged, the LoRA branches are out of the model: a training forward would train nothing of the delta (and
+    its backward fail on frozen weights). It is refused; inference (eval or no_grad) runs, and unmerge() trains."""
+    model, delta = _tuned("t5")
+    delta.freeze_module(exclude=["deltas"])
+    inputs = batch("t5")
+    delta.merge()
+    model.train()
+    with pytest.raises(DeltaStateError, match=r"merged into the backbone's weights .*call delta.unmerge\(\) before"):
+        model(**inputs)
+    with torch.no_grad():
+        model(**inputs)
+    model.eval()
+    model(**inputs)
+    delta.unmerge()
+    model.train()
+    model(**inputs).loss.backward()
+    assert all(p.grad is not None for p in delta.trainable_parameters())
+
+
+@pytest.mark.parametrize("method", ["AdapterModel", "BitFitModel", "PrefixModel"])
+def test_merge_and_peft_export_of_other_methods_say_why_not(method, tmp_path):
+    import opendelta_dist
+    from opendelta_dist.errors import DeltaConfigError
+
+    delta = getattr(opendelta_dist, method)(build("t5"))
+    with pytest.raises(DeltaStateError, match=f"a {method} adds computation that no weight can absorb"):
+        delta.merge()
+    with pytest.raises(DeltaStateError, match="never merged"):
+        delta.unmerge()
+    with pytest.raises(DeltaConfigError, match=f"LoRA deltas only, not for a {method}: save it with save_finetuned"):
+        delta.save_peft(tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
