@@ -138,6 +138,11 @@ def _read_split(config: DataConfig, split: str) -> tuple[list[tuple[dict[str, An
                 f"data.{key} is not set but data.{other} is; pass data.{key}=<path> too "
                 "(files are never mixed with the embedded or hub data)"
             )
+        if config.name == "sst2" and not Path(path).is_file():
+            raise DataError(
+                f"{key}: GLUE SST-2 is not at {str(path)!r}: fetch it with bash scripts/get-sst2.sh (it prints the "
+                "overrides), or point data.train_file=<train.tsv> data.eval_file=<dev.tsv> at your copy"
+            )
         return _read_file(Path(path), config.format, key), str(path)
     if config.hub_name is not None:
         return _read_hub(config, split), f"hub data set {config.hub_name!r}"
@@ -153,7 +158,7 @@ def _read_split(config: DataConfig, split: str) -> tuple[list[tuple[dict[str, An
 def _read_file(path: Path, fmt: str | None, key: str) -> list[tuple[dict[str, Any], str]]:
     """Read a local file into raw rows; each row comes with its location for error messages."""
     if not path.is_file():
-        raise DataError(f"{key}: file {str(path)!r} does not exist; fix the path")
+        raise DataError(f"{key}: file {str(path)!r} does not exist; fix the path (data.{key}=<path>)")
     if fmt is None:
         fmt = _EXTENSIONS.get(path.suffix.lower())
         if fmt is None:

@@ -8,6 +8,7 @@ is tested on the tiny T5, which needs neither.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +197,65 @@ def test_lora_recipe_learns_on_real_data_and_its_delta_reproduces_the_accuracy(t
     assert not torch.equal(fresh.classifier.weight, initial_classifier), "the trained classifier is loaded"
     correct, total = _evaluate(fresh, loader)
     assert total == 128 and correct / total == logged
+
+
+def _serve(folder: Path):
+    """A local HTTP server for ``folder`` (the GLUE archive's stand-in), and its address."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}"
+
+
+@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason=f"no GLUE SST-2 at {SST2} to serve as GLUE's archive")
+def test_get_sst2_fetches_glue_sst2_checks_it_and_says_how_to_train_on_it(tmp_path):
+    """scripts/get-sst2.sh against a local server holding GLUE's SST-2.zip layout (the real one is on GLUE's
+    server): the files land in DEST byte for byte; a wrong file is refused and nothing is written."""
+    import subprocess
+    import zipfile
+
+    served = tmp_path / "served"
+    served.mkdir()
+    with zipfile.ZipFile(served / "SST-2.zip", "w") as archive:
+        for name in ("train.tsv", "dev.tsv"):
+            archive.write(SST2 / name, f"SST-2/{name}")
+    with zipfile.ZipFile(served / "bad.zip", "w") as archive:
+        archive.writestr("SST-2/train.tsv", "sentence\tlabel\nnot sst2\t1\n")
+        archive.write(SST2 / "dev.tsv", "SST-2/dev.tsv")
+    server, url = _serve(served)
+    try:
+        script = str(ROOT / "scripts" / "get-sst2.sh")
+        dest = tmp_path / "sst2"
+        good = subprocess.run(
+            ["bash", script, str(dest)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "SST2_URL": f"{url}/SST-2.zip"},
+        )
+        assert good.returncode == 0, good.stderr
+        for name in ("train.tsv", "dev.tsv"):
+            assert (dest / name).read_bytes() == (SST2 / name).read_bytes()
+        assert f"data.train_file={dest}/train.tsv data.eval_file={dest}/dev.tsv" in good.stdout
+        other = tmp_path / "other"
+        bad = subprocess.run(
+            ["bash", script, str(other)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "SST2_URL": f"{url}/bad.zip"},
+        )
+        assert bad.returncode == 1 and "not GLUE SST-2's" in bad.stderr and not other.exists()
+    finally:
+        server.shutdown()
+
+
+def test_a_missing_sst2_copy_says_how_to_fetch_it(tmp_path):
+    from opendelta_dist.train.data import DataConfig, DataError, load_rows
+
+    cfg = _compose(["+recipe=lora_minilm_sst2", f"data.train_file={tmp_path}/train.tsv"])
+    with pytest.raises(DataError, match=r"GLUE SST-2 is not at .*bash scripts/get-sst2.sh"):
+        load_rows(DataConfig(**cfg["data"]), "train")
