@@ -317,6 +317,7 @@ class DeltaTuningRecipe:
         resume_from = self._resume_source()
         if resume_from is not None:
             self._check_same_delta(resume_from)
+            self._check_resumable(resume_from)
 
         optim = dict(cfg["optim"])
         spec = OptimizerSpec(
@@ -374,6 +375,22 @@ class DeltaTuningRecipe:
         ckpt.read_trainer_state(path)  # raises when it is not a finished checkpoint
         return path
 
+    def _check_resumable(self, source: Path) -> None:
+        """Refuse, before the engine is prepared, a checkpoint whose optimizer state this engine and topology
+        cannot take."""
+        state = ckpt.read_trainer_state(source)
+        written_by = state.get("engine")
+        if written_by is not None and not self.engine.reads_training_state_of(written_by):
+            raise DeltaConfigError(
+                f"cannot resume from {source}: it was written by engine={written_by}, whose optimizer state "
+                f"engine={self.engine.name} cannot read; resume with engine={written_by}, or start a new run "
+                f"(another run_dir, or resume=null); its delta is in {source / self._tuned_name}"
+            )
+        try:
+            self.engine.check_resume(state, self.topology)
+        except DeltaConfigError as error:
+            raise DeltaConfigError(f"cannot resume from {source}: {error}") from error
+
     def _check_same_delta(self, source: Path) -> None:
         holds = "model" if (source / "model").is_dir() else "delta"
         if holds != self._tuned_name:
@@ -401,10 +418,6 @@ class DeltaTuningRecipe:
         from safetensors.torch import load_file
 
         state = ckpt.read_trainer_state(source)
-        try:
-            self.engine.check_resume(state, self.topology)
-        except DeltaConfigError as error:
-            raise DeltaConfigError(f"cannot resume from {source}: {error}") from error
         if self.delta is None:
             load_full_model(self.engine.module, source / "model")
         else:

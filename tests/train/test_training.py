@@ -176,3 +176,19 @@ def test_engines_agree_with_ddp(engine, reference, tmp_path):
     for key, value in tensors.items():
         assert value.shape == ref_tensors[key].shape and value.numel() > 0
         torch.testing.assert_close(value, ref_tensors[key], rtol=1e-3, atol=1e-4)
+
+
+def test_a_checkpoint_resumes_only_on_an_engine_that_reads_its_optimizer_state(tmp_path):
+    """Before anything is loaded: another engine's optimizer state is refused in one line that names the engine
+    that wrote it; engines that write the same state (single and ddp) resume each other's."""
+    run_dir = tmp_path / "run"
+    base = ["+recipe=lora_t5_tiny", "train.max_steps=4", "checkpoint.every=2", f"run_dir={run_dir}"]
+    check(launch([*base, "engine=single"], nproc=0))
+    refused = launch([*base, "train.max_steps=6", "engine=deepspeed", "resume=auto"], nproc=0)
+    assert refused.returncode == 1
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "written by engine=single, whose optimizer state engine=deepspeed cannot read" in line, refused.stderr
+    assert "Traceback" not in refused.stderr
+    resumed = launch([*base, "train.max_steps=6", "engine=ddp", "resume=auto"], nproc=1)
+    check(resumed)
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout

@@ -282,6 +282,21 @@ class Engine(ABC):
     def load_training_state(self, directory: Path) -> None:
         """Read what :meth:`save_training_state` wrote. Collective."""
 
+    training_state_format: ClassVar[str | None] = None
+    """What :meth:`save_training_state` writes, named: engines with the same name read each other's (None: only
+    the engine's own)."""
+
+    @classmethod
+    def reads_training_state_of(cls, engine: str) -> bool:
+        """Whether this engine resumes from a checkpoint that ``engine`` wrote."""
+        from opendelta_dist.train.engines import engine_class
+
+        if engine == cls.name:
+            return True
+        return cls.training_state_format is not None and (
+            engine_class(engine).training_state_format == cls.training_state_format
+        )
+
     @classmethod
     def check_resume(cls, saved_state: Mapping[str, Any], topology: Topology) -> None:
         """Refuse a checkpoint this engine cannot resume on ``topology`` (any, by default).
@@ -351,6 +366,8 @@ class TorchOptimizerEngine(Engine):
     state goes to; subclasses wrap/shard the module in :meth:`prepare` and decide how gradients are
     synchronised (:meth:`no_sync`) and how the state is gathered and sent.
     """
+
+    training_state_format: ClassVar[str | None] = "torch-optimizer"
 
     def build_optimizer(self, module: nn.Module, spec: OptimizerSpec) -> None:
         """Build the optimizer of ``spec`` over the module's trainable parameters, and its schedule."""

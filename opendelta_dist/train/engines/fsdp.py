@@ -156,6 +156,7 @@ class FSDPEngine(TorchOptimizerEngine):
     """
 
     name = "fsdp"
+    training_state_format = None  # the full optimizer state keyed by parameter names: its own
     splits_model = True
 
     def __init__(
