@@ -146,6 +146,11 @@ def _read_split(config: DataConfig, split: str) -> tuple[list[tuple[dict[str, An
         return _read_file(Path(path), config.format, key), str(path)
     if config.hub_name is not None:
         return _read_hub(config, split), f"hub data set {config.hub_name!r}"
+    if config.name == "files":
+        raise DataError(
+            "this recipe trains on your data: pass data.train_file=<path> data.eval_file=<path> (jsonl, json, csv "
+            "or tsv rows with the columns data.input_column and data.target_column)"
+        )
     if config.name == "tiny_t2t":
         path = DATA_DIR / ("train.jsonl" if split == "train" else "dev.jsonl")
         return _read_file(path, "jsonl", "embedded tiny_t2t"), str(path)

@@ -96,3 +96,18 @@ def test_another_delta_on_a_recipe_starts_from_its_own_defaults(recipe, group):
     assert {k: v for k, v in cfg["delta"].items() if k not in recipe_keys} == {
         k: v for k, v in alone["delta"].items() if k not in recipe_keys
     }
+
+
+@pytest.mark.parametrize("recipe", ["lora_t5_base", "adapter_t5_3b", "lora_t5_11b"])
+def test_big_model_recipes_train_on_the_users_files_with_real_lengths(recipe):
+    from opendelta_dist.train.data import DataError, load_rows
+
+    data = OmegaConf.to_container(_compose([f"+recipe={recipe}"]), resolve=True)["data"]
+    assert (data["max_length"], data["max_target_length"]) == (512, 128)
+    with pytest.raises(DataError, match=r"trains on your data: pass data.train_file=<path> data.eval_file=<path>"):
+        load_rows(DataConfig(**data), "train")
+
+
+def test_the_data_task_follows_the_model_task():
+    cfg = OmegaConf.to_container(_compose(["+recipe=lora_t5_tiny", "model.task=classification"]), resolve=True)
+    assert cfg["data"]["task"] == "classification"
