@@ -19,6 +19,7 @@ import inspect
 import itertools
 import operator
 import textwrap
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
@@ -422,11 +423,22 @@ class DeltaBase(nn.Module):
             module: the model to freeze; default the backbone.
             exclude: keys of modules to leave trainable; ``"deltas"`` names every delta's parameters.
                 Default: ``unfrozen_modules``. Backbone parameters left trainable become part of this
-                delta (saved with it, restored by ``detach``).
+                delta (saved with it, restored by ``detach``) for good: a later call without their key warns
+                and leaves them trainable.
             set_state_dict: make ``module.state_dict()`` return only the trainable parameters, so a
                 plain ``torch.save(model.state_dict())`` saves just what was tuned.
         """
         root = self.backbone_model if module is None else module
+        if exclude is not None:
+            kept = [key for key in self.unfrozen_modules if key != DELTAS_TOKEN and key not in exclude]
+            if kept:
+                warnings.warn(
+                    f"{', '.join(map(repr, kept))} became part of this delta when first left unfrozen, and stays "
+                    "trainable (saved and detached with the delta); to train fewer parameters, build a new delta "
+                    "without it",
+                    UserWarning,
+                    stacklevel=2,
+                )
         exclude = list(self.unfrozen_modules if exclude is None else exclude)
         for key in exclude:
             if key != DELTAS_TOKEN and key not in self.unfrozen_modules:

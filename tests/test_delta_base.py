@@ -236,3 +236,22 @@ def test_delta_dummy_inputs_replace_a_transformers_models_own():
     model.delta_dummy_inputs = {"input_ids": torch.tensor([[5, 6, 7]])}
     delta = AdapterModel(model, modified_modules=["attention"])
     assert delta.named_delta_tensors()
+
+
+def test_a_later_freeze_without_an_unfrozen_module_says_it_stays_trainable():
+    """Left unfrozen once, a module's parameters are part of the delta (saved, detached with it): a second
+    freeze_module without its key cannot take them out, and says so."""
+    import warnings
+
+    from opendelta_dist import LoraModel
+    from tests.models import build
+
+    delta = LoraModel(build("t5"))
+    delta.freeze_module(exclude=["deltas", "layer_norm"])
+    trainable = delta.num_trainable_parameters()
+    with pytest.warns(UserWarning, match=r"'layer_norm' became part of this delta .*build a new delta without it"):
+        delta.freeze_module(exclude=["deltas"])
+    assert delta.num_trainable_parameters() == trainable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        delta.freeze_module()  # the default: what the delta holds, no warning
