@@ -7,7 +7,10 @@ A checkpoint is named as transformers names it (a local directory or a hub name)
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,10 +206,39 @@ def check_model_source(cfg: ModelConfig) -> None:
                 "writes them), or to a hub id such as google-t5/t5-small"
             )
         return
+    from huggingface_hub import constants
+
+    unreachable = not constants.HF_HUB_OFFLINE and not _hub_reachable()
     try:
-        transformers.AutoConfig.from_pretrained(source)
+        transformers.AutoConfig.from_pretrained(source, local_files_only=unreachable)
     except (OSError, ValueError) as error:
+        if unreachable:
+            raise DeltaConfigError(
+                f"model.name_or_path={cfg.name_or_path}: the hub ({_hub_endpoint()}) cannot be reached and the model "
+                "is not in the local cache: connect to the network (or set HF_ENDPOINT to a mirror), or set "
+                "model.name_or_path to a local directory; HF_HUB_OFFLINE=1 reads the cache only"
+            ) from error
         raise _unloadable(cfg.name_or_path, error) from error
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+@functools.cache
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a connection now (one try: transformers would retry for half a minute)."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

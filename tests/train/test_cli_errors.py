@@ -25,6 +25,11 @@ CASES = {
         {"HF_HUB_OFFLINE": "1"},
         ["model.name_or_path=nosuch-org/nosuch-model", "could not be loaded", "HF_HUB_OFFLINE=1"],
     ),
+    "unreachable_hub": (
+        ["model.name_or_path=nosuch-org/nosuch-model"],
+        {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing listens there: fails at once
+        ["model.name_or_path=nosuch-org/nosuch-model", "cannot be reached", "not in the local cache"],
+    ),
     "lr": (["optim.lr=-1"], {}, ["optim.lr=-1", "above 0"]),
     "max_steps": (["train.max_steps=-5"], {}, ["train.max_steps=-5", "positive integer"]),
     "grad_accum": (["train.grad_accum=0"], {}, ["train.grad_accum=0", "positive integer"]),
