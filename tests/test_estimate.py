@@ -620,6 +620,20 @@ def test_the_cli_writes_json_for_benchmarks():
     assert report["setup"]["engine"] == "fsdp" and report["setup"]["world_size"] == 8
 
 
+def test_the_cli_answers_whether_the_run_fits_a_gpu():
+    """gpu_memory=N: the estimate against one GPU of N GiB, with the headroom, or the excess and what lowers it."""
+    base = ["+recipe=lora_t5_11b", "world_size=1", "micro_batch_size=8"]
+    report = json.loads(_cli(*base, "format=json").stdout)
+    need = report["total_bytes"] / 2**30
+    fits = _cli(*base, f"gpu_memory={need + 1:.2f}")
+    assert fits.returncode == 0 and f"fits in {need + 1:.2f} GiB per GPU: {need:.2f} GiB needed" in fits.stdout
+    tight = _cli(*base, f"gpu_memory={need - 1:.2f}")
+    assert f"does not fit in {need - 1:.2f} GiB per GPU" in tight.stdout and "micro_batch_size" in tight.stdout
+    verdict = json.loads(_cli(*base, "format=json", f"gpu_memory={need - 1:.2f}").stdout)["fits"]
+    assert verdict == {"gpu_memory_gib": round(need - 1, 2), "fits": False}
+    assert "gpu_memory must be above 0 GiB" in _cli(*base, "gpu_memory=0").stderr
+
+
 def test_the_cli_refuses_bad_input_in_one_line():
     result = _cli("+recipe=lora_t5_11b")
     assert result.returncode != 0

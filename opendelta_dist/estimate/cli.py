@@ -17,6 +17,8 @@ The estimator's own keys, which are not part of a run's configuration, are:
 ``input_tokens``        input (encoder) sequence length; default ``data.max_length`` (batches padded to it)
 ``target_tokens``       target (decoder) length of seq2seq models; default ``data.max_target_length``
 ``format``              ``table`` (default, a rich table) or ``json`` (machine-readable, for benchmarks)
+``gpu_memory``          GiB of one GPU (e.g. ``40``): the answer to "does it fit?", with the headroom or what
+                        to change
 ======================  ======================================================================================
 
 The backbone is built on the meta device (no memory, no download): its architecture comes from
@@ -54,7 +56,7 @@ from opendelta_dist.estimate.errors import EstimateError
 from opendelta_dist.estimate.memory import GIB, MemoryEstimate, estimate_memory
 from opendelta_dist.train.engines.memory import ParameterCounts, dtype_name
 
-ESTIMATOR_KEYS = ("world_size", "micro_batch_size", "input_tokens", "target_tokens", "format")
+ESTIMATOR_KEYS = ("world_size", "micro_batch_size", "input_tokens", "target_tokens", "format", "gpu_memory")
 FORMATS = ("table", "json")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -160,6 +162,32 @@ def _parameters_line(counts: ParameterCounts) -> str:
     return f"parameters: frozen {frozen}; trainable {trainable} (delta {counts.delta:,}, copies {counts.copies:,})"
 
 
+def fits_line(estimate: MemoryEstimate, gpu_gib: float) -> str:
+    """Whether the estimate fits one GPU of ``gpu_gib`` GiB, with the headroom or the excess and what to change."""
+    need = estimate.total / GIB
+    if need <= gpu_gib:
+        left = gpu_gib - need
+        return f"fits in {gpu_gib:g} GiB per GPU: {need:.2f} GiB needed, {left:.2f} GiB ({left / gpu_gib:.0%}) left"
+    return (
+        f"does not fit in {gpu_gib:g} GiB per GPU: {need:.2f} GiB needed, {need - gpu_gib:.2f} GiB over; a smaller "
+        "micro_batch_size (train.grad_accum keeps the global batch), model.gradient_checkpointing=true, bf16 "
+        "(engine.options.precision=bf16), more GPUs with a sharding engine (engine=fsdp, deepspeed stage 3, bmt) "
+        "or optimizer offload each lower it"
+    )
+
+
+def _float_option(own: Mapping[str, str], key: str) -> float | None:
+    if key not in own:
+        return None
+    try:
+        value = float(own[key])
+    except ValueError:
+        raise EstimateError(f"{key} must be a number of GiB, not {own[key]!r}") from None
+    if not value > 0:
+        raise EstimateError(f"{key} must be above 0 GiB, not {value:g}")
+    return value
+
+
 def _int_option(own: Mapping[str, str], key: str) -> int | None:
     if key not in own:
         return None
@@ -196,15 +224,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             input_tokens=_int_option(own, "input_tokens"),
             target_tokens=_int_option(own, "target_tokens"),
         )
+        gpu_gib = _float_option(own, "gpu_memory")
     except OpenDeltaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if fmt == "json":
-        print(json.dumps(estimate.as_dict(), indent=2))
+        report = estimate.as_dict()
+        if gpu_gib is not None:
+            report["fits"] = {"gpu_memory_gib": gpu_gib, "fits": estimate.total / GIB <= gpu_gib}
+        print(json.dumps(report, indent=2))
         return 0
     console = Console(width=max(Console().width, 140))
     console.print(render_table(estimate))
     console.print(_parameters_line(estimate.parameters), highlight=False)
     for note in estimate.notes:
         console.print(f"- {note}", highlight=False)
+    if gpu_gib is not None:
+        console.print(fits_line(estimate, gpu_gib), highlight=False)
     return 0
