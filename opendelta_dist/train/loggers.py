@@ -15,6 +15,14 @@ from opendelta_dist.errors import DeltaConfigError
 CONSOLE_LOG = "train.log"
 
 
+def _number(value: Any) -> str:
+    """A metric as people read it: whole numbers for large values (tokens/s 14583, not 1.458e+04), else 4
+    significant digits."""
+    if isinstance(value, float) and abs(value) >= 1000:
+        return f"{value:.0f}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 class MetricLogger:
     """Sends ``{name: value}`` at a step to every configured backend, and to ``<run_dir>/metrics.jsonl``.
 
@@ -74,7 +82,7 @@ class MetricLogger:
         with self._jsonl.open("a") as f:
             f.write(json.dumps({"split": prefix, "step": step, **metrics}) + "\n")
         if "console" in self.backends:
-            shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+            shown = "  ".join(f"{k} {_number(v)}" for k, v in metrics.items())
             self.console.print(f"[bold]{prefix}[/] step {step}: {shown}", highlight=False, soft_wrap=True)
             with self._console_log.open("a") as f:
                 f.write(f"{prefix} step {step}: {shown}\n")

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import transformers
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -270,6 +271,8 @@ class DeltaTuningRecipe:
         self.micro_batch = check_batch(int(train["global_batch_size"]), self.topology.world_size, self.accum)
         self.topology.init_process_group()
         self.main = self.topology.is_main
+        if not self.main:  # transformers' load reports and warnings once, from rank 0
+            transformers.logging.set_verbosity_error()
         self.run_dir = Path(cfg["run_dir"]).resolve()
         self.ckpt_root = self.run_dir / "checkpoints"
         if self.main:

@@ -34,3 +34,12 @@ def test_wandb_logs_offline_without_credentials(tmp_path, monkeypatch):
     logger.log(1, {"loss": 1.0})
     logger.close()
     assert list(tmp_path.glob("wandb/offline-run-*"))
+
+
+def test_console_lines_show_numbers_as_people_read_them(tmp_path, capsys):
+    logger = MetricLogger(["console"], tmp_path, enabled=True)
+    logger.log(10, {"loss": 0.123456, "tokens_per_s": 14583.4, "lr": 1e-4, "step_count": 3})
+    logger.close()
+    line = (tmp_path / "train.log").read_text().strip()
+    assert line == "train step 10: loss 0.1235  tokens_per_s 14583  lr 0.0001  step_count 3"
+    assert "tokens_per_s 14583" in capsys.readouterr().out
