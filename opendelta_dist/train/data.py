@@ -69,7 +69,9 @@ class DataConfig:
         max_train_rows: keep only this many training rows: the first ones of a permutation of the
             file seeded with ``shuffle_seed``.
         max_eval_rows: keep only the first this many evaluation rows, in file order.
-        shuffle_seed: seed of the permutation used with ``max_train_rows``.
+        shuffle_seed: seed of the permutation used with ``max_train_rows`` (and ``eval_split``).
+        eval_split: with a ``train_file`` and no ``eval_file``: the fraction of the training file's rows held out
+            for evaluation (a permutation seeded with ``shuffle_seed``); the rest train.
     """
 
     name: str = "tiny_t2t"
@@ -87,6 +89,7 @@ class DataConfig:
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
     shuffle_seed: int = 0
+    eval_split: float | None = None
 
 
 # ----------------------------------------------------------------------------------------- reading rows
@@ -114,10 +117,13 @@ def load_rows(config: DataConfig, split: str) -> list[dict[str, Any]]:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if config.task not in TASKS:
         raise DataError(f"unknown task data.task={config.task!r}; use one of {', '.join(TASKS)}")
-    raw, source = _read_split(config, split)
+    held_out = config.eval_split is not None and config.train_file is not None and config.eval_file is None
+    raw, source = _read_split(config, "train" if held_out else split)
     if not raw:
         raise DataError(f"{source} has no rows; fill it or point DataConfig at another file")
     rows = [_normalise(config, values, where) for values, where in raw]
+    if held_out:
+        rows = _held_out(rows, config, split)
     if split == "train" and config.max_train_rows is not None:
         generator = torch.Generator().manual_seed(config.shuffle_seed)
         order = torch.randperm(len(rows), generator=generator).tolist()
@@ -125,6 +131,20 @@ def load_rows(config: DataConfig, split: str) -> list[dict[str, Any]]:
     if split == "eval" and config.max_eval_rows is not None:
         rows = rows[: config.max_eval_rows]
     return rows
+
+
+def _held_out(rows: list[dict[str, Any]], config: DataConfig, split: str) -> list[dict[str, Any]]:
+    """``eval_split`` of the training file's rows (a permutation seeded with ``shuffle_seed``) for evaluation, in file
+    order; the others for training."""
+    fraction = config.eval_split
+    if fraction is None or not 0 < fraction < 1:
+        raise DataError(f"data.eval_split={fraction!r} must be a fraction between 0 and 1, e.g. data.eval_split=0.05")
+    count = max(1, round(len(rows) * fraction))
+    if count >= len(rows):
+        raise DataError(f"data.eval_split={fraction} leaves no training rows out of {len(rows)}; lower it")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.shuffle_seed)).tolist()
+    evaluation = set(order[:count])
+    return [row for i, row in enumerate(rows) if (i in evaluation) == (split == "eval")]
 
 
 def _read_split(config: DataConfig, split: str) -> tuple[list[tuple[dict[str, Any], str]], str]:
@@ -137,6 +157,7 @@ def _read_split(config: DataConfig, split: str) -> tuple[list[tuple[dict[str, An
             raise DataError(
                 f"data.{key} is not set but data.{other} is; pass data.{key}=<path> too "
                 "(files are never mixed with the embedded or hub data)"
+                + (", or data.eval_split=0.05 to hold out 5% of the training rows" if key == "eval_file" else "")
             )
         if config.name == "sst2" and not Path(path).is_file():
             raise DataError(

@@ -420,3 +420,19 @@ def test_check_batch():
         check_batch(4, 3, 2)
     with pytest.raises(DataError, match="at least 1"):
         check_batch(8, 0, 1)
+
+
+def test_eval_split_holds_out_training_rows_when_there_is_no_eval_file(tmp_path):
+    import json
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"input": f"row {i}", "target": str(i)}) + "\n" for i in range(20)))
+    config = DataConfig(train_file=str(train), eval_split=0.25)
+    training, evaluation = load_rows(config, "train"), load_rows(config, "eval")
+    assert len(evaluation) == 5 and len(training) == 15
+    assert {r["input"] for r in training}.isdisjoint(r["input"] for r in evaluation)
+    assert load_rows(config, "eval") == evaluation  # the same rows every time (shuffle_seed)
+    with pytest.raises(DataError, match=r"or data.eval_split=0.05 to hold out 5% of the training rows"):
+        load_rows(DataConfig(train_file=str(train)), "eval")
+    with pytest.raises(DataError, match=r"data.eval_split=1.5 must be a fraction between 0 and 1"):
+        load_rows(DataConfig(train_file=str(train), eval_split=1.5), "eval")
