@@ -688,3 +688,10 @@ def test_the_gpu_benchmark_estimates_every_variant_and_skips_without_cuda(capsys
     if not torch.cuda.is_available():
         assert benchmark.main([]) == 0
         assert capsys.readouterr().out.startswith("skipped: benchmarks/t5_11b_gpu.py needs a CUDA GPU")
+
+
+def test_a_cpu_run_says_how_to_read_the_figures():
+    cpu = estimate_memory(compose(["+recipe=lora_t5_tiny"]), world_size=2)
+    assert cpu.notes[0].startswith("this run is on the CPU (device=cpu): read each GPU figure as one process's RAM")
+    gpu = estimate_memory(compose(["+recipe=lora_t5_tiny", "device=cuda"]), world_size=2)
+    assert not any("device=cpu" in note for note in gpu.notes)

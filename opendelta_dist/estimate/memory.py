@@ -235,6 +235,8 @@ def estimate_memory(
         "gradient_checkpointing": checkpointing,
     }
     notes = _notes(model_cfg, counts, eager_attention, engine.reads_checkpoints_by_layer) + engine.memory_notes(options)
+    if cfg.get("device") == "cpu":
+        notes.insert(0, _CPU_NOTE)
     if foreign:
         notes.insert(
             0,
@@ -252,6 +254,12 @@ def _activation_note(acts: ActivationEstimate, checkpointing: bool, compute: tor
             f"{acts.backward / GIB:.2f} its backward"
         )
     return f"GiB, {dtype_name(compute)}: {kept} (every block's saved tensors), {acts.backward / GIB:.2f} one backward"
+
+
+_CPU_NOTE = (
+    "this run is on the CPU (device=cpu): read each GPU figure as one process's RAM, without the workspace's CUDA "
+    "context and NCCL buffers; activations are those of fused attention, which CPU kernels may exceed"
+)
 
 
 def _notes(model_cfg: Any, counts: ParameterCounts, eager_attention: bool, by_layer: bool) -> list[str]:
