@@ -588,11 +588,6 @@ def _patch_kernels() -> None:
 _INSTALLED = False
 
 
-def installed() -> bool:
-    """Whether this process runs under the emulation."""
-    return _INSTALLED
-
-
 def install() -> None:
     """Put this process under the emulation (see the module docstring). Idempotent; for the whole process."""
     global _INSTALLED
