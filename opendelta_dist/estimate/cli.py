@@ -176,27 +176,20 @@ def fits_line(estimate: MemoryEstimate, gpu_gib: float) -> str:
     )
 
 
-def _float_option(own: Mapping[str, str], key: str) -> float | None:
+def _number_option(own: Mapping[str, str], key: str, integer: bool = True) -> Any:
+    """The estimator's key ``key`` as a whole number of at least 1, or (``integer=False``) GiB above 0."""
     if key not in own:
         return None
     try:
-        value = float(own[key])
+        value = int(own[key]) if integer else float(own[key])
     except ValueError:
-        raise EstimateError(f"{key} must be a number of GiB, not {own[key]!r}") from None
-    if not value > 0:
-        raise EstimateError(f"{key} must be above 0 GiB, not {value:g}")
-    return value
-
-
-def _int_option(own: Mapping[str, str], key: str) -> int | None:
-    if key not in own:
-        return None
-    try:
-        value = int(own[key])
-    except ValueError:
-        raise EstimateError(f"{key} must be an integer, not {own[key]!r}") from None
-    if value < 1:
+        raise EstimateError(
+            f"{key} must be {'an integer' if integer else 'a number of GiB'}, not {own[key]!r}"
+        ) from None
+    if integer and value < 1:
         raise EstimateError(f"{key} must be at least 1, not {value}")
+    if not integer and not value > 0:
+        raise EstimateError(f"{key} must be above 0 GiB, not {value:g}")
     return value
 
 
@@ -219,12 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EstimateError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         estimate = estimate_memory(
             compose(overrides),
-            world_size=_int_option(own, "world_size"),
-            micro_batch_size=_int_option(own, "micro_batch_size"),
-            input_tokens=_int_option(own, "input_tokens"),
-            target_tokens=_int_option(own, "target_tokens"),
+            world_size=_number_option(own, "world_size"),
+            micro_batch_size=_number_option(own, "micro_batch_size"),
+            input_tokens=_number_option(own, "input_tokens"),
+            target_tokens=_number_option(own, "target_tokens"),
         )
-        gpu_gib = _float_option(own, "gpu_memory")
+        gpu_gib = _number_option(own, "gpu_memory", integer=False)
     except OpenDeltaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

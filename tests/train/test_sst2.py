@@ -229,26 +229,20 @@ def test_get_sst2_fetches_glue_sst2_checks_it_and_says_how_to_train_on_it(tmp_pa
         archive.write(SST2 / "dev.tsv", "SST-2/dev.tsv")
     server, url = _serve(served)
     try:
-        script = str(ROOT / "scripts" / "get-sst2.sh")
+
+        def fetch(dest: Path, archive: str) -> subprocess.CompletedProcess[str]:
+            script = str(ROOT / "scripts" / "get-sst2.sh")
+            env = {**os.environ, "SST2_URL": f"{url}/{archive}"}
+            return subprocess.run(["bash", script, str(dest)], capture_output=True, text=True, env=env)
+
         dest = tmp_path / "sst2"
-        good = subprocess.run(
-            ["bash", script, str(dest)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "SST2_URL": f"{url}/SST-2.zip"},
-        )
+        good = fetch(dest, "SST-2.zip")
         assert good.returncode == 0, good.stderr
         for name in ("train.tsv", "dev.tsv"):
             assert (dest / name).read_bytes() == (SST2 / name).read_bytes()
         assert f"data.train_file={dest}/train.tsv data.eval_file={dest}/dev.tsv" in good.stdout
-        other = tmp_path / "other"
-        bad = subprocess.run(
-            ["bash", script, str(other)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "SST2_URL": f"{url}/bad.zip"},
-        )
-        assert bad.returncode == 1 and "not GLUE SST-2's" in bad.stderr and not other.exists()
+        bad = fetch(tmp_path / "other", "bad.zip")
+        assert bad.returncode == 1 and "not GLUE SST-2's" in bad.stderr and not (tmp_path / "other").exists()
     finally:
         server.shutdown()
 
