@@ -20,27 +20,35 @@ from opendelta_dist.train.predict import evaluate, load_run, predict
 
 KEYS = ("run_dir", "file", "out", "text", "device", "batch_size")
 
+USAGE = (
+    "usage: python launch/predict.py run_dir=PATH [file=PATH] [out=PATH] [text=TEXT ...] [device=cpu|cuda] "
+    "[batch_size=N]"
+)
+
 
 def parse(argv: list[str]) -> dict[str, list[str]]:
     """``key=value`` arguments (``text`` may repeat)."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        raise SystemExit(0)
     options: dict[str, list[str]] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in KEYS:
-            raise SystemExit(
-                f"usage: python launch/predict.py run_dir=PATH [file=PATH] [out=PATH] [text=TEXT ...] "
-                f"[device=cpu|cuda] [batch_size=N]; got {arg!r}"
-            )
+            raise SystemExit(f"{USAGE}; got {arg!r}")
         options.setdefault(key, []).append(value)
     if "run_dir" not in options:
-        raise SystemExit("usage: python launch/predict.py run_dir=PATH ...: run_dir names the training run to use")
+        raise SystemExit(f"{USAGE}: run_dir names the training run to use")
     return options
 
 
 def main(argv: list[str]) -> int:
     """Evaluate (or predict) and print; a library error is one line and exit status 1."""
     options = parse(argv)
-    batch_size = int(options.get("batch_size", ["32"])[0])
+    batch_size = options.get("batch_size", ["32"])[0]
+    if not batch_size.isdigit() or int(batch_size) < 1:
+        raise SystemExit(f"batch_size={batch_size!r}: rows per forward, a positive integer (e.g. batch_size=32)")
+    batch_size = int(batch_size)
     try:
         run = load_run(options["run_dir"][0], device=options.get("device", ["cpu"])[0])
         if "text" in options:

@@ -550,7 +550,7 @@ class DeltaBase(nn.Module):
             DeltaConfigError: always, for this method: save it with :meth:`save_finetuned`.
         """
         raise DeltaConfigError(
-            f"PEFT's adapter format is written for LoRA deltas only, not for a {type(self).__name__}: save it with "
+            f"PEFT's adapter format is written for LoRA deltas only, not for {type(self).__name__}: save it with "
             "save_finetuned(path), which from_finetuned loads"
         )
 
@@ -561,7 +561,7 @@ class DeltaBase(nn.Module):
             DeltaStateError: always, for this method.
         """
         raise DeltaStateError(
-            f"a {type(self).__name__} adds computation that no weight can absorb, so it cannot be merged (LoRA can): "
+            f"{type(self).__name__} adds computation that no weight can absorb, so it cannot be merged (LoRA can): "
             "keep it attached for inference, or detach() it for the plain backbone"
         )
 
@@ -571,7 +571,7 @@ class DeltaBase(nn.Module):
         Raises:
             DeltaStateError: always, for this method.
         """
-        raise DeltaStateError(f"a {type(self).__name__} is never merged, so there is nothing to unmerge")
+        raise DeltaStateError(f"{type(self).__name__} is never merged, so there is nothing to unmerge")
 
     def save_finetuned(
         self,

@@ -28,7 +28,7 @@ from torch import nn
 from opendelta_dist.auto_delta import AutoDeltaModel
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.errors import DeltaConfigError
-from opendelta_dist.train.data import DataConfig, TokenizedDataset, build_tokenizer, collate, load_rows
+from opendelta_dist.train.data import DataConfig, DataError, TokenizedDataset, build_tokenizer, collate, load_rows
 from opendelta_dist.train.metrics import (
     METRIC_NAMES,
     MetricAccumulator,
@@ -163,6 +163,10 @@ def evaluate(
     Returns:
         The metrics, and per row ``input``, ``target`` and ``prediction``.
     """
+    if file is not None and not Path(file).is_file():
+        raise DataError(
+            f"file={file}: no such file of rows to evaluate on; give the path of a jsonl, json, csv or tsv file"
+        )
     data = run.data if file is None else replace(run.data, train_file=str(file), eval_file=str(file))
     rows = load_rows(data, "eval")
     sums = MetricAccumulator(METRIC_NAMES[run.task])

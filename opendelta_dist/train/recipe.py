@@ -308,6 +308,12 @@ class DeltaTuningRecipe:
         )
 
         engine_cfg = dict(cfg["engine"])
+        if engine_class(engine_cfg["name"]).single_process and self.topology.world_size > 1:
+            raise DeltaConfigError(
+                f"engine={engine_cfg['name']} trains in one process, and this run has {self.topology.world_size} "
+                f"(torchrun --nproc_per_node): each would train its own copy. Use engine=ddp (or fsdp, deepspeed) "
+                "for several processes, or start one process (python launch/train.py ...)"
+            )
         self.engine = build_engine(engine_cfg.pop("name"), self.topology, engine_cfg.get("options") or {})
         # an engine with a model implementation of its own (bmt: ModelCenter) builds the backbone
         own_backbone = self.engine.build_backbone(model_cfg)
@@ -527,11 +533,13 @@ class DeltaTuningRecipe:
         finite = _all_reduce([float(torch.isfinite(loss))], self.topology.device, dist.ReduceOp.MIN)[0]
         if not finite:
             last = ckpt.latest_checkpoint(self.ckpt_root)
-            raise TrainingDivergedError(
-                f"the loss is {loss.item()} at step {self.step + 1}; training stopped. The last good checkpoint "
-                f"is {last or 'none (no checkpoint was written yet)'}: lower optim.lr, set optim.max_grad_norm, "
-                "or use bf16 instead of fp16, then resume=auto."
+            fix = "lower optim.lr, set optim.max_grad_norm, or use bf16 instead of fp16"
+            then = (
+                f"The last good checkpoint is {last}: {fix}, then resume=auto."
+                if last
+                else f"No checkpoint was written yet: {fix}, and start again."
             )
+            raise TrainingDivergedError(f"the loss is {loss.item()} at step {self.step + 1}; training stopped. {then}")
         return loss.item(), tokens
 
     def _window_metrics(self, window: _Window, grad_norm: float | None) -> dict[str, float]:

@@ -136,6 +136,11 @@ def _check_optimizer(cfg: dict[str, Any]) -> None:
         if not _is_number(value) or value < bound or (value == bound and not inclusive):
             relation = f"at least {bound:g}" if inclusive else f"above {bound:g}"
             raise DeltaConfigError(f"{key}={value!r}: {what} must be a number {relation}; set e.g. {key}={example}")
+    if name != "sgd" and optim.get("momentum"):
+        raise DeltaConfigError(
+            f"optim.momentum={optim['momentum']!r} is SGD's (optim.name=sgd), which {name} would ignore; AdamW's "
+            "momentum is optim.betas (e.g. optim.betas=[0.9,0.999])"
+        )
     betas = optim.get("betas", (0.9, 0.999))
     if not (isinstance(betas, list | tuple) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
         raise DeltaConfigError(

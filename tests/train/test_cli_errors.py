@@ -89,3 +89,12 @@ def test_help_says_how_to_choose_a_recipe_and_lists_them():
     recipes = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
     listed = [line.split()[0] for line in text.split("Recipes:")[1].split("\n\n")[0].splitlines() if line.strip()]
     assert sorted(listed) == recipes
+
+
+def test_the_one_process_engine_on_several_processes_is_refused(tmp_path):
+    """engine=single under torchrun with 2 processes would train two unsynchronised copies: refused, naming ddp."""
+    result = launch(["+recipe=lora_t5_tiny", "engine=single", f"run_dir={tmp_path / 'run'}"], nproc=2)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
+    assert "engine=single trains in one process, and this run has 2" in errors[0] and "engine=ddp" in errors[0]
+    assert not (tmp_path / "run").exists()

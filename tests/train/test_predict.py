@@ -71,6 +71,13 @@ def test_a_directory_without_a_finished_run_is_refused_with_what_to_do(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(DeltaConfigError, match=r"has not finished; .*resume=auto"):
         load_run(tmp_path)
+    help_text = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "predict.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": python_path()},
+    )
+    assert help_text.returncode == 0 and "run_dir=outputs/lora_t5_tiny" in help_text.stdout
     result = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "predict.py"), f"run_dir={tmp_path}"],
         capture_output=True,

@@ -70,6 +70,7 @@ BAD = [
     ("optim.betas", [0.9, 1.0], "two numbers in [0, 1)"),
     ("optim.betas", [0.9], "two numbers in [0, 1)"),
     ("optim.name", "adam", "choose one of adamw, sgd"),
+    ("optim.momentum", 0.9, "is SGD's (optim.name=sgd), which adamw would ignore"),
     ("optim.total_steps", 5, "optim has no key total_steps"),
     ("train.max_stepz", 5, "train has no key 'max_stepz' (its keys: max_steps, "),
     ("train.max_stepz", 5, "did you mean train.max_steps? drop it with ~train.max_stepz"),
