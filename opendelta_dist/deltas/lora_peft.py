@@ -57,7 +57,6 @@ _UNSUPPORTED: dict[str, Any] = {
 }
 
 
-
 #: transformers' auto-class mappings -> PEFT's task types (what AutoPeftModelFor... reads)
 _PEFT_TASKS = {
     "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES": "SEQ_2_SEQ_LM",
@@ -80,6 +79,7 @@ def peft_task_type(backbone: nn.Module) -> str | None:
         if any(name == c or (isinstance(c, tuple | list) and name in c) for c in classes):
             return task
     return None
+
 
 def save_peft(delta: LoraModel, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write a LoRA delta in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``).

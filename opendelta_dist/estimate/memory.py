@@ -157,7 +157,8 @@ def estimate_memory(
         OpenDeltaError: (an :class:`EstimateError` and others) the configuration cannot be estimated.
     """
     from opendelta_dist.operations import delta_parameter_ids
-    from opendelta_dist.train.data import DataConfig, check_batch
+    from opendelta_dist.train.batching import check_batch
+    from opendelta_dist.train.data import DataConfig
     from opendelta_dist.train.engines.fsdp import delta_submodules, transformer_blocks
     from opendelta_dist.train.models import DTYPES, ModelConfig
 

@@ -44,15 +44,15 @@ from opendelta_dist.inspect import (
 )
 from opendelta_dist.saving import save_delta
 from opendelta_dist.train import checkpoint as ckpt
-from opendelta_dist.train.data import (
-    DataConfig,
-    TokenizedDataset,
-    build_dataloader,
-    build_tokenizer,
-    check_batch,
-    load_rows,
+from opendelta_dist.train.batching import build_dataloader, check_batch
+from opendelta_dist.train.data import DataConfig, TokenizedDataset, build_tokenizer, load_rows
+from opendelta_dist.train.engines import (
+    OptimizerSpec,
+    build_engine,
+    engine_class,
+    engine_names,
+    reads_training_state,
 )
-from opendelta_dist.train.engines import OptimizerSpec, build_engine, engine_class, engine_names
 from opendelta_dist.train.loggers import CONSOLE_LOG, MetricLogger
 from opendelta_dist.train.metrics import METRIC_NAMES, MetricAccumulator, batch_metrics
 from opendelta_dist.train.models import ModelConfig, build_model
@@ -389,7 +389,7 @@ class DeltaTuningRecipe:
         cannot take."""
         state = ckpt.read_trainer_state(source)
         written_by = state.get("engine")
-        if written_by is not None and not self.engine.reads_training_state_of(written_by):
+        if written_by is not None and not reads_training_state(self.engine.name, written_by):
             raise DeltaConfigError(
                 f"cannot resume from {source}: it was written by engine={written_by}, whose optimizer state "
                 f"engine={self.engine.name} cannot read; resume with engine={written_by}, or start a new run "

@@ -5,7 +5,7 @@ range, a model directory that is not there, a ``run_dir`` that cannot be written
 :class:`~opendelta_dist.errors.DeltaConfigError` that names the key and the fix, so that a mistyped
 override costs neither a model build nor a half-written run directory. The device is checked where it
 is chosen (:meth:`~opendelta_dist.train.topology.Topology.from_environment`), the divisibility of the
-batch by the world size by :func:`~opendelta_dist.train.data.check_batch`.
+batch by the world size by :func:`~opendelta_dist.train.batching.check_batch`.
 """
 
 from __future__ import annotations

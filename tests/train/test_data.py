@@ -14,15 +14,13 @@ import torch
 import transformers as T
 
 from opendelta_dist.errors import OpenDeltaError
+from opendelta_dist.train.batching import ShardedBatchSampler, build_dataloader, check_batch
 from opendelta_dist.train.data import (
     DATA_DIR,
     DataConfig,
     DataError,
-    ShardedBatchSampler,
     TokenizedDataset,
-    build_dataloader,
     build_tokenizer,
-    check_batch,
     collate,
     load_rows,
 )

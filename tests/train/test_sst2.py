@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 
 from opendelta_dist import AutoDeltaModel
 from opendelta_dist.errors import DeltaConfigError
-from opendelta_dist.train.data import DataConfig, TokenizedDataset, build_dataloader, build_tokenizer, load_rows
+from opendelta_dist.train.batching import build_dataloader
+from opendelta_dist.train.data import DataConfig, TokenizedDataset, build_tokenizer, load_rows
 from opendelta_dist.train.metrics import accuracy
 from opendelta_dist.train.models import ModelConfig, build_model, resolve_name_or_path
 from opendelta_dist.train.recipe import FULL_FINE_TUNING, MODEL_WEIGHTS, delta_config, run

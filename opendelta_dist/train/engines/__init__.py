@@ -65,3 +65,12 @@ def build_engine(name: str, topology: Topology, options: dict[str, Any] | None =
 
 
 __all__ = ["Engine", "OptimizerSpec", "build_engine", "engine_class", "engine_names"]
+
+
+def reads_training_state(engine: str, written_by: str) -> bool:
+    """Whether engine ``engine`` resumes from a checkpoint that engine ``written_by`` wrote (the same engine, or
+    one that writes the same ``training_state_format``)."""
+    if engine == written_by:
+        return True
+    ours = engine_class(engine).training_state_format
+    return ours is not None and engine_class(written_by).training_state_format == ours

@@ -284,18 +284,7 @@ class Engine(ABC):
 
     training_state_format: ClassVar[str | None] = None
     """What :meth:`save_training_state` writes, named: engines with the same name read each other's (None: only
-    the engine's own)."""
-
-    @classmethod
-    def reads_training_state_of(cls, engine: str) -> bool:
-        """Whether this engine resumes from a checkpoint that ``engine`` wrote."""
-        from opendelta_dist.train.engines import engine_class
-
-        if engine == cls.name:
-            return True
-        return cls.training_state_format is not None and (
-            engine_class(engine).training_state_format == cls.training_state_format
-        )
+    the engine's own; see :func:`opendelta_dist.train.engines.reads_training_state`)."""
 
     @classmethod
     def check_resume(cls, saved_state: Mapping[str, Any], topology: Topology) -> None:
