@@ -326,6 +326,9 @@ def test_the_gpu_tests_of_the_bmt_backend_and_engine_pass_under_the_emulation(tm
         "no:cacheprovider",
         "-m",
         "gpu",
+        # the killed run's resume is test_a_killed_bmt_run_on_two_ranks_resumes_bit_exact here, on two ranks
+        "-k",
+        "not killed_bmt_run_resumes_from",
         f"--junitxml={report}",
         "tests/bmt",
         "tests/backends/test_contract.py",
@@ -344,7 +347,7 @@ def test_the_gpu_tests_of_the_bmt_backend_and_engine_pass_under_the_emulation(tm
                 skip.get("message"),
             )
     assert len(skipped) == 4, skipped  # prefix and soft prompt on the two families
-    expected = {"test_bmt_follows_the_single_engine", "test_a_killed_bmt_run_resumes", "test_frozen_blocks_keep_no"}
+    expected = {"test_bmt_follows_the_single_engine", "test_frozen_blocks_keep_no"}
     expected |= {"test_an_fp16_overflow_skips", "test_weight_decay_is_decoupled", "test_the_method_runs_through"}
     for prefix in expected:
         assert any(name.split("::")[-1].startswith(prefix) for name in passed), prefix
