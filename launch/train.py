@@ -14,6 +14,7 @@ job that runs torchrun on its nodes (launch/hydra_plugins/, configs/hydra/launch
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from opendelta_dist.errors import DeltaConfigError, OpenDeltaError
 from opendelta_dist.train.data import DataError
 from opendelta_dist.train.recipe import run
+from opendelta_dist.train.stopping import RunStopped
 
 
 def report(exc: OpenDeltaError) -> None:
@@ -42,15 +44,42 @@ def report(exc: OpenDeltaError) -> None:
         time.sleep(3)  # rank 0 meets the same error: torchrun stops every rank at the first exit, so let it speak
 
 
+def record_stop(stop: RunStopped) -> None:
+    """Under torchrun, put the stop's one line (not a traceback) in the launcher's error file, which its
+    failure summary shows."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    info = {"py_callstack": f"{stop}\n", "timestamp": str(int(time.time()))}
+    with open(path, "w") as f:
+        json.dump({"message": {"message": f"{type(stop).__name__}: {stop}", "extraInfo": info}}, f)
+
+
+def sweep_point_run_dir(cfg: DictConfig) -> None:
+    """In a sweep, each point trains in its own directory: Hydra's job directory of the point
+    (``<hydra.sweep.dir>/<job number>``), unless ``run_dir`` is among the overrides."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    if any(o.lstrip("+").startswith("run_dir=") for o in hydra_cfg.overrides.task):
+        return
+    cfg.run_dir = os.path.join(hydra_cfg.sweep.dir, hydra_cfg.sweep.subdir)
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Run the composed recipe; a library error becomes one clear line and exit status 1."""
+    """Run the composed recipe; a library error becomes one clear line and exit status 1, a stop on a
+    signal or the time limit its own status (143 for SIGTERM, 130 for Ctrl-C), said once by the recipe."""
+    sweep_point_run_dir(cfg)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         run(cfg)  # jobs of a local sweep share this process: it must outlive each of them
         return
     try:
         run(cfg)
         status = 0
+    except RunStopped as stop:
+        record_stop(stop)
+        status = stop.exit_status
     except OpenDeltaError as exc:
         report(exc)
         status = 1

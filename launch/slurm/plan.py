@@ -8,7 +8,7 @@ environment becomes torchrun's arguments, e.g. for 4 nodes x 8 GPUs::
 
     SLURM_JOB_ID=4242 SLURM_NNODES=4 SLURM_JOB_NODELIST=gpu[017-020] SLURM_GPUS_ON_NODE=8
     -> srun --nodes=4 --ntasks=4 --ntasks-per-node=1 --kill-on-bad-exit=1
-         python -m torch.distributed.run --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d
+         python launch/slurm/torchrun.py --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d
          --rdzv_endpoint=gpu017:24242 --rdzv_id=4242 --max_restarts=0
          launch/train.py +recipe=... run_dir=outputs/<recipe>/slurm-4242 resume=auto
 
@@ -34,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_PY = ROOT / "launch" / "train.py"
+#: torchrun, ignoring SIGUSR1/SIGUSR2 so that Slurm's checkpoint signal reaches the workers and not its end
+TORCHRUN_PY = ROOT / "launch" / "slurm" / "torchrun.py"
 DEFAULT_PORT_BASE = 20000
 
 
@@ -245,11 +247,11 @@ def training_overrides(overrides: Sequence[str], run_dir: str) -> list[str]:
 
 
 def torchrun_command(alloc: Allocation, overrides: Sequence[str], python: str = sys.executable) -> list[str]:
-    """torchrun for one node of the allocation, with c10d rendezvous on the head node."""
+    """torchrun for one node of the allocation, with c10d rendezvous on the head node (through
+    ``launch/slurm/torchrun.py``, which leaves SIGUSR1 and SIGUSR2 to the training processes)."""
     return [
         python,
-        "-m",
-        "torch.distributed.run",
+        str(TORCHRUN_PY),
         f"--nnodes={alloc.nnodes}",
         f"--nproc_per_node={alloc.nproc_per_node}",
         "--rdzv_backend=c10d",

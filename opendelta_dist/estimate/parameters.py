@@ -57,7 +57,7 @@ def attach_delta(model: nn.Module, cfg: Mapping[str, Any]) -> Any:
     Raises:
         DeltaConfigError: the delta configuration is invalid for this backbone or engine.
     """
-    from opendelta_dist.train.recipe import attach_delta as attach
+    from opendelta_dist.train.tuning import attach_delta as attach
 
     return attach(model, dict(cfg["delta"]), str(cfg["engine"]["name"]))
 

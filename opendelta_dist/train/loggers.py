@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,10 @@ from opendelta_dist.errors import DeltaConfigError
 
 #: rank 0's console lines, kept in the run directory
 CONSOLE_LOG = "train.log"
+#: every logged metric, one JSON object per line
+METRICS_FILE = "metrics.jsonl"
+#: the W&B run id of a run directory, so that a resumed run continues the same W&B run
+WANDB_ID = "wandb-run-id"
 
 
 def _number(value: Any) -> str:
@@ -33,6 +38,8 @@ class MetricLogger:
         project: W&B project name.
         run_name: W&B run name.
         config: the resolved run configuration, recorded by W&B.
+        resume_step: the step a resumed run continues from: TensorBoard drops its events after it, and W&B
+            continues the run directory's W&B run.
     """
 
     def __init__(
@@ -43,6 +50,7 @@ class MetricLogger:
         project: str = "opendelta-dist",
         run_name: str | None = None,
         config: dict[str, Any] | None = None,
+        resume_step: int | None = None,
     ) -> None:
         unknown = set(backends) - {"console", "tensorboard", "wandb"}
         if unknown:
@@ -52,14 +60,16 @@ class MetricLogger:
         self.backends = list(backends)
         self._tb: Any = None
         self._wandb: Any = None
-        self._jsonl = run_dir / "metrics.jsonl"
+        self._jsonl = run_dir / METRICS_FILE
+        self._write_failed = False
         self._console_log = run_dir / CONSOLE_LOG
         if not enabled:
             return
         if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
         if "wandb" in backends:
             import wandb
 
@@ -71,26 +81,44 @@ class MetricLogger:
                 ("WANDB_CONFIG_DIR", "wandb-config"),
             ):
                 os.environ.setdefault(var, str(run_dir / sub) if sub else str(run_dir))
+            id_file = run_dir / WANDB_ID
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id + "\n")
             self._wandb = wandb.init(
-                project=project, name=run_name, config=config, mode="offline" if offline else None, dir=str(run_dir)
+                project=project,
+                name=run_name,
+                config=config,
+                mode="offline" if offline else None,
+                dir=str(run_dir),
+                id=run_id,
+                resume="allow",
             )
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         """Record ``metrics`` at ``step`` under ``prefix/``."""
         if not self.enabled:
             return
-        with self._jsonl.open("a") as f:
-            f.write(json.dumps({"split": prefix, "step": step, **metrics}) + "\n")
+        self._append(self._jsonl, json.dumps({"split": prefix, "step": step, **metrics}) + "\n")
         if "console" in self.backends:
             shown = "  ".join(f"{k} {_number(v)}" for k, v in metrics.items())
             self.console.print(f"[bold]{prefix}[/] step {step}: {shown}", highlight=False, soft_wrap=True)
-            with self._console_log.open("a") as f:
-                f.write(f"{prefix} step {step}: {shown}\n")
+            self._append(self._console_log, f"{prefix} step {step}: {shown}\n")
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{prefix}/{k}", v, step)
         if self._wandb is not None:
             self._wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def _append(self, path: Path, text: str) -> None:
+        """Append to a log file; a full disk costs the file's lines (said once), not the run: the
+        checkpoint, which needs the space, is where the run stops with the reason."""
+        try:
+            with path.open("a") as f:
+                f.write(text)
+        except OSError as error:
+            if not self._write_failed:
+                self._write_failed = True
+                self.console.print(f"warning: cannot write {path} ({error.strerror}); metrics go to the console only")
 
     def close(self) -> None:
         """Flush and close the backends."""

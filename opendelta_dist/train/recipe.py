@@ -19,12 +19,13 @@ import json
 import os
 import resource
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -32,10 +33,7 @@ import transformers
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from opendelta_dist.auto_delta import AutoDeltaConfig, AutoDeltaModel, read_config_file
-from opendelta_dist.basemodel import DeltaBase
-from opendelta_dist.config import BaseDeltaConfig
-from opendelta_dist.errors import DeltaConfigError, OpenDeltaError
+from opendelta_dist.errors import DeltaCheckpointError, DeltaConfigError, OpenDeltaError
 from opendelta_dist.inspect import (
     check_gradients,
     check_optimizer,
@@ -44,29 +42,27 @@ from opendelta_dist.inspect import (
 )
 from opendelta_dist.saving import save_delta
 from opendelta_dist.train import checkpoint as ckpt
+from opendelta_dist.train import rundir
 from opendelta_dist.train.batching import build_dataloader, check_batch
 from opendelta_dist.train.data import DataConfig, TokenizedDataset, build_tokenizer, load_rows
 from opendelta_dist.train.engines import (
     OptimizerSpec,
     build_engine,
     engine_class,
-    engine_names,
-    reads_training_state,
 )
 from opendelta_dist.train.loggers import CONSOLE_LOG, MetricLogger
 from opendelta_dist.train.metrics import METRIC_NAMES, MetricAccumulator, batch_metrics
 from opendelta_dist.train.models import ModelConfig, build_model
+from opendelta_dist.train.resume import check_resumable, check_same_delta, resume_source
+from opendelta_dist.train.stopping import RunStopped, Stopper, drill, parse_margin, parse_signal
 from opendelta_dist.train.topology import Topology
+from opendelta_dist.train.tuning import attach_delta, load_full_model, save_full_model
 from opendelta_dist.train.validation import validate_run_config
 
 #: For recovery tests: the rank named by OPENDELTA_DIST_FAIL_RANK exits abruptly when it reaches this
 #: step in the first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT=0).
 FAIL_AT_STEP_ENV = "OPENDELTA_DIST_FAIL_AT_STEP"
 FAIL_RANK_ENV = "OPENDELTA_DIST_FAIL_RANK"
-
-FULL_FINE_TUNING = "none"
-"""The ``delta_type`` of a run without a delta, in which every parameter trains (``configs/delta/none.yaml``)."""
-MODEL_WEIGHTS = "model.safetensors"
 
 
 class TrainingDivergedError(OpenDeltaError, RuntimeError):
@@ -89,78 +85,6 @@ def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def save_full_model(module: torch.nn.Module, path: Path) -> Path:
-    """Write a whole model into the directory ``path``, atomically (assembled aside, then renamed).
-
-    ``model.safetensors`` holds every tensor of ``module.state_dict()`` (tensors shared by several names,
-    such as tied embeddings, once); ``config.json`` is the transformers config, when the model has one,
-    so ``AutoModel...from_pretrained(path)`` loads the result. :func:`load_full_model` reads it back
-    exactly.
-
-    Args:
-        module: the model (unwrapped, unsharded).
-        path: the directory to write; an existing one is replaced.
-
-    Returns:
-        ``path``.
-    """
-    from safetensors.torch import save_model
-
-    staging = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_model(module, str(staging / MODEL_WEIGHTS))
-    config = getattr(module, "config", None)
-    if config is not None and hasattr(config, "save_pretrained"):
-        config.save_pretrained(staging)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(staging, path)
-    return path
-
-
-def load_full_model(module: torch.nn.Module, path: Path) -> None:
-    """Copy the weights :func:`save_full_model` wrote into ``module`` (every tensor must fit).
-
-    Raises:
-        DeltaConfigError: ``path`` holds no whole model, or its tensors do not fit ``module``.
-    """
-    from safetensors.torch import load_model
-
-    file = path / MODEL_WEIGHTS
-    if not file.is_file():
-        raise DeltaConfigError(f"{path} holds no {MODEL_WEIGHTS}: it is not a fully fine-tuned model's checkpoint")
-    try:
-        load_model(module, str(file), strict=True)
-    except RuntimeError as error:
-        raise DeltaConfigError(
-            f"the weights in {file} do not fit this model ({error}); resume with the model the run started with"
-        ) from error
-
-
-def delta_config(options: dict[str, Any]) -> BaseDeltaConfig | None:
-    """The run's delta configuration (the ``delta`` group), or None for full fine-tuning.
-
-    Args:
-        options: ``delta_type`` and the method's options; ``delta_type: none`` means no delta.
-
-    Returns:
-        The validated config of the delta method, or None when every parameter trains.
-
-    Raises:
-        DeltaConfigError: unknown ``delta_type`` or option, or options given with ``delta_type: none``.
-    """
-    if options.get("delta_type") != FULL_FINE_TUNING:
-        return AutoDeltaConfig.from_dict(dict(options))
-    extra = sorted(k for k, v in options.items() if k != "delta_type" and v is not None)
-    if extra:
-        raise DeltaConfigError(
-            f"delta_type {FULL_FINE_TUNING!r} (full fine-tuning: no delta, every parameter trains) takes no "
-            f"options, but {', '.join(extra)} are set; remove them, or choose a delta (e.g. delta=lora)"
-        )
-    return None
 
 
 def _pretrained_state_dict(model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -191,38 +115,6 @@ class _Window:
         self.steps += 1
 
 
-def attach_delta(model: torch.nn.Module, options: dict[str, Any], engine: str, backend: str = "hf") -> DeltaBase | None:
-    """Attach the configured delta to ``model`` and freeze everything else.
-
-    Args:
-        model: the backbone.
-        options: the ``delta`` group (``delta_type`` and the method's options).
-        engine: the name of the engine the run trains on.
-        backend: the backend the engine's backbone takes deltas of (``Engine.delta_backend``).
-
-    Returns:
-        The delta; None for full fine-tuning (``delta_type: none``: nothing frozen).
-
-    Raises:
-        DeltaConfigError: the delta configuration is invalid (see :func:`delta_config`), or full
-            fine-tuning is asked on an engine that shards the model.
-    """
-    config = delta_config(options)
-    if config is not None:
-        delta = AutoDeltaModel.from_config(config, model, backend=backend)
-        delta.freeze_module(set_state_dict=False)
-        return delta
-    if not engine_class(engine).supports_full_fine_tuning:
-        able = [name for name in engine_names() if engine_class(name).supports_full_fine_tuning]
-        raise DeltaConfigError(
-            f"full fine-tuning (delta_type {FULL_FINE_TUNING!r}) runs on the engines that keep the whole model "
-            f"on every rank ({', '.join(able)}), not on engine={engine}; use engine=ddp, or train a delta with "
-            "this engine"
-        )
-    model.requires_grad_(True)
-    return None
-
-
 def _header(cfg: dict[str, Any], topology: Topology) -> str:
     """One line that says what this run is: model, delta, engine, processes, steps, where it writes."""
     model = cfg["model"].get("name_or_path") or f"a random {cfg['model'].get('config', {}).get('model_type', '')} model"
@@ -245,17 +137,17 @@ class DeltaTuningRecipe:
         self.cfg = _plain(cfg)
         self.console = Console(soft_wrap=True)
         self.step = 0
-        self._said: list[str] = []  # what rank 0 said before run_dir existed, for its console log
+        self._said: list[str] = []  # what rank 0 said before run_dir was opened, for its console log
+        self._log_open = False
 
     def say(self, text: str) -> None:
         """Print a line on rank 0's console and keep it in ``run_dir/train.log`` (from the start, once run_dir
         exists). Call on rank 0 only."""
         self.console.print(text, highlight=False)
-        log = self.run_dir / CONSOLE_LOG if hasattr(self, "run_dir") else None
-        if log is None or not log.parent.is_dir():
+        if not self._log_open:  # a run refused during set-up leaves its run directory as it was
             self._said.append(text)
             return
-        with log.open("a") as f:
+        with (self.run_dir / CONSOLE_LOG).open("a") as f:
             f.write(text + "\n")
 
     # ------------------------------------------------------------------ set-up
@@ -269,14 +161,30 @@ class DeltaTuningRecipe:
         validate_run_config(cfg)
         self.accum = int(train.get("grad_accum", 1))
         self.micro_batch = check_batch(int(train["global_batch_size"]), self.topology.world_size, self.accum)
+        self.run_dir = Path(cfg["run_dir"]).resolve()
+        self.ckpt_root = self.run_dir / "checkpoints"
+        # one run per run directory; checked by every rank before the process group, so before rank 0 writes
+        self.resume = rundir.resume_setting(cfg)
+        rundir.check_run_dir_free(self.run_dir, self.resume, bool(cfg.get("overwrite_run_dir")))
+        checkpoint_cfg = cfg.get("checkpoint", {})
+        self.stopper = Stopper(
+            self.topology.rank,
+            self.topology.device,
+            parse_signal(checkpoint_cfg.get("signal", "USR1")),
+            parse_margin(checkpoint_cfg.get("time_limit_margin", "auto")),
+            int(checkpoint_cfg.get("max_requeues", 20)),
+        )
+        self.stopper.install()  # from here a signal is noted, and the run stops at its first agreed point
         self.topology.init_process_group()
         self.main = self.topology.is_main
         if not self.main:  # transformers' load reports and warnings once, from rank 0
             transformers.logging.set_verbosity_error()
-        self.run_dir = Path(cfg["run_dir"]).resolve()
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.finished = self._finished_result()
+        if self.finished is not None:
+            return
         if self.main:
             self.say(_header(cfg, self.topology))
+        resume_from = self._resume_source()
         torch.manual_seed(int(cfg.get("seed", 0)))
 
         model_cfg = ModelConfig(**cfg["model"])
@@ -307,6 +215,7 @@ class DeltaTuningRecipe:
             pad_token_id=self.tokenizer.pad_token_id,
         )
 
+        drill(self.topology.rank, 0, "setup")
         engine_cfg = dict(cfg["engine"])
         if engine_class(engine_cfg["name"]).single_process and self.topology.world_size > 1:
             raise DeltaConfigError(
@@ -323,10 +232,9 @@ class DeltaTuningRecipe:
         self.checksum = self.engine.backbone_checksum(self.model, self.delta) if self.delta is not None else None
         stats = inspect_module_statistics(self.model, verbose=False)
 
-        resume_from = self._resume_source()
         if resume_from is not None:
-            self._check_same_delta(resume_from)
-            self._check_resumable(resume_from)
+            check_same_delta(resume_from, self.delta, self.engine, self._tuned_name)
+            check_resumable(resume_from, self.engine, self.topology, self._tuned_name)
 
         optim = dict(cfg["optim"])
         spec = OptimizerSpec(
@@ -351,13 +259,10 @@ class DeltaTuningRecipe:
             )
         check_optimizer(held, self.engine.module)
 
-        # written once everything is built, so that a run refused during set-up leaves no run directory
+        # written once everything is built, so that a run refused during set-up leaves its run directory as it was
+        resume_step = int(ckpt.read_trainer_state(resume_from)["step"]) if resume_from is not None else None
         if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-            with (self.run_dir / CONSOLE_LOG).open("a") as log:
-                log.writelines(f"{line}\n" for line in self._said)
-            self._said.clear()
+            self._open_run_dir(resume_step)
         self.logger = MetricLogger(
             list(cfg.get("logger", {}).get("backends", ["console"])),
             self.run_dir,
@@ -365,9 +270,47 @@ class DeltaTuningRecipe:
             project=cfg.get("logger", {}).get("project", "opendelta-dist"),
             run_name=self.run_dir.name,
             config=cfg,
+            resume_step=resume_step,
         )
+        self.pending_eval = False
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+
+    def _finished_result(self) -> dict[str, Any] | None:
+        """``result.json`` of the run this one continues, when that run has done every step asked."""
+        result = rundir.read_result(self.run_dir) if self.resume == "auto" else None
+        if result is None or int(result.get("step", 0)) < int(self.cfg["train"]["max_steps"]):
+            return None
+        if self.main:
+            self.say(
+                f"{self.run_dir} holds a run that finished at step {result['step']} (train.max_steps="
+                f"{self.cfg['train']['max_steps']}); its {result.get('final', 'final_delta')} is there: nothing to do. "
+                "To train more steps, raise train.max_steps; to train again, overwrite_run_dir=true or another run_dir"
+            )
+        return result
+
+    def _open_run_dir(self, resume_step: int | None) -> None:
+        """Rank 0: create (or continue, or replace) the run directory and write the run's configuration."""
+        cfg = self.cfg
+        if cfg.get("overwrite_run_dir") and rundir.run_files(self.run_dir):
+            present = ", ".join(rundir.run_files(self.run_dir))
+            self.say(f"overwrite_run_dir=true: deleting the run in {self.run_dir} ({present})")
+            rundir.clear_run(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / CONSOLE_LOG).open("a") as log:
+            log.writelines(f"{line}\n" for line in self._said)
+        self._said.clear()
+        self._log_open = True
+        config_file = self.run_dir / rundir.CONFIG
+        if self.resume is not None and config_file.is_file():
+            changed = rundir.changed_settings(json.loads(config_file.read_text()), cfg, ignore=("resume",))
+            if changed:
+                self.say(f"resuming with changed settings: {'; '.join(changed)}")
+        if resume_step is not None:
+            max_steps = int(cfg["train"]["max_steps"])
+            rundir.truncate_metrics(self.run_dir, resume_step, final_eval_due=resume_step >= max_steps)
+        (self.run_dir / rundir.RESULT).unlink(missing_ok=True)  # a finished run given more steps is running again
+        config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     @property
     def _tuned_name(self) -> str:
@@ -375,53 +318,8 @@ class DeltaTuningRecipe:
         return "model" if self.delta is None else "delta"
 
     def _resume_source(self) -> Path | None:
-        resume = self.cfg.get("resume")
-        if resume in (None, "", "none", False):
-            return None
-        if resume == "auto":
-            return ckpt.latest_checkpoint(self.ckpt_root)
-        path = Path(resume)
-        ckpt.read_trainer_state(path)  # raises when it is not a finished checkpoint
-        return path
-
-    def _check_resumable(self, source: Path) -> None:
-        """Refuse, before the engine is prepared, a checkpoint whose optimizer state this engine and topology
-        cannot take."""
-        state = ckpt.read_trainer_state(source)
-        written_by = state.get("engine")
-        if written_by is not None and not reads_training_state(self.engine.name, written_by):
-            raise DeltaConfigError(
-                f"cannot resume from {source}: it was written by engine={written_by}, whose optimizer state "
-                f"engine={self.engine.name} cannot read; resume with engine={written_by}, or start a new run "
-                f"(another run_dir, or resume=null); its delta is in {source / self._tuned_name}"
-            )
-        try:
-            self.engine.check_resume(state, self.topology)
-        except DeltaConfigError as error:
-            raise DeltaConfigError(f"cannot resume from {source}: {error}") from error
-
-    def _check_same_delta(self, source: Path) -> None:
-        holds = "model" if (source / "model").is_dir() else "delta"
-        if holds != self._tuned_name:
-            what = {"model": "a fully fine-tuned model (delta_type none)", "delta": "a delta"}
-            raise DeltaConfigError(
-                f"cannot resume from {source}: it holds {what[holds]} and this run trains {what[self._tuned_name]}. "
-                "Resume with the delta configuration it was written with, or start a new run (another run_dir, "
-                "or resume=null)."
-            )
-        if self.delta is None:
-            return
-        saved = AutoDeltaConfig.from_dict(read_config_file(source / "delta")).to_dict()
-        wanted = self.delta.config.to_dict()
-        # what the engine saves differently (the bmt engine saves for transformers' T5, backend hf)
-        wanted |= {k: v for k, v in self.engine.saved_delta_config().items() if k in wanted}
-        differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-        if differ:
-            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {wanted.get(k)!r}" for k in differ)
-            raise DeltaConfigError(
-                f"cannot resume from {source}: its delta configuration differs ({details}). Resume with the "
-                "same delta options, or start a new run (another run_dir, or resume=null)."
-            )
+        say = self.say if self.main else None
+        return resume_source(self.resume, self.ckpt_root, int(self.cfg["train"]["max_steps"]), say)
 
     def _load_checkpoint(self, source: Path) -> None:
         from safetensors.torch import load_file
@@ -435,6 +333,7 @@ class DeltaTuningRecipe:
         self.loader.batch_sampler.load_state_dict(state["data"])
         ckpt.load_rng(source, self.topology.rank)
         self.step = int(state["step"])
+        self.pending_eval = bool(state.get("pending_eval", False))
         if self.main:
             self.say(f"resumed from {source} at step {self.step}")
 
@@ -468,7 +367,14 @@ class DeltaTuningRecipe:
         return {k: v.to(self.topology.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def train(self) -> dict[str, float]:
-        """Run until ``train.max_steps`` optimizer steps; returns the final evaluation metrics."""
+        """Run until ``train.max_steps`` optimizer steps; returns the final evaluation metrics.
+
+        Raises:
+            RunStopped: a signal or the time limit stopped the run early, at a step every rank agreed on, where
+                it wrote a checkpoint (:mod:`opendelta_dist.train.stopping`).
+        """
+        if self.finished is not None:
+            return dict(self.finished.get("eval", {}))
         train = self.cfg["train"]
         max_steps = int(train["max_steps"])
         eval_every = int(train.get("eval_every", 0))
@@ -491,12 +397,18 @@ class DeltaTuningRecipe:
             console=self.console,
             disable=not self.main,
         )
+        if self.pending_eval and self.step < max_steps:  # the evaluation a stop interrupted
+            self._log_eval(self.evaluate())
+        if self.stopper.poll():  # a signal during set-up
+            self._stop(pending_eval=self.pending_eval)
         with progress:
             bar = progress.add_task("train", total=max_steps, completed=self.step, status="")
             while self.step < max_steps:
                 if fail_here and self.step == fail_at:
                     os._exit(17)  # an abrupt death, as a killed rank: no clean-up, no checkpoint
+                started = time.perf_counter()
                 loss, tokens, grad_norm = self.train_step(batches)
+                self.stopper.record_step(time.perf_counter() - started)
                 window.add(loss, tokens)
                 if self.step % log_every == 0 or self.step == max_steps:
                     metrics = self._window_metrics(window, grad_norm)
@@ -508,13 +420,46 @@ class DeltaTuningRecipe:
                     )
                 progress.update(bar, completed=self.step)
                 if eval_every and self.step % eval_every == 0 and self.step < max_steps:
-                    self.logger.log(self.step, self.evaluate(), prefix="eval")
+                    self._log_eval(self.evaluate())
                 if ckpt_every and self.step % ckpt_every == 0:
                     self.save_checkpoint()
-        final = self.evaluate()
-        self.logger.log(self.step, final, prefix="eval")
-        self.save_final()
+                if self.stopper.poll():
+                    self._stop()
+        final = self._log_eval(self.evaluate())
+        path = self.save_final()
+        if self.main:
+            rundir.write_result(self.run_dir, self.step, final, path)
         return final
+
+    def _log_eval(self, metrics: dict[str, float] | None) -> dict[str, float]:
+        """Log an evaluation's metrics; an evaluation a stop interrupted (None) stops the run here."""
+        if metrics is None:
+            self._stop(pending_eval=True)
+        self.logger.log(self.step, metrics, prefix="eval")
+        return metrics
+
+    def _stop(self, pending_eval: bool = False) -> NoReturn:
+        """Stop where the ranks agreed (:meth:`Stopper.poll`): one checkpoint at this step (unless there is
+        one), a requeue of the Slurm job when the stop asks for one, one line; collective.
+
+        Raises:
+            RunStopped: always, with the exit status of the stop.
+        """
+        reason = self.stopper.reason
+        assert reason is not None
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if self.step > 0 and (latest is None or latest != ckpt.step_dir(self.ckpt_root, self.step) or pending_eval):
+            latest = self.save_checkpoint(pending_eval=pending_eval)
+        requeued = self.stopper.requeue() if self.main and self.stopper.wants_requeue() else None
+        self.topology.barrier()  # no rank exits (and makes its launcher stop the others) before the requeue
+        if latest is None:
+            message = f"stopped on {reason} before the first step: nothing to save"
+        else:
+            message = f"stopped at step {self.step} on {reason}: checkpoint {latest}"
+        message += f"; {requeued}" if requeued else "; the same command with resume=auto continues from it"
+        if self.main:
+            self.say(message)
+        raise RunStopped(message, reason.exit_status)
 
     def _optimizer_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, int]:
         """Forward and backward of ``grad_accum`` micro-batches; returns their mean loss and token count.
@@ -527,8 +472,10 @@ class DeltaTuningRecipe:
             batch = self._to_device(next(batches))
             losses.append(self.engine.micro_step(batch, last=i == self.accum - 1))
             tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
-            if self.step == 0 and i == 0:
-                check_gradients(self.engine.module)  # after the first backward: only trainable tensors have grads
+            if i == 0:
+                if self.step == 0:
+                    check_gradients(self.engine.module)  # after the first backward: only trainable tensors have grads
+                drill(self.topology.rank, self.step + 1, "step")
         loss = torch.stack(losses).float().mean()
         finite = _all_reduce([float(torch.isfinite(loss))], self.topology.device, dist.ReduceOp.MIN)[0]
         if not finite:
@@ -557,49 +504,104 @@ class DeltaTuningRecipe:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float] | None:
         """Loss and task metric (accuracy or exact match) on the evaluation set, over all ranks.
 
         The evaluation loader gives every rank the same number of batches and every example once,
         so sharded engines run matching forwards and the metric does not depend on the world size.
+        Before each batch the ranks agree whether to stop (:meth:`Stopper.poll`); a stop returns None.
         """
         metric = METRIC_NAMES[self.task]
         sums = MetricAccumulator(metric)
         model = self.engine.model
         model.eval()
         for raw in self.eval_loader:
+            if self.stopper.poll():
+                model.train()
+                return None
             batch = self._to_device(raw)
             sums.update(*batch_metrics(self.task, self.engine.eval_forward(batch).logits.float(), batch["labels"]))
+            drill(self.topology.rank, self.step, "eval")
         model.train()
         return sums.compute(self.topology.device)
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self) -> Path:
-        """Write a training checkpoint atomically; see :mod:`opendelta_dist.train.checkpoint`."""
+    def save_checkpoint(self, pending_eval: bool = False) -> Path:
+        """Write a training checkpoint atomically; see :mod:`opendelta_dist.train.checkpoint`. Collective.
+
+        It is assembled in a hidden directory and renamed into place once every rank has written its part.
+        Each phase ends with the ranks agreeing that it succeeded, so an error on one rank (a full disk)
+        stops every rank with it, the staging directory is removed and the previous checkpoints stay.
+
+        Args:
+            pending_eval: the evaluation of this step was interrupted; a resumed run runs it first.
+
+        Raises:
+            CheckpointSpaceError: the filesystem has too little space (checked first against the size of
+                the last checkpoint, and when a write fails for want of space).
+        """
+        started = time.perf_counter()
         final, staging = ckpt.step_dir(self.ckpt_root, self.step), ckpt.staging_dir(self.ckpt_root, self.step)
-        if self.main:
+        previous = ckpt.latest_checkpoint(self.ckpt_root)
+        needed = ckpt.checkpoint_size(previous) if previous is not None else None
+
+        def prepare() -> None:
+            if needed is not None:
+                ckpt.check_free_space(self.ckpt_root, needed)
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-        self.topology.barrier()
-        self._save_tuned(staging / self._tuned_name)
-        self.engine.save_training_state(staging)
-        ckpt.save_rng(staging, self.topology.rank)
-        self.topology.barrier()
-        if self.main:
+
+        def finish() -> None:
             state = {
                 "step": self.step,
                 "data": self.loader.batch_sampler.state_dict(),
                 "world_size": self.topology.world_size,
                 "engine": self.engine.name,
+                "pending_eval": pending_eval,
             }
             ckpt.write_trainer_state(staging, state)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
+
+        def parts() -> None:
+            self.engine.save_training_state(staging)
+            ckpt.save_rng(staging, self.topology.rank)
+
+        self._checkpoint_phase(prepare if self.main else None, staging, needed)
+        self._checkpoint_phase(partial(self._save_tuned, staging / self._tuned_name), staging, needed)
+        drill(self.topology.rank, self.step, "checkpoint")
+        self._checkpoint_phase(parts, staging, needed)
+        self._checkpoint_phase(finish if self.main else None, staging, needed)
+        if self.main:
             ckpt.prune(self.ckpt_root, int(self.cfg.get("checkpoint", {}).get("keep_last", 2)))
         self.topology.barrier()
+        self.stopper.record_checkpoint(time.perf_counter() - started)
         return final
+
+    def _checkpoint_phase(self, write: Any, staging: Path, needed: int | None) -> None:
+        """Run one phase of a checkpoint write on this rank (``write`` None: nothing to do here), then agree
+        with every rank that it succeeded; on a failure anywhere, every rank raises and rank 0 removes the
+        staging directory."""
+        error: BaseException | None = None
+        if write is not None:
+            try:
+                with ckpt.writing(staging, needed):
+                    write()
+            except (OSError, OpenDeltaError) as exc:
+                error = exc
+        failed = _all_reduce([float(error is not None)], self.topology.device, dist.ReduceOp.MAX)[0]
+        if not failed:
+            return
+        if self.main:
+            shutil.rmtree(staging, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise DeltaCheckpointError(
+            f"the checkpoint at step {self.step} failed on another rank (its error is in its output); "
+            f"the previous checkpoints in {self.ckpt_root} are intact"
+        )
 
     def _save_tuned(self, path: Path) -> None:
         """Write what this run trains into ``path``; collective, rank 0 writes.
@@ -643,13 +645,37 @@ class DeltaTuningRecipe:
         topology = getattr(self, "topology", None)
         if topology is not None:
             topology.destroy_process_group()
+        stopper = getattr(self, "stopper", None)
+        if stopper is not None:
+            stopper.uninstall()
+
+    def interrupted(self) -> RunStopped:
+        """What Ctrl-C (SIGINT) ends the run with: one line saying where it stopped and how to go on."""
+        latest = ckpt.latest_checkpoint(self.ckpt_root) if hasattr(self, "ckpt_root") else None
+        where = f"at step {self.step}" if self.step else "before the first step"
+        how = (
+            f"the last checkpoint is {latest}: the same command with resume=auto continues from it"
+            if latest is not None
+            else "no checkpoint was written: the same command with resume=auto starts again"
+        )
+        return RunStopped(f"interrupted (Ctrl-C) {where}; {how}", 130)
 
 
 def run(cfg: Any) -> dict[str, float]:
-    """Set up, train and clean up (even on failure); returns the final evaluation metrics."""
+    """Set up, train and clean up (even on failure); returns the final evaluation metrics.
+
+    Raises:
+        RunStopped: a signal, the time limit or Ctrl-C stopped the run before its last step.
+    """
     recipe = DeltaTuningRecipe(cfg)
     try:
         recipe.setup()
         return recipe.train()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the terminal's Ctrl-C on: a second one
+        stop = recipe.interrupted()
+        if getattr(recipe, "main", int(os.environ.get("RANK", "0")) == 0):
+            recipe.say(str(stop))
+        raise stop from None
     finally:
         recipe.cleanup()

@@ -23,6 +23,7 @@ from opendelta_dist.train.data import DataConfig
 from opendelta_dist.train.engines import engine_class
 from opendelta_dist.train.engines.base import OPTIMIZERS, OptimizerSpec
 from opendelta_dist.train.models import ModelConfig, check_model_source
+from opendelta_dist.train.stopping import parse_margin, parse_signal
 
 _MISSING = object()
 
@@ -37,6 +38,7 @@ _INTEGERS: dict[str, tuple[int, str, int]] = {
     "train.log_every": (1, "the optimizer steps between log lines", 10),
     "checkpoint.every": (0, "the optimizer steps between checkpoints (0: none but the final delta)", 50),
     "checkpoint.keep_last": (0, "the checkpoints kept (0: all of them)", 2),
+    "checkpoint.max_requeues": (0, "the requeues of its Slurm job the run may ask for", 20),
     "optim.warmup_steps": (0, "the optimizer steps of warm-up", 0),
 }
 
@@ -84,6 +86,7 @@ _GROUP_KEYS: dict[str, tuple[str, ...]] = {
         "device",
         "run_dir",
         "resume",
+        "overwrite_run_dir",
         "train",
         "model",
         "delta",
@@ -94,7 +97,7 @@ _GROUP_KEYS: dict[str, tuple[str, ...]] = {
         "checkpoint",
     ),
     "train": ("max_steps", "global_batch_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"),
-    "checkpoint": ("every", "keep_last"),
+    "checkpoint": ("every", "keep_last", "signal", "time_limit_margin", "max_requeues"),
     "logger": ("backends", "project"),
     "model": tuple(f.name for f in fields(ModelConfig)),
     "data": tuple(f.name for f in fields(DataConfig)),
@@ -190,6 +193,13 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
     """
     _check_keys(cfg)
     _check_integers(cfg)
+    checkpoint = cfg.get("checkpoint") or {}
+    parse_signal(checkpoint.get("signal", "USR1"))
+    parse_margin(checkpoint.get("time_limit_margin", "auto"))
+    if not isinstance(cfg.get("overwrite_run_dir", False), bool):
+        raise DeltaConfigError(
+            f"overwrite_run_dir={cfg['overwrite_run_dir']!r} must be true or false; set e.g. overwrite_run_dir=true"
+        )
     _check_optimizer(cfg)
     check_model_source(ModelConfig(**cfg["model"]))
     engine_class(cfg["engine"]["name"]).check_delta_options(cfg.get("delta") or {})

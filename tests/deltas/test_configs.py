@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 import opendelta_dist.deltas  # noqa: F401  (registers the methods)
 from opendelta_dist import LoraModel
 from opendelta_dist.auto_delta import DELTA_METHODS
-from opendelta_dist.train.recipe import delta_config
+from opendelta_dist.train.tuning import delta_config
 from tests.models import build
 
 ROOT = Path(__file__).resolve().parents[2]

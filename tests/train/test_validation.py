@@ -78,6 +78,11 @@ BAD = [
     ("model.foo", 1, "model has no key 'foo'"),
     ("data.train_fiel", "x.jsonl", "did you mean data.train_file?"),
     ("logger.projct", "p", "did you mean logger.project?"),
+    ("checkpoint.signal", "KILL", "cannot be the checkpoint signal; choose USR1, USR2 or HUP"),
+    ("checkpoint.signal", "USR9", "is not a signal; set e.g. checkpoint.signal=USR1"),
+    ("checkpoint.time_limit_margin", -3, "must be auto, a number >= 0, or null"),
+    ("checkpoint.max_requeues", -1, "must be 0 or a positive integer"),
+    ("overwrite_run_dir", "yes", "must be true or false"),
 ]
 
 
