@@ -13,6 +13,7 @@ from opendelta_dist.train.data import DataConfig, TokenizedDataset, build_tokeni
 from opendelta_dist.train.metrics import teacher_forced_exact_match
 from opendelta_dist.train.models import ModelConfig, build_model
 from opendelta_dist.train.recipe import FAIL_AT_STEP_ENV, FAIL_RANK_ENV
+from opendelta_dist.train.stopping import SIGNAL_AT_ENV
 from tests.train.launch import ROOT, check, launch, metrics
 
 pytestmark = pytest.mark.slow
@@ -150,12 +151,18 @@ GPU_ENGINES = {"bmt_one_gpu"}
 )
 def test_engines_agree_with_ddp(engine, reference, tmp_path):
     """For one seed, every engine (and accumulation) follows DDP's loss curve (fp32 on CPU: within 1e-4
-    relative), and its final delta, gathered from shards, has full tensors close to DDP's."""
+    relative), and its final delta, gathered from shards, has full tensors close to DDP's. Each engine's
+    run is stopped once on the way (SIGUSR1 at its last rank, mid-step 9) and resumed: a stop loses nothing
+    on any engine."""
     run_dir = tmp_path / "run"
     one_process = engine.startswith("single") or engine in GPU_ENGINES
-    result = launch(
-        [*TINY, *ENGINES[engine], "train.max_steps=16", f"run_dir={run_dir}"], nproc=1 if one_process else 2
-    )
+    nproc = 1 if one_process else 2
+    overrides = [*TINY, *ENGINES[engine], "train.max_steps=16", f"run_dir={run_dir}"]
+    if not engine.startswith("ddp"):  # ddp's stops: tests/train/test_no_lost_work.py
+        stopped = launch(overrides, nproc=nproc, env={SIGNAL_AT_ENV: f"{nproc - 1}:9:step:USR1"})
+        assert f"stopped at step 9 on SIGUSR1 (received by rank {nproc - 1})" in stopped.stdout, stopped.stderr[-3000:]
+        overrides.append("resume=auto")
+    result = launch(overrides, nproc=nproc)
     check(result)
     # the training log is not buried under the deprecation warnings of collectives the engine's library calls
     assert "is deprecated. Please use `torch.distributed" not in result.stderr
