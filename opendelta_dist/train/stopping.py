@@ -19,7 +19,7 @@ Signals handled:
   times), then exits (status 128 + the signal's number). ``launch/slurm/train.sbatch`` has Slurm send it
   before the time limit (``--signal``); ``scancel --signal=USR1 <job>`` sends it by hand.
 
-The time limit without a signal: under Slurm the run reads its job's end time (``SLURM_JOB_END_TIME``)
+The time limit without a signal: under Slurm the run reads its job's end time (:func:`slurm_job_end_time`)
 and stops ``checkpoint.time_limit_margin`` seconds before it, then requeues the job. The margin ``auto``
 is measured as the run goes: 1.5 x (the slowest of the last steps + the slowest checkpoint write) + 10 s,
 with a checkpoint write taken as 30 s until one is measured.
@@ -37,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from types import FrameType
 from typing import Any
 
@@ -47,8 +48,11 @@ from opendelta_dist.errors import DeltaConfigError, OpenDeltaError
 
 #: the time a checkpoint write is assumed to take until the run has measured one
 UNMEASURED_CHECKPOINT_S = 30.0
-#: a SIGTERM this close to (or after) the job's end time is taken as Slurm's time limit
-TIME_LIMIT_SIGTERM_WINDOW_S = 90.0
+#: a SIGTERM at the job's end time (or after it), give or take this much clock skew, is Slurm's time limit
+#: (slurmctld sends it once the end time has passed); an earlier one is a cancel, requeue or preemption
+TIME_LIMIT_SIGTERM_WINDOW_S = 5.0
+#: how often rank 0 asks Slurm for its job's end time again (a time limit can change while the job runs)
+END_TIME_REFRESH_S = 300.0
 _REFUSED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGINT, signal.SIGTERM}
 
 
@@ -124,12 +128,26 @@ def parse_margin(value: Any) -> float | None:
 
 
 def slurm_job_end_time() -> float | None:
-    """The Unix time at which Slurm ends this job (``SLURM_JOB_END_TIME``), or None outside Slurm."""
+    """The Unix time at which Slurm ends this job, or None (outside Slurm, or no time limit).
+
+    ``SLURM_JOB_END_TIME`` where Slurm sets it, else ``squeue -h -j $SLURM_JOB_ID -o %e`` (the end time in
+    the node's local time), which also sees a time limit changed after the job started.
+    """
     try:
         end = float(os.environ["SLURM_JOB_END_TIME"])
+        return end if end > 0 else None
     except (KeyError, ValueError):
+        pass
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
         return None
-    return end if end > 0 else None
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout.strip()
+        return datetime.fromisoformat(out).timestamp()
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None  # no squeue, or no end time (NONE, Unknown)
 
 
 def slurm_job_id() -> str | None:
@@ -175,7 +193,8 @@ class Stopper:
         checkpoint_signal: :func:`parse_signal`'s result.
         margin: :func:`parse_margin`'s result.
         max_requeues: how many times the run may requeue its Slurm job (``SLURM_RESTART_COUNT`` counts them).
-        end_time: the job's end time (Unix seconds); by default Slurm's, on rank 0.
+        end_time: the job's end time (Unix seconds); by default Slurm's (:func:`slurm_job_end_time`), read by
+            rank 0 and again every :data:`END_TIME_REFRESH_S`.
         clock: the wall clock (tests pass their own).
     """
 
@@ -194,8 +213,10 @@ class Stopper:
         self.signals = [signal.SIGTERM] + ([checkpoint_signal] if checkpoint_signal is not None else [])
         self.margin_setting = margin
         self.max_requeues = max_requeues
-        self.end_time = end_time if end_time is not None else (slurm_job_end_time() if rank == 0 else None)
         self.clock = clock
+        self._ask_slurm = end_time is None and rank == 0 and slurm_job_id() is not None
+        self.end_time = slurm_job_end_time() if self._ask_slurm else end_time
+        self._end_read_at = clock()
         self.received: dict[signal.Signals, float] = {}
         self.reason: StopReason | None = None
         self._steps: deque[float] = deque(maxlen=20)
@@ -239,6 +260,8 @@ class Stopper:
         return 1.5 * (step + write) + 10.0
 
     def _deadline_reached(self) -> bool:
+        if self._ask_slurm and self.clock() - self._end_read_at >= END_TIME_REFRESH_S:
+            self.end_time, self._end_read_at = slurm_job_end_time(), self.clock()
         margin = self.margin()
         return self.end_time is not None and margin is not None and self.clock() >= self.end_time - margin
 

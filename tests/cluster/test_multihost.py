@@ -42,6 +42,7 @@ from tests.cluster.jobs import (
 )
 from tests.cluster.multihost import HOST_IFNAME, EmulatedCluster
 from tests.cluster.slurm import ClusterUnavailable
+from tests.train.launch import metrics
 
 pytestmark = pytest.mark.slow  # Slurm jobs on emulated hosts, about 10-50 s each
 
@@ -178,6 +179,36 @@ def test_a_lost_host_requeues_the_job_and_it_resumes_to_the_same_delta(hosts, tw
     assert f"job {job_id} run 2 (SLURM_RESTART_COUNT=1) on node[1-2]" in text
     assert "DUE TO NODE FAILURE" in (hosts.root / "log" / "slurmd-node1.log").read_text()
     assert EVERY <= _resumed_at(text) < STEPS["ddp"]
+    assert_same_delta(run_dir, reference)
+
+
+@pytest.mark.parametrize("interruption", ["scancel --signal=USR1", "scontrol requeue"])
+def test_a_two_host_job_stopped_mid_step_resumes_to_the_same_delta(hosts, two_host_run, tmp_path, interruption):
+    """Mid-run, the checkpoint signal reaches every process of the 2-node job (``scancel --signal=USR1``, as
+    ``--signal=USR1@120`` sends it before the time limit), or Slurm requeues it (``scontrol requeue``: SIGTERM
+    to every process, as a preemption). Every rank stops at the same step, writes one checkpoint there and
+    exits; the job runs again (requeued by the run itself, or by Slurm), resumes from exactly that step and
+    ends with the uninterrupted run's delta, bit for bit, every step logged once."""
+    _, reference, _ = two_host_run("ddp")
+    job_id, log = sbatch(hosts, tmp_path, overrides("ddp"), "--nodes=2", nproc_per_node=1)
+    run_dir = run_dir_of(tmp_path, job_id)
+    wait_for_checkpoint(run_dir, log)
+    hosts.run(*interruption.split(), job_id)
+    _wait_requeued(hosts, job_id, log, timeout=60)
+    _old_run_gone(hosts, job_id)
+    assert not (run_dir / "final_delta").exists(), "the job ended before it was stopped"
+    hosts.start_when_eligible(job_id)
+    info = _wait_ended(hosts, job_id, log)
+
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["NodeList"] == "node[1-2]", text[-6000:]
+    name = "SIGUSR1" if "USR1" in interruption else "SIGTERM"
+    stop = re.search(rf"stopped at step (\d+) on {name} \(received by rank \d\): checkpoint \S+/step_(\d+)", text)
+    assert stop and int(stop.group(1)) == int(stop.group(2)), text[-6000:]
+    if name == "SIGUSR1":
+        assert f"requeued job {job_id}: its next run continues from this checkpoint" in text
+    assert _resumed_at(text) == int(stop.group(1)) < STEPS["ddp"]
+    assert [r["step"] for r in metrics(run_dir)] == [r["step"] for r in metrics(reference)]  # each logged once
     assert_same_delta(run_dir, reference)
 
 

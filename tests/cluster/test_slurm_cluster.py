@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.jobs import ENDED, TINY, load_final_delta, run_job, sbatch, wait_for_checkpoint
+from tests.cluster.jobs import ENDED, TINY, load_final_delta, run_dir_of, run_job, sbatch, wait_for_checkpoint
 from tests.cluster.slurm import SlurmCluster
 from tests.train.launch import ROOT, metrics
 
@@ -42,41 +42,45 @@ def test_a_failing_job_fails(slurm_cluster, tmp_path):
     assert "not divisible by world size 2" in log.read_text()
 
 
-@pytest.mark.parametrize("interruption", ["scontrol requeue", "time-limit signal"])
-def test_a_requeued_job_resumes_from_its_last_checkpoint(slurm_cluster, tmp_path, interruption):
-    """Preemption-style requeue (Slurm signals every process), or the time-limit warning that the
-    script traps (--signal=B:USR1@300; sent here at once with scancel) and answers with a requeue."""
-    steps = 100
-    overrides = [*TINY, f"train.max_steps={steps}", "checkpoint.every=5", "train.log_every=1"]
-    job_id, log = sbatch(slurm_cluster, tmp_path, overrides)
-    run_dir = tmp_path / "outputs" / "lora_t5_tiny" / f"slurm-{job_id}"
-    wait_for_checkpoint(run_dir, log)
-    if interruption == "scontrol requeue":
-        slurm_cluster.run("scontrol", "requeue", job_id)
-    else:
-        slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
-    deadline = time.monotonic() + 60
-    while slurm_cluster.job(job_id).get("Restarts") != "1":
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.3)
-    slurm_cluster.start_now(job_id)
-    info = slurm_cluster.wait_for(job_id, ENDED, timeout=180)
+def test_a_job_checkpoints_before_its_time_limit_and_requeues_itself(slurm_cluster, tmp_path):
+    """``--time=1`` (a minute, Slurm's shortest): the run reads its job's end time and, 45 s before it
+    (``checkpoint.time_limit_margin=45``), checkpoints at its next step and requeues the job itself. Each
+    run trains a few seconds; after two such requeues the job is cancelled. No step is lost or logged twice.
+    (``--signal=USR1@1``: Slurm's own warning, the fallback, comes at most 31 s before the end, after the
+    run has stopped.)"""
+    overrides = [*TINY, "train.max_steps=100000", "checkpoint.time_limit_margin=45", "train.log_every=1"]
+    job_id, log = sbatch(slurm_cluster, tmp_path, overrides, "--time=1", "--signal=USR1@1")
+    run_dir = run_dir_of(tmp_path, job_id)
+    for run in (2, 3):  # each started as soon as it is pending (skipping the requeue delay and the scheduler's cadence)
+        deadline = time.monotonic() + 120
+        while not (log.exists() and f"job {job_id} run {run} (" in log.read_text()):
+            assert time.monotonic() < deadline, log.read_text()[-6000:] if log.exists() else "no job log"
+            if slurm_cluster.job(job_id).get("JobState") == "PENDING":
+                slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+            time.sleep(0.3)
+    wait_for_log(log, "resumed from", count=2)  # the third run is training
+    slurm_cluster.run("scancel", job_id)
+    slurm_cluster.wait_for(job_id, ENDED, timeout=60)
 
-    text = log.read_text()  # --open-mode=append: both runs are in it
-    assert info["JobState"] == "COMPLETED", text
-    assert (
-        f"job {job_id} run 1 (SLURM_RESTART_COUNT=0)" in text and f"job {job_id} run 2 (SLURM_RESTART_COUNT=1)" in text
+    text = log.read_text()
+    stops = re.findall(
+        r"stopped at step (\d+) on the job's time limit \(the job ends at [\d:]+, (\d+) s from now; margin 45 s\)", text
     )
-    if interruption == "time-limit signal":
-        assert f"time limit near: requeueing job {job_id}" in text
-    resumed = re.search(r"resumed from (\S+)/step_(\d+) at step (\d+)", text)
-    assert resumed, text
-    resumed_at = int(resumed.group(3))
-    assert 5 <= resumed_at < steps and resumed_at % 5 == 0
-    # the second run continued from the checkpoint: it logged every step after it, up to the last
+    assert len(stops) >= 2, text[-6000:]
+    assert all(int(left) <= 45 for _, left in stops)
+    assert text.count(f"requeued job {job_id}: its next run continues from this checkpoint") >= 2
+    resumed = [int(step) for step in re.findall(r"resumed from \S+/step_\d+ at step (\d+)", text)]
+    assert resumed[:2] == [int(step) for step, _ in stops[:2]]
     logged = [r["step"] for r in metrics(run_dir)]
-    assert logged[resumed_at - steps :] == list(range(resumed_at + 1, steps + 1))
-    load_final_delta(run_dir)
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) >= resumed[1]
+
+
+def wait_for_log(log: Path, text: str, count: int = 1, timeout: float = 90) -> None:
+    """Wait until the job's log holds ``text`` (``count`` times)."""
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and log.read_text().count(text) >= count):
+        assert time.monotonic() < deadline, log.read_text()[-6000:] if log.exists() else "no job log"
+        time.sleep(0.2)
 
 
 def sweep_command(cluster: SlurmCluster, sweep: Path, overrides: list[str]) -> list[str]:

@@ -208,7 +208,7 @@ def test_the_sbatch_defaults_suit_gpu_nodes():
         "--gpus-per-node=8",
         "--requeue",
         "--open-mode=append",
-        "--signal=B:USR1@300",
+        "--signal=USR1@120",
     ):
         assert expected in directives
     result = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)

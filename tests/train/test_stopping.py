@@ -153,7 +153,11 @@ def test_which_stops_ask_slurm_for_a_requeue(monkeypatch):
     cancelled.received[signal.SIGTERM] = now[0]  # scancel, a requeue or a preemption: not ours to requeue
     cancelled.poll()
     assert not cancelled.wants_requeue()
-    at_limit = Stopper(0, CPU, signal.SIGUSR1, margin=None, end_time=1010.0, clock=lambda: now[0])
+    soon = Stopper(0, CPU, signal.SIGUSR1, margin=None, end_time=1030.0, clock=lambda: now[0])
+    soon.received[signal.SIGTERM] = now[0]  # 30 s before the end: still a cancel
+    soon.poll()
+    assert not soon.wants_requeue()
+    at_limit = Stopper(0, CPU, signal.SIGUSR1, margin=None, end_time=1002.0, clock=lambda: now[0])
     at_limit.received[signal.SIGTERM] = now[0]  # SIGTERM at the end time: Slurm's time limit
     at_limit.poll()
     assert at_limit.wants_requeue()
@@ -164,7 +168,7 @@ def test_which_stops_ask_slurm_for_a_requeue(monkeypatch):
 def test_requeues_are_limited(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
-    assert "requeued 3 times (checkpoint.max_requeues=3)" in Stopper(0, CPU, max_requeues=3).requeue()
+    assert "requeued 3 times (checkpoint.max_requeues=3)" in Stopper(0, CPU, max_requeues=3, end_time=0.0).requeue()
 
 
 def _vote(signalled_rank: int) -> list[tuple[str, int]]:
