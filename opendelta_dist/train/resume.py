@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from opendelta_dist.auto_delta import AutoDeltaConfig, read_config_file
@@ -58,7 +59,9 @@ def resume_source(
             problem = ckpt.verify_checkpoint(path)
             choice = [str(path), [(str(path), problem)] if problem else []]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(choice, src=0)
+        # a few bytes: over gloo's CPU side of the group where it has one (``cpu:gloo,cuda:nccl``)
+        cpu = torch.device("cpu") if "gloo" in str(dist.get_backend()) else None
+        dist.broadcast_object_list(choice, src=0, device=cpu)
     chosen, damaged = choice
     if damaged and (resume != "auto" or chosen is None):
         found = "; ".join(f"{p}: {why}" for p, why in damaged)

@@ -237,6 +237,8 @@ def _patch_torch_cuda() -> None:
     cuda.set_device = lambda device: None
     cuda.synchronize = lambda device=None: None
     cuda.is_bf16_supported = lambda *a, **k: True
+    # an sm_80 device (one of the architectures BMTrain is built for): torch.distributed's broadcast asks
+    cuda.get_device_capability = lambda device=None: (8, 0)
     cuda.Stream = _Stream
     cuda.Event = _Event
     cuda.current_stream = lambda device=None: _CURRENT

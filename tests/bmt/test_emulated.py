@@ -310,6 +310,25 @@ def test_a_killed_bmt_run_on_two_ranks_resumes_bit_exact(recipe_runs, tmp_path):
         assert torch.equal(ours[key], value), key
 
 
+def test_a_signalled_bmt_run_stops_at_one_step_and_torchrun_restarts_it_bit_exact(recipe_runs, tmp_path):
+    """SIGTERM reaches rank 1 mid-step 8: both ranks stop after step 8, write its checkpoint (each rank its
+    partition of Adam's state) and exit 143; torchrun restarts them, they resume at step 8 (a restart
+    continues its run) and end with the uninterrupted run's delta, bit for bit, every step logged once."""
+    from opendelta_dist.train.stopping import SIGNAL_AT_ENV
+
+    run_dir = tmp_path / "run"
+    overrides = [*EMULATED_RUN, f"run_dir={run_dir}"]
+    result = launch(overrides, nproc=2, env=_emulated({SIGNAL_AT_ENV: "1:8:step:TERM"}), max_restarts=1)
+    check(result)
+    assert "stopped at step 8 on SIGTERM (received by rank 1)" in result.stdout, result.stdout[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step_00000008 at step 8" in result.stdout
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 13))
+    ours, ref = (load_file(d / "final_delta" / "delta_model.safetensors") for d in (run_dir, recipe_runs[2]))
+    assert ours.keys() == ref.keys()
+    for key, value in ref.items():
+        assert torch.equal(ours[key], value), key
+
+
 def test_the_gpu_tests_of_the_bmt_backend_and_engine_pass_under_the_emulation(tmp_path):
     """The ``gpu`` tests of ``tests/bmt`` and the bmt rows of the backend contract, in one emulated process (world
     size 1): each passes, or is skipped for the one reason the emulation allows (a method the bmt backend refuses
