@@ -57,13 +57,14 @@ def record_stop(stop: RunStopped) -> None:
 
 def sweep_point_run_dir(cfg: DictConfig) -> None:
     """In a sweep, each point trains in its own directory: Hydra's job directory of the point
-    (``<hydra.sweep.dir>/<job number>``), unless ``run_dir`` is among the overrides."""
+    (``<hydra.sweep.dir>/<job number>``), or ``<run_dir>/<job number>`` when ``run_dir`` is overridden."""
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return
     if any(o.lstrip("+").startswith("run_dir=") for o in hydra_cfg.overrides.task):
-        return
-    cfg.run_dir = os.path.join(hydra_cfg.sweep.dir, hydra_cfg.sweep.subdir)
+        cfg.run_dir = os.path.join(cfg.run_dir, hydra_cfg.sweep.subdir)
+    else:
+        cfg.run_dir = os.path.join(hydra_cfg.sweep.dir, hydra_cfg.sweep.subdir)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
@@ -72,7 +73,17 @@ def main(cfg: DictConfig) -> None:
     signal or the time limit its own status (143 for SIGTERM, 130 for Ctrl-C), said once by the recipe."""
     sweep_point_run_dir(cfg)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        run(cfg)  # jobs of a local sweep share this process: it must outlive each of them
+        try:
+            run(cfg)  # jobs of a local sweep share this process: it must outlive each of them
+        except RunStopped as stop:  # the whole sweep stops with the point it stopped
+            sweep = HydraConfig.get().sweep.dir
+            print(
+                f"the sweep stopped at point {HydraConfig.get().job.num}; to go on, run it again with "
+                f"hydra.sweep.dir={sweep} resume=auto",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(stop.exit_status)
         return
     try:
         run(cfg)

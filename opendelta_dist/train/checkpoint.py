@@ -327,3 +327,21 @@ def _free_bytes(path: Path) -> int:
 
 def _mb(size: int) -> str:
     return f"{size / 2**20:.1f} MB"
+
+
+def space_error(path: Path, needed: int | None, error: BaseException) -> CheckpointSpaceError | None:
+    """``error`` as a :class:`CheckpointSpaceError` when it came from a full filesystem, else None.
+
+    torch.save and safetensors do not raise ``OSError(ENOSPC)`` for a full disk (``unexpected pos``, ``No
+    space left``); what tells is the filesystem: less than 1 MiB (or ``needed``) left where ``path`` was written.
+    """
+    if isinstance(error, CheckpointSpaceError):
+        return error
+    free = _free_bytes(path)
+    if free >= max(needed or 0, 2**20):
+        return None
+    wanted = f"{_mb(needed)} MB needed, " if needed else ""
+    message = f"the disk is full while writing {path} ({wanted}{_mb(free)} MB free now; {error}). {_SPACE_FIX}"
+    space = CheckpointSpaceError(message)
+    space.__cause__ = error
+    return space

@@ -164,7 +164,7 @@ class DeltaTuningRecipe:
         self.run_dir = Path(cfg["run_dir"]).resolve()
         self.ckpt_root = self.run_dir / "checkpoints"
         # one run per run directory; checked by every rank before the process group, so before rank 0 writes
-        self.resume = rundir.resume_setting(cfg)
+        self.resume = rundir.resume_setting(cfg, self.run_dir)
         rundir.check_run_dir_free(self.run_dir, self.resume, bool(cfg.get("overwrite_run_dir")))
         checkpoint_cfg = cfg.get("checkpoint", {})
         self.stopper = Stopper(
@@ -179,6 +179,9 @@ class DeltaTuningRecipe:
         self.main = self.topology.is_main
         if not self.main:  # transformers' load reports and warnings once, from rank 0
             transformers.logging.set_verbosity_error()
+        self._lock = None
+        if self.run_dir.is_dir():
+            self._lock = rundir.claim_on_rank0(self.run_dir, self.main)  # no second live run in it
         self.finished = self._finished_result()
         if self.finished is not None:
             return
@@ -297,6 +300,8 @@ class DeltaTuningRecipe:
             self.say(f"overwrite_run_dir=true: deleting the run in {self.run_dir} ({present})")
             rundir.clear_run(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._lock = rundir.claim(self.run_dir)
         with (self.run_dir / CONSOLE_LOG).open("a") as log:
             log.writelines(f"{line}\n" for line in self._said)
         self._said.clear()
@@ -306,9 +311,9 @@ class DeltaTuningRecipe:
             changed = rundir.changed_settings(json.loads(config_file.read_text()), cfg, ignore=("resume",))
             if changed:
                 self.say(f"resuming with changed settings: {'; '.join(changed)}")
-        if resume_step is not None:
-            max_steps = int(cfg["train"]["max_steps"])
-            rundir.truncate_metrics(self.run_dir, resume_step, final_eval_due=resume_step >= max_steps)
+        if self.resume is not None:  # resume=auto without a checkpoint starts again from step 0
+            step, max_steps = resume_step or 0, int(cfg["train"]["max_steps"])
+            rundir.truncate_metrics(self.run_dir, step, final_eval_due=step >= max_steps)
         (self.run_dir / rundir.RESULT).unlink(missing_ok=True)  # a finished run given more steps is running again
         config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
@@ -589,8 +594,8 @@ class DeltaTuningRecipe:
             try:
                 with ckpt.writing(staging, needed):
                     write()
-            except (OSError, OpenDeltaError) as exc:
-                error = exc
+            except Exception as exc:
+                error = ckpt.space_error(staging, needed, exc) or exc
         failed = _all_reduce([float(error is not None)], self.topology.device, dist.ReduceOp.MAX)[0]
         if not failed:
             return
@@ -627,7 +632,7 @@ class DeltaTuningRecipe:
         """Save the final delta (full tensors, ``save_finetuned`` format) to ``<run_dir>/final_delta``, or
         the whole model after full fine-tuning to ``<run_dir>/final_model`` (:func:`save_full_model`)."""
         path = self.run_dir / f"final_{self._tuned_name}"
-        self._save_tuned(path)
+        self._checkpoint_phase(partial(self._save_tuned, path), path.with_name(f".{path.name}.tmp"), None)
         if self.main:
             self.say(f"saved the final {self._tuned_name} to {path}")
             self.say(f"use it: python launch/predict.py run_dir={self.run_dir}")
@@ -648,6 +653,9 @@ class DeltaTuningRecipe:
         stopper = getattr(self, "stopper", None)
         if stopper is not None:
             stopper.uninstall()
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
 
     def interrupted(self) -> RunStopped:
         """What Ctrl-C (SIGINT) ends the run with: one line saying where it stopped and how to go on."""
@@ -668,6 +676,7 @@ def run(cfg: Any) -> dict[str, float]:
         RunStopped: a signal, the time limit or Ctrl-C stopped the run before its last step.
     """
     recipe = DeltaTuningRecipe(cfg)
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         recipe.setup()
         return recipe.train()
@@ -679,3 +688,4 @@ def run(cfg: Any) -> dict[str, float]:
         raise stop from None
     finally:
         recipe.cleanup()
+        signal.signal(signal.SIGINT, sigint)

@@ -48,21 +48,26 @@ def resume_source(
     if resume is None:
         return None
     main = say is not None
-    choice: list[Any] = [None, []]
+    choice: list[Any] = [None, [], None]
     if main:
         if resume == "auto":
             chosen, damaged = ckpt.choose_checkpoint(ckpt_root)
-            choice = [str(chosen) if chosen else None, [(str(p), why) for p, why in damaged]]
+            choice = [str(chosen) if chosen else None, [(str(p), why) for p, why in damaged], None]
         else:
             path = Path(resume)
-            ckpt.read_trainer_state(path)  # raises when it is not a finished checkpoint
-            problem = ckpt.verify_checkpoint(path)
-            choice = [str(path), [(str(path), problem)] if problem else []]
+            try:
+                ckpt.read_trainer_state(path)  # raises when it is not a finished checkpoint
+                problem = ckpt.verify_checkpoint(path)
+                choice = [str(path), [(str(path), problem)] if problem else [], None]
+            except DeltaCheckpointError as error:  # said by every rank alike, below
+                choice = [None, [], f"resume={resume}: {error}; give resume=auto, or a checkpoint directory (step_N)"]
     if dist.is_initialized() and dist.get_world_size() > 1:
         # a few bytes: over gloo's CPU side of the group where it has one (``cpu:gloo,cuda:nccl``)
         cpu = torch.device("cpu") if "gloo" in str(dist.get_backend()) else None
         dist.broadcast_object_list(choice, src=0, device=cpu)
-    chosen, damaged = choice
+    chosen, damaged, refused = choice
+    if refused is not None:
+        raise DeltaConfigError(refused)
     if damaged and (resume != "auto" or chosen is None):
         found = "; ".join(f"{p}: {why}" for p, why in damaged)
         what = "it" if resume != "auto" else "every checkpoint"

@@ -11,17 +11,25 @@ the rows written after the checkpoint it resumes from, so no step is logged twic
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.distributed as dist
 
 from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.train.loggers import CONSOLE_LOG, METRICS_FILE, WANDB_ID
 
 RESULT = "result.json"
 CONFIG = "config.json"
+#: who runs in the directory: host, pid and launch id, in a file locked while the run lives (not a run file:
+#: never deleted, and alone it does not make a run)
+LAUNCH = ".launch"
 
 #: what a run writes into its run directory (and ``overwrite_run_dir=true`` deletes); nothing else is touched
 RUN_FILES = (
@@ -55,17 +63,30 @@ def clear_run(run_dir: Path) -> None:
             path.unlink()
 
 
-def restarted() -> bool:
-    """Whether this process is a restart of an interrupted job (torchrun's ``--max_restarts``), which
-    continues the run it belongs to."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+def launch_id() -> str | None:
+    """What stays the same across the restarts of one job: torchrun's run id, or Slurm's job id."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or None
 
 
-def resume_setting(cfg: dict[str, Any]) -> str | None:
+def restarted(run_dir: Path) -> bool:
+    """Whether this process restarts a job that already ran in ``run_dir`` (torchrun's ``--max_restarts``, a
+    Slurm requeue): the launch id recorded there is this process's."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    restart |= int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    if not restart or launch_id() is None:
+        return False
+    try:
+        recorded = json.loads((run_dir / LAUNCH).read_text()).get("launch_id")
+    except (OSError, ValueError):
+        return False
+    return recorded == launch_id()
+
+
+def resume_setting(cfg: dict[str, Any], run_dir: Path) -> str | None:
     """``resume`` as the run uses it: None (a new run), ``"auto"`` or a checkpoint path.
 
-    A restart by torchrun (``--max_restarts``) continues its run even without ``resume=auto``: the first
-    attempt checked that the directory was its own.
+    A restart of a job that already ran here (:func:`restarted`) continues from its newest checkpoint
+    (``auto``), whatever ``resume`` says: ``resume=PATH`` is where the first attempt started.
 
     Raises:
         DeltaConfigError: ``overwrite_run_dir=true`` together with ``resume``.
@@ -76,13 +97,16 @@ def resume_setting(cfg: dict[str, Any]) -> str | None:
         raise DeltaConfigError(
             f"overwrite_run_dir=true deletes run_dir's run, and resume={resume} continues one; choose one of them"
         )
-    if resume is None and restarted():
+    if restarted(run_dir):
         return "auto"
     return resume
 
 
 def check_run_dir_free(run_dir: Path, resume: str | None, overwrite: bool) -> None:
     """Refuse a new run in a directory that holds a run.
+
+    A run resumed from a checkpoint of another directory (``resume=PATH`` outside ``run_dir``) is a new run
+    here.
 
     Args:
         run_dir: the run directory (absolute).
@@ -92,7 +116,8 @@ def check_run_dir_free(run_dir: Path, resume: str | None, overwrite: bool) -> No
     Raises:
         DeltaConfigError: ``run_dir`` holds a run and this one neither continues nor replaces it.
     """
-    if resume is not None or overwrite:
+    continues = resume == "auto" or (resume is not None and Path(resume).resolve().is_relative_to(run_dir))
+    if continues or overwrite:
         return
     present = run_files(run_dir)
     if not present:
@@ -102,6 +127,39 @@ def check_run_dir_free(run_dir: Path, resume: str | None, overwrite: bool) -> No
         "it with overwrite_run_dir=true (deletes those files), or choose another run_dir (e.g. run_dir="
         f"{run_dir.parent / (run_dir.name + '-2')})"
     )
+
+
+def claim(run_dir: Path) -> Any:
+    """Rank 0: lock ``run_dir`` for this run (released when the process ends, however it ends).
+
+    Returns:
+        The open lock file (keep it open for the run's life), or None where the filesystem has no locks.
+
+    Raises:
+        DeltaConfigError: another live run holds the directory (named by host and pid).
+    """
+    path = run_dir / LAUNCH
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        try:
+            holder = json.loads(handle.read() or "{}")
+        except ValueError:
+            holder = {}
+        handle.close()
+        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+        raise DeltaConfigError(
+            f"run_dir={run_dir} is in use by a live run ({who}); wait for it or stop it, or choose another run_dir"
+        ) from None
+    except OSError:
+        return None  # no locks on this filesystem: nothing to enforce with
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "launch_id": launch_id()}) + "\n")
+    handle.flush()
+    return handle
 
 
 def read_result(run_dir: Path) -> dict[str, Any] | None:
@@ -170,3 +228,26 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str
     a, b = leaves(old), leaves(new)
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
+def claim_on_rank0(run_dir: Path, main: bool) -> Any:
+    """:func:`claim` on rank 0, refused alike on every rank (collective).
+
+    Returns:
+        Rank 0's lock (None elsewhere).
+
+    Raises:
+        DeltaConfigError: another live run holds ``run_dir``.
+    """
+    lock, refusal = None, [None]
+    if main:
+        try:
+            lock = claim(run_dir)
+        except DeltaConfigError as error:
+            refusal = [str(error)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        cpu = torch.device("cpu") if "gloo" in str(dist.get_backend()) else None
+        dist.broadcast_object_list(refusal, src=0, device=cpu)
+    if refusal[0] is not None:
+        raise DeltaConfigError(refusal[0])
+    return lock

@@ -53,7 +53,9 @@ UNMEASURED_CHECKPOINT_S = 30.0
 TIME_LIMIT_SIGTERM_WINDOW_S = 5.0
 #: how often rank 0 asks Slurm for its job's end time again (a time limit can change while the job runs)
 END_TIME_REFRESH_S = 300.0
-_REFUSED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGINT, signal.SIGTERM}
+#: the signals that can be the checkpoint signal: the user signals and SIGHUP (others mean something else:
+#: SIGCHLD comes with every child process that ends, SIGSEGV with a crash)
+_CHECKPOINT_SIGNALS = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP}
 
 
 #: For the recovery tests: ``RANK:STEP:PHASE:SIGNAL[,...]`` makes the process of that rank send itself the
@@ -89,7 +91,7 @@ def parse_signal(name: Any) -> signal.Signals | None:
     """The checkpoint signal from its configured name (``USR1``, ``SIGUSR2``, ``10``), or None (off).
 
     Raises:
-        DeltaConfigError: not a signal, or one the run cannot take for this (KILL, STOP, INT, TERM).
+        DeltaConfigError: not a signal, or not one of USR1, USR2, HUP.
     """
     if name in (None, "", "none", "null", False):
         return None
@@ -103,7 +105,7 @@ def parse_signal(name: Any) -> signal.Signals | None:
             f"checkpoint.signal={name!r} is not a signal; set e.g. checkpoint.signal=USR1 (or USR2, HUP), or "
             "checkpoint.signal=null"
         ) from None
-    if sig in _REFUSED:
+    if sig not in _CHECKPOINT_SIGNALS:
         why = "SIGTERM is always handled" if sig == signal.SIGTERM else "it cannot be the checkpoint signal"
         raise DeltaConfigError(f"checkpoint.signal={name!r}: {why}; choose USR1, USR2 or HUP")
     return sig
@@ -130,24 +132,30 @@ def parse_margin(value: Any) -> float | None:
 def slurm_job_end_time() -> float | None:
     """The Unix time at which Slurm ends this job, or None (outside Slurm, or no time limit).
 
-    ``SLURM_JOB_END_TIME`` where Slurm sets it, else ``squeue -h -j $SLURM_JOB_ID -o %e`` (the end time in
-    the node's local time), which also sees a time limit changed after the job started.
+    ``squeue -h -j $SLURM_JOB_ID -o %e`` (in ISO form, whatever ``SLURM_TIME_FORMAT`` the user set), which
+    also sees a time limit changed while the job runs; ``SLURM_JOB_END_TIME`` (set by newer Slurm at the
+    job's start) where squeue cannot answer.
     """
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        try:
+            env = {**os.environ, "SLURM_TIME_FORMAT": "standard"}
+            out = subprocess.run(
+                ["squeue", "-h", "-j", job, "-o", "%e"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+                env=env,
+            ).stdout.strip()
+            return datetime.fromisoformat(out).timestamp()
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            pass  # no squeue here, or no end time (NONE, Unknown)
     try:
         end = float(os.environ["SLURM_JOB_END_TIME"])
-        return end if end > 0 else None
     except (KeyError, ValueError):
-        pass
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
         return None
-    try:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True, timeout=30, check=False
-        ).stdout.strip()
-        return datetime.fromisoformat(out).timestamp()
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        return None  # no squeue, or no end time (NONE, Unknown)
+    return end if end > 0 else None
 
 
 def slurm_job_id() -> str | None:

@@ -54,14 +54,33 @@ def test_overwrite_deletes_only_what_runs_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
 
 
-def test_resume_setting(monkeypatch):
-    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    assert rundir.resume_setting({"resume": None}) is None
-    assert rundir.resume_setting({"resume": "auto"}) == "auto"
+def test_resume_setting(monkeypatch, tmp_path):
+    for var in ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert rundir.resume_setting({"resume": None}, tmp_path) is None
+    assert rundir.resume_setting({"resume": "auto"}, tmp_path) == "auto"
     with pytest.raises(DeltaConfigError, match="choose one of them"):
-        rundir.resume_setting({"resume": "auto", "overwrite_run_dir": True})
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a torchrun restart continues its run
-    assert rundir.resume_setting({"resume": None}) == "auto"
+        rundir.resume_setting({"resume": "auto", "overwrite_run_dir": True}, tmp_path)
+    # a restart continues its run, from the newest checkpoint, only where this launch ran before
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert rundir.resume_setting({"resume": None}, tmp_path) is None  # another launch's directory
+    lock = rundir.claim(tmp_path)
+    try:
+        assert rundir.resume_setting({"resume": None}, tmp_path) == "auto"
+        assert rundir.resume_setting({"resume": "/elsewhere/step_00000400"}, tmp_path) == "auto"
+        with pytest.raises(DeltaConfigError, match=r"is in use by a live run \(pid \d+ on "):
+            rundir.claim(tmp_path)  # a second live run
+    finally:
+        lock.close()
+    rundir.claim(tmp_path).close()  # free again once the first is gone
+
+
+def test_a_checkpoint_of_another_directory_starts_a_new_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(DeltaConfigError, match="holds a run already"):
+        rundir.check_run_dir_free(tmp_path, "/elsewhere/checkpoints/step_00000004", False)
+    rundir.check_run_dir_free(tmp_path, str(tmp_path / "checkpoints" / "step_00000004"), False)
 
 
 def _rows(path):
@@ -98,7 +117,7 @@ def test_parse_signal(name, expected):
     assert parse_signal(None) is None
 
 
-@pytest.mark.parametrize("name", ["KILL", "INT", "TERM", "USR3", "twelve"])
+@pytest.mark.parametrize("name", ["KILL", "INT", "TERM", "CHLD", "SEGV", "USR3", "twelve"])
 def test_parse_signal_refuses(name):
     with pytest.raises(DeltaConfigError, match=r"checkpoint\.signal"):
         parse_signal(name)
