@@ -91,6 +91,17 @@ def _ignore_timeout_signal() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
+def point_overrides(task: list[str], output_dir: str, job_num: int) -> list[str]:
+    """The overrides one sweep point trains with: its own run directory (Hydra's job directory, or
+    ``<run_dir>/<job number>`` when the sweep gives ``run_dir``, so that no two points share one) and
+    ``resume=auto`` (see :func:`launch.slurm.plan.training_overrides`)."""
+    given = [o for o in task if o.lstrip("+").startswith("run_dir=")]
+    if not given:
+        return training_overrides(task, output_dir)
+    rest = [o for o in task if o not in given]
+    return training_overrides(rest, os.path.join(given[-1].split("=", 1)[1], str(job_num)))
+
+
 def run_torchrun(cfg: DictConfig) -> int:
     """One Slurm task (one node) of a sweep job: run torchrun for this node and wait for it.
 
@@ -109,7 +120,7 @@ def run_torchrun(cfg: DictConfig) -> int:
     nproc = launcher.get("nproc_per_node")
     env = {**os.environ, "TORCHRUN_MAX_RESTARTS": str(launcher.get("max_restarts") or 0)}
     alloc = Allocation.from_environment(env, nproc_per_node=int(nproc) if nproc else None)
-    overrides = training_overrides(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
+    overrides = point_overrides(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir, hydra_cfg.job.num)
     command = torchrun_command(alloc, overrides)
     print(f"job {alloc.run_key} run {alloc.restart_count + 1}: " + shlex.join(command), flush=True)
 

@@ -233,3 +233,15 @@ def test_a_sweep_is_checked_before_it_is_submitted(tmp_path):
     assert result.returncode != 0 and "keep it 1 (one torchrun per node)" in result.stderr
     result = sweep(tmp_path, "+recipe=lora_t5_tiny", "engine=ddp,nope")
     assert result.returncode != 0 and "Could not find 'engine/nope'" in result.stderr
+
+
+def test_each_sweep_point_gets_its_own_run_directory():
+    """Hydra's job directory of the point, or <run_dir>/<job number> when the sweep gives run_dir: never one
+    directory for every point (their runs would be refused as a second live run, or mix)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
+    from launch.hydra_plugins.opendelta_dist_launcher import point_overrides
+
+    task = ["+recipe=lora_t5_tiny", "optim.lr=1e-3"]
+    assert point_overrides(task, "/sweep/0", 0) == [*task, "run_dir=/sweep/0", "resume=auto"]
+    given = [*task, "run_dir=/runs/lr"]
+    assert point_overrides(given, "/sweep/1", 1) == [*task, "run_dir=/runs/lr/1", "resume=auto"]
