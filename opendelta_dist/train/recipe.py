@@ -641,21 +641,17 @@ class DeltaTuningRecipe:
 
     def cleanup(self) -> None:
         """Close loggers and the engine and leave the process group; always runs."""
-        logger = getattr(self, "logger", None)
-        if logger is not None:
-            logger.close()
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
-        topology = getattr(self, "topology", None)
-        if topology is not None:
-            topology.destroy_process_group()
-        stopper = getattr(self, "stopper", None)
-        if stopper is not None:
-            stopper.uninstall()
-        lock = getattr(self, "_lock", None)
-        if lock is not None:
-            lock.close()
+        # in this order: loggers, engine, process group, signal handlers, run directory lock; each if it was made
+        for part, close in (
+            ("logger", "close"),
+            ("engine", "close"),
+            ("topology", "destroy_process_group"),
+            ("stopper", "uninstall"),
+            ("_lock", "close"),
+        ):
+            made = getattr(self, part, None)
+            if made is not None:
+                getattr(made, close)()
 
     def interrupted(self) -> RunStopped:
         """What Ctrl-C (SIGINT) ends the run with: one line saying where it stopped and how to go on."""
