@@ -40,12 +40,14 @@ def build_meta_backbone(model_cfg: Any) -> nn.Module:
         EstimateError: the architecture is not available offline, or the dtype is unknown.
     """
     from opendelta_dist.train.models import DTYPES, auto_model_class
+    from opendelta_dist.train.tasks import task_class
 
     if model_cfg.dtype not in DTYPES:
         raise EstimateError(f"unknown model.dtype {model_cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     config = _architecture_config(model_cfg)
     with torch.device("meta"):
-        return auto_model_class(model_cfg.task).from_config(config, dtype=DTYPES[model_cfg.dtype])
+        head = task_class(model_cfg.task).model_head(config.model_type)
+        return auto_model_class(head).from_config(config, dtype=DTYPES[model_cfg.dtype])
 
 
 def attach_delta(model: nn.Module, cfg: Mapping[str, Any]) -> Any:

@@ -4,7 +4,8 @@ rank its own rows, resumable at any step (its position is part of a checkpoint).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -205,6 +206,7 @@ def build_dataloader(
     shuffle: bool,
     pad_token_id: int,
     drop_last: bool | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """A loader of padded batches for one rank, driven by a :class:`ShardedBatchSampler`.
 
@@ -218,6 +220,7 @@ def build_dataloader(
         pad_token_id: the tokenizer's pad id.
         drop_last: drop the ragged last global batch; ``None`` means the same as ``shuffle``
             (training drops it, evaluation keeps every example).
+        collate_fn: makes a batch of items (a task's ``collate``); None pads token ids with ``pad_token_id``.
 
     Returns:
         The loader (``num_workers=0``); its sampler is ``loader.batch_sampler``.
@@ -237,6 +240,6 @@ def build_dataloader(
     return DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=functools.partial(collate, pad_token_id=pad_token_id),
+        collate_fn=collate_fn or functools.partial(collate, pad_token_id=pad_token_id),
         num_workers=0,
     )

@@ -31,7 +31,8 @@ DATA_DIR = Path(__file__).parent / "assets" / "tiny_t2t"
 """The embedded default data set: ``train.jsonl`` and ``dev.jsonl`` with ``input``/``target`` fields."""
 
 FORMATS = ("jsonl", "json", "csv", "tsv")
-TASKS = ("seq2seq", "classification")
+TARGETS = ("class", "text")
+"""What a row's target becomes: a class id, or text (a task's ``targets``)."""
 SPLITS = ("train", "eval")
 IGNORE_INDEX = -100
 """Label value that losses and metrics skip (padding of seq2seq targets)."""
@@ -55,7 +56,8 @@ class DataConfig:
         hub_name: a ``datasets`` hub name (needs the ``datasets`` package and the network).
         hub_config: the hub data set's configuration name, if it has several.
         format: ``jsonl``, ``json`` (an array of objects), ``csv`` or ``tsv``; inferred from the extension.
-        task: ``"seq2seq"`` (targets are text) or ``"classification"`` (targets are class ids).
+        task: the task (``opendelta_dist/train/tasks``): ``seq2seq`` and ``prompt_generation`` read targets as text,
+            ``classification`` and ``prompt_classification`` as class ids.
         input_column: the column holding the input text.
         target_column: the column holding the target text or label.
         label_names: classification: the class names; a label value that is one of them (or an
@@ -66,6 +68,8 @@ class DataConfig:
             tokens; a longer one is an error, since a truncated target can never be matched exactly.
         max_train_rows: keep only this many training rows: the first ones of a permutation of the
             file seeded with ``shuffle_seed``.
+        train_rows_per_class: few-shot training: keep the first this many rows of each class in a permutation
+            of the file seeded with ``shuffle_seed`` (class targets only; with ``max_train_rows``, applied first).
         max_eval_rows: keep only the first this many evaluation rows, in file order.
         shuffle_seed: seed of the permutation used with ``max_train_rows`` (and ``eval_split``).
         eval_split: with a ``train_file`` and no ``eval_file``: the fraction of the training file's rows held out
@@ -85,6 +89,7 @@ class DataConfig:
     max_length: int = 128
     max_target_length: int = 8
     max_train_rows: int | None = None
+    train_rows_per_class: int | None = None
     max_eval_rows: int | None = None
     shuffle_seed: int = 0
     eval_split: float | None = None
@@ -93,35 +98,40 @@ class DataConfig:
 # ----------------------------------------------------------------------------------------- reading rows
 
 
-def load_rows(config: DataConfig, split: str) -> list[dict[str, Any]]:
+def load_rows(config: DataConfig, split: str, targets: str | None = None) -> list[dict[str, Any]]:
     """Read one split and turn every row into ``{"input": str, "target": str | int}``.
 
-    The target is text for ``task="seq2seq"`` and a class id for ``task="classification"``.
+    The target is a class id (``targets="class"``) or text (``targets="text"``); None means text for
+    ``task="seq2seq"`` and a class id otherwise (a task passes its own, ``Task.targets``).
     Training rows are permuted with ``shuffle_seed`` and truncated when ``max_train_rows`` is set;
     evaluation rows are truncated to ``max_eval_rows`` in file order.
 
     Args:
         config: the data configuration.
         split: ``"train"`` or ``"eval"``.
+        targets: ``"class"`` or ``"text"``.
 
     Returns:
         The normalised rows.
 
     Raises:
-        DataError: unknown split or task, a missing file, an unknown format, a missing column, an
+        DataError: unknown split or targets, a missing file, an unknown format, a missing column, an
             empty file, a malformed row (with its line number), or a hub data set that cannot be loaded.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    if config.task not in TASKS:
-        raise DataError(f"unknown task data.task={config.task!r}; use one of {', '.join(TASKS)}")
+    targets = targets or _default_targets(config.task)
+    if targets not in TARGETS:
+        raise DataError(f"unknown targets {targets!r}; use one of {', '.join(TARGETS)}")
     held_out = config.eval_split is not None and config.train_file is not None and config.eval_file is None
     raw, source = _read_split(config, "train" if held_out else split)
     if not raw:
         raise DataError(f"{source} has no rows; fill it or point DataConfig at another file")
-    rows = [_normalise(config, values, where) for values, where in raw]
+    rows = [_normalise(config, values, where, targets) for values, where in raw]
     if held_out:
         rows = _held_out(rows, config, split)
+    if split == "train" and config.train_rows_per_class is not None:
+        rows = _per_class(rows, config, targets)
     if split == "train" and config.max_train_rows is not None:
         generator = torch.Generator().manual_seed(config.shuffle_seed)
         order = torch.randperm(len(rows), generator=generator).tolist()
@@ -129,6 +139,44 @@ def load_rows(config: DataConfig, split: str) -> list[dict[str, Any]]:
     if split == "eval" and config.max_eval_rows is not None:
         rows = rows[: config.max_eval_rows]
     return rows
+
+
+def _per_class(rows: list[dict[str, Any]], config: DataConfig, targets: str) -> list[dict[str, Any]]:
+    """The first ``train_rows_per_class`` rows of each class in a permutation seeded with ``shuffle_seed``."""
+    wanted = config.train_rows_per_class
+    if targets != "class":
+        raise DataError(
+            "data.train_rows_per_class samples rows per class, and this task's targets are text; use "
+            "data.max_train_rows instead"
+        )
+    if wanted is None or wanted < 1:
+        raise DataError(f"data.train_rows_per_class={wanted} must be at least 1 (e.g. 16), or null for all rows")
+    generator = torch.Generator().manual_seed(config.shuffle_seed)
+    counts: dict[int, int] = {}
+    kept = []
+    for i in torch.randperm(len(rows), generator=generator).tolist():
+        label = rows[i]["target"]
+        if counts.get(label, 0) < wanted:
+            counts[label] = counts.get(label, 0) + 1
+            kept.append(rows[i])
+    short = {label: n for label, n in counts.items() if n < wanted}
+    if short:
+        raise DataError(
+            f"data.train_rows_per_class={wanted}, but the training rows have only {short} of class(es) "
+            f"{', '.join(map(str, short))}; lower it or add rows"
+        )
+    return kept
+
+
+def _default_targets(task: str) -> str:
+    """The targets of the two plain tasks; every other task passes its own (``Task.targets``)."""
+    plain = {"seq2seq": "text", "classification": "class"}
+    if task not in plain:
+        raise DataError(
+            f"data.task={task!r}: say what its targets are (targets='class' or 'text'), as the task's Task.targets "
+            "does; the plain tasks are seq2seq and classification"
+        )
+    return plain[task]
 
 
 def _held_out(rows: list[dict[str, Any]], config: DataConfig, split: str) -> list[dict[str, Any]]:
@@ -286,7 +334,7 @@ def _read_hub(config: DataConfig, split: str) -> list[tuple[dict[str, Any], str]
     )
 
 
-def _normalise(config: DataConfig, values: dict[str, Any], where: str) -> dict[str, Any]:
+def _normalise(config: DataConfig, values: dict[str, Any], where: str, targets: str) -> dict[str, Any]:
     """Turn one raw row into ``{"input": text, "target": text or class id}``."""
     for column in (config.input_column, config.target_column):
         if column not in values:
@@ -298,7 +346,7 @@ def _normalise(config: DataConfig, values: dict[str, Any], where: str) -> dict[s
     if not isinstance(text, str):
         raise DataError(f"{where}: input {config.input_column!r} must be text, got {text!r}")
     label = values[config.target_column]
-    if config.task == "classification":
+    if targets == "class":
         return {"input": text, "target": _class_id(label, config.label_names, where)}
     return {"input": text, "target": _target_text(label, config.label_names, where)}
 
@@ -393,14 +441,19 @@ class TokenizedDataset(Dataset):
     """
 
     def __init__(
-        self, rows: list[dict[str, Any]], tokenizer: transformers.PreTrainedTokenizerBase, config: DataConfig
+        self,
+        rows: list[dict[str, Any]],
+        tokenizer: transformers.PreTrainedTokenizerBase,
+        config: DataConfig,
+        targets: str | None = None,
     ) -> None:
         """Tokenize every row.
 
         Args:
             rows: rows from :func:`load_rows` (``{"input": str, "target": str | int}``).
             tokenizer: the model's tokenizer.
-            config: gives ``task``, ``max_length`` and ``max_target_length``.
+            config: gives ``max_length`` and ``max_target_length``.
+            targets: ``"text"`` (tokenized) or ``"class"`` (class ids); None: as :func:`load_rows` infers it.
 
         Raises:
             DataError: no rows, a seq2seq target longer than ``max_target_length`` tokens, or a target
@@ -409,11 +462,11 @@ class TokenizedDataset(Dataset):
         if not rows:
             raise DataError("no rows to tokenize; load them with load_rows")
         self.rows = rows
-        self.task = config.task
+        targets = targets or _default_targets(config.task)
         inputs = tokenizer([row["input"] for row in rows], truncation=True, max_length=config.max_length)
         self.input_ids: list[list[int]] = inputs["input_ids"]
         self.attention_mask: list[list[int]] = inputs["attention_mask"]
-        if config.task == "seq2seq":
+        if targets == "text":
             self.labels: list[Any] = self._tokenize_targets(rows, tokenizer, config.max_target_length)
         else:
             self.labels = [row["target"] for row in rows]

@@ -13,9 +13,6 @@ from torch import nn
 
 from opendelta_dist.train.data import IGNORE_INDEX
 
-METRIC_NAMES = {"classification": "accuracy", "seq2seq": "exact_match"}
-"""The metric reported for each ``DataConfig.task``."""
-
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """Count arg-max predictions equal to the labels; labels equal to -100 are not counted.
@@ -142,29 +139,6 @@ def reference_texts(labels: torch.Tensor, tokenizer: transformers.PreTrainedToke
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def batch_metrics(task: str, logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, float, int]:
-    """One evaluation batch's sums for :meth:`MetricAccumulator.update`: correct, total, loss sum, loss count.
-
-    The loss is per example (a seq2seq example's mean over its target tokens); the metric is accuracy
-    (classification) or teacher-forced exact match (seq2seq).
-
-    Args:
-        task: ``seq2seq`` or ``classification``.
-        logits: the model's logits in fp32.
-        labels: the batch's labels.
-    """
-    if task == "classification":
-        losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-        correct, total = accuracy(logits, labels)
-    else:
-        token_losses = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        losses = token_losses.sum(-1) / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
-        correct, total = teacher_forced_exact_match(logits, labels)
-    return correct, total, float(losses.sum()), int(losses.numel())
-
-
 class MetricAccumulator:
     """Sums ``correct``, ``total``, ``loss_sum`` and ``loss_count`` over batches, then over ranks."""
 
@@ -172,7 +146,7 @@ class MetricAccumulator:
         """Start from zero.
 
         Args:
-            metric_name: the key of the task metric in :meth:`compute` (see ``METRIC_NAMES``).
+            metric_name: the key of the task metric in :meth:`compute` (a task's ``metric``).
         """
         self.metric_name = metric_name
         self.reset()

@@ -105,8 +105,8 @@ class ModelConfig:
         name_or_path: a local directory or hub name for ``from_pretrained``, or ``pkg://PACKAGE/SUBDIR``
             (see :func:`resolve_name_or_path`); None to build from ``config``.
         config: transformers config fields (``model_type`` first) for a random-weight model.
-        task: ``"seq2seq"`` (``AutoModelForSeq2SeqLM``) or ``"classification"``
-            (``AutoModelForSequenceClassification``).
+        task: the task the model is built for (``opendelta_dist/train/tasks``: ``seq2seq``, ``classification``,
+            ``prompt_classification``, ``prompt_generation``); the task chooses the head (:data:`HEADS`).
         num_labels: classes, for classification.
         dtype: ``fp32``, ``bf16`` or ``fp16`` (T5 overflows in fp16: prefer bf16).
         init_device: ``cpu`` or ``meta`` (build without memory; an engine that shards materialises it).
@@ -126,22 +126,57 @@ class ModelConfig:
     tokenizer: str | None = None
 
 
-def auto_model_class(task: str) -> Any:
-    """The transformers auto class of ``task``: ``seq2seq`` or ``classification``.
+HEADS = ("classification", "seq2seq", "masked_lm", "causal_lm")
+"""The heads a backbone is built with (the transformers auto class of each: :func:`auto_model_class`). A task
+(``opendelta_dist/train/tasks``) says which one it needs."""
+
+
+def auto_model_class(head: str) -> Any:
+    """The transformers auto class of a head: ``classification`` (``AutoModelForSequenceClassification``),
+    ``seq2seq`` (``AutoModelForSeq2SeqLM``), ``masked_lm`` or ``causal_lm``.
 
     Raises:
-        DeltaConfigError: the task is unknown.
+        DeltaConfigError: the head is unknown.
     """
     import transformers
 
-    if task == "seq2seq":
-        return transformers.AutoModelForSeq2SeqLM
-    if task == "classification":
-        return transformers.AutoModelForSequenceClassification
-    raise DeltaConfigError(f"unknown task {task!r}; choose 'seq2seq' or 'classification'")
+    classes = {
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+        "classification": transformers.AutoModelForSequenceClassification,
+        "masked_lm": transformers.AutoModelForMaskedLM,
+        "causal_lm": transformers.AutoModelForCausalLM,
+    }
+    if head not in classes:
+        raise DeltaConfigError(
+            f"unknown model head {head!r} (model.task names the task, and the task its head); choose one of "
+            f"{', '.join(HEADS)}"
+        )
+    return classes[head]
 
 
-def model_architecture(cfg: ModelConfig, local_files_only: bool = False) -> Any:
+def language_model_head(model_type: str) -> str:
+    """The language-model head a model type predicts words with: ``seq2seq`` for encoder-decoders (T5, BART),
+    ``masked_lm`` for encoders (BERT, RoBERTa), ``causal_lm`` for decoders (GPT-2, Llama).
+
+    Raises:
+        DeltaConfigError: transformers knows no language-model head for ``model_type``.
+    """
+    from transformers.models.auto import modeling_auto as auto
+
+    for head, names in (
+        ("seq2seq", auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+        ("masked_lm", auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+        ("causal_lm", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    ):
+        if model_type in names:
+            return head
+    raise DeltaConfigError(
+        f"model type {model_type!r} has no language-model head in transformers (masked, causal or "
+        "sequence-to-sequence); prompt tasks predict words, so choose a model that has one"
+    )
+
+
+def model_architecture(cfg: ModelConfig, local_files_only: bool = False, head: str | None = None) -> Any:
     """The transformers config of the backbone ``cfg`` describes.
 
     ``model.config`` with a ``model_type`` gives it without any file (as ``configs/model/t5_11b.yaml``
@@ -150,6 +185,7 @@ def model_architecture(cfg: ModelConfig, local_files_only: bool = False) -> Any:
     Args:
         cfg: the model configuration.
         local_files_only: never ask the hub, only local directories, ``pkg://`` packages and the cache.
+        head: the head the model is built with; None means ``cfg.task``.
 
     Raises:
         DeltaConfigError: neither is given, or ``model.config`` has no ``model_type``.
@@ -157,7 +193,7 @@ def model_architecture(cfg: ModelConfig, local_files_only: bool = False) -> Any:
     """
     import transformers
 
-    extra = {"num_labels": cfg.num_labels} if cfg.task == "classification" else {}
+    extra = {"num_labels": cfg.num_labels} if (head or cfg.task) == "classification" else {}
     options = dict(cfg.config or {})
     if "model_type" in options:
         return transformers.AutoConfig.for_model(options.pop("model_type"), **options, **extra)
@@ -241,8 +277,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig, head: str | None = None) -> nn.Module:
     """Build the backbone described by ``cfg``.
+
+    Args:
+        cfg: the model configuration.
+        head: the head to build it with (:data:`HEADS`); None means ``cfg.task`` (``seq2seq`` or ``classification``).
 
     Raises:
         DeltaConfigError: neither a checkpoint nor a config is given, an option is unknown, a
@@ -252,8 +292,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.dtype not in DTYPES:
         raise DeltaConfigError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     dtype = DTYPES[cfg.dtype]
-    auto = auto_model_class(cfg.task)
-    extra = {"num_labels": cfg.num_labels} if cfg.task == "classification" else {}
+    head = head or cfg.task
+    auto = auto_model_class(head)
+    extra = {"num_labels": cfg.num_labels} if head == "classification" else {}
     if cfg.name_or_path and cfg.init_device != "meta":
         try:
             model = auto.from_pretrained(resolve_name_or_path(cfg.name_or_path), dtype=dtype, **extra)
@@ -262,7 +303,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     elif cfg.name_or_path or cfg.config:
         # a meta build of a named model needs only its architecture (an engine loads the weights later)
         with torch.device(cfg.init_device):
-            model = auto.from_config(model_architecture(cfg), dtype=dtype)
+            model = auto.from_config(model_architecture(cfg, head=head), dtype=dtype)
     else:
         raise DeltaConfigError("set model.name_or_path (a checkpoint) or model.config (a random-weight model)")
     if cfg.gradient_checkpointing:

@@ -28,16 +28,10 @@ from torch import nn
 from opendelta_dist.auto_delta import AutoDeltaModel
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.errors import DeltaConfigError
-from opendelta_dist.train.data import DataConfig, DataError, TokenizedDataset, build_tokenizer, collate, load_rows
-from opendelta_dist.train.metrics import (
-    METRIC_NAMES,
-    MetricAccumulator,
-    batch_metrics,
-    exact_match,
-    reference_texts,
-    seq2seq_predictions,
-)
-from opendelta_dist.train.models import ModelConfig, auto_model_class, build_model
+from opendelta_dist.train.data import DataConfig, DataError, load_rows
+from opendelta_dist.train.metrics import MetricAccumulator, exact_match
+from opendelta_dist.train.models import ModelConfig, auto_model_class, build_model, model_architecture
+from opendelta_dist.train.tasks import Task, build_task
 
 
 @dataclass
@@ -51,6 +45,7 @@ class TrainedRun:
         delta: the final delta; None after full fine-tuning.
         tokenizer: the run's tokenizer.
         data: the run's data configuration (lengths, columns, label names).
+        task_kind: the run's task (``opendelta_dist.train.tasks``): rows to batches, predictions, metric.
     """
 
     run_dir: Path
@@ -59,10 +54,11 @@ class TrainedRun:
     delta: DeltaBase | None
     tokenizer: Any
     data: DataConfig
+    task_kind: Task
 
     @property
     def task(self) -> str:
-        """``seq2seq`` or ``classification``."""
+        """The task's name (``seq2seq``, ``classification``, ``prompt_classification``, ...)."""
         return self.data.task
 
     @property
@@ -102,31 +98,30 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Trained
     model_cfg = ModelConfig(**cfg["model"])
     # whole weights on the CPU, as the run's engines drew them (a meta-built run read its checkpoint later)
     model_cfg = replace(model_cfg, init_device="cpu", gradient_checkpointing=False)
+    cfg["model"] = {**cfg["model"], "init_device": "cpu", "gradient_checkpointing": False}
+    task = build_task(cfg)
+    head = task.model_head(model_architecture(model_cfg).model_type)
+    tokenizer = task.build_tokenizer()
     delta = None
     if final_delta.is_dir():
         torch.manual_seed(int(cfg.get("seed", 0)))  # a random-weight backbone: the run's, drawn first
-        model = build_model(model_cfg)
+        model = task.wrap_model(build_model(model_cfg, head=head), tokenizer)
         delta = AutoDeltaModel.from_finetuned(final_delta, backbone_model=model)
     else:
-        model = auto_model_class(model_cfg.task).from_pretrained(final_model)
-    tokenizer = build_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path)
-    return TrainedRun(run_dir, cfg, model.to(device).eval(), delta, tokenizer, DataConfig(**cfg["data"]))
+        model = task.wrap_model(auto_model_class(head).from_pretrained(final_model), tokenizer)
+    return TrainedRun(run_dir, cfg, model.to(device).eval(), delta, tokenizer, DataConfig(**cfg["data"]), task)
 
 
 def _batches(run: TrainedRun, rows: list[dict[str, Any]], batch_size: int) -> Any:
-    dataset = TokenizedDataset(rows, run.tokenizer, run.data)
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = collate(items, run.tokenizer.pad_token_id or 0)
+    dataset = run.task_kind.dataset(rows, run.tokenizer)
+    for start in range(0, len(dataset), batch_size):  # type: ignore[arg-type]
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]  # type: ignore[arg-type]
+        batch = run.task_kind.collate(items, run.tokenizer)
         yield {k: v.to(run.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _predict_batch(run: TrainedRun, batch: dict[str, Any]) -> list[Any]:
-    if run.task == "seq2seq":
-        return seq2seq_predictions(run.model, batch, run.tokenizer, run.data.max_target_length)
-    classes = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
-    names = run.data.label_names
-    return [names[int(c)] if names else int(c) for c in classes]
+    return run.task_kind.predict(run.model, batch, run.tokenizer)
 
 
 @torch.no_grad()
@@ -143,7 +138,7 @@ def predict(run: TrainedRun, texts: list[str], batch_size: int = 16) -> list[Any
         One prediction per text.
     """
     # a placeholder target that every task reads (class 0, or an empty text)
-    placeholder = 0 if run.task == "classification" else ""
+    placeholder = 0 if run.task_kind.targets == "class" else ""
     rows = [{"input": text, "target": placeholder} for text in texts]
     return [p for batch in _batches(run, rows, batch_size) for p in _predict_batch(run, batch)]
 
@@ -168,20 +163,18 @@ def evaluate(
             f"file={file}: no such file of rows to evaluate on; give the path of a jsonl, json, csv or tsv file"
         )
     data = run.data if file is None else replace(run.data, train_file=str(file), eval_file=str(file))
-    rows = load_rows(data, "eval")
-    sums = MetricAccumulator(METRIC_NAMES[run.task])
+    rows = load_rows(data, "eval", run.task_kind.targets)
+    sums = MetricAccumulator(run.task_kind.metric)
     predictions: list[Any] = []
-    generated_hits = 0
     for batch in _batches(run, rows, batch_size):
-        logits = run.model(**{k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}).logits.float()
-        sums.update(*batch_metrics(run.task, logits, batch["labels"]))
+        output = run.model(**{k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        sums.update(*run.task_kind.eval_sums(output, batch))
         guessed = _predict_batch(run, batch)
         predictions += guessed
-        if run.task == "seq2seq":
-            generated_hits += exact_match(guessed, reference_texts(batch["labels"], run.tokenizer))[0]
     metrics = sums.compute(torch.device("cpu"))
-    if run.task == "seq2seq" and rows:
-        metrics["generated_exact_match"] = generated_hits / len(rows)
+    if run.task_kind.targets == "text" and rows:
+        correct, total = exact_match(predictions, [str(r["target"]) for r in rows])
+        metrics["generated_exact_match"] = correct / total
     rows_out = [
         {"input": r["input"], "target": r["target"], "prediction": p} for r, p in zip(rows, predictions, strict=True)
     ]

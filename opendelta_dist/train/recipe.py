@@ -44,17 +44,18 @@ from opendelta_dist.saving import save_delta
 from opendelta_dist.train import checkpoint as ckpt
 from opendelta_dist.train import rundir
 from opendelta_dist.train.batching import build_dataloader, check_batch
-from opendelta_dist.train.data import DataConfig, TokenizedDataset, build_tokenizer, load_rows
+from opendelta_dist.train.data import DataConfig, load_rows
 from opendelta_dist.train.engines import (
     OptimizerSpec,
     build_engine,
     engine_class,
 )
 from opendelta_dist.train.loggers import CONSOLE_LOG, MetricLogger
-from opendelta_dist.train.metrics import METRIC_NAMES, MetricAccumulator, batch_metrics
-from opendelta_dist.train.models import ModelConfig, build_model
+from opendelta_dist.train.metrics import MetricAccumulator
+from opendelta_dist.train.models import ModelConfig, build_model, model_architecture
 from opendelta_dist.train.resume import check_resumable, check_same_delta, resume_source
 from opendelta_dist.train.stopping import RunStopped, Stopper, drill, parse_margin, parse_signal
+from opendelta_dist.train.tasks import build_task
 from opendelta_dist.train.topology import Topology
 from opendelta_dist.train.tuning import attach_delta, load_full_model, save_full_model
 from opendelta_dist.train.validation import validate_run_config
@@ -87,9 +88,14 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _pretrained_state_dict(model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def _pretrained_state_dict(model_cfg: ModelConfig, head: str) -> dict[str, torch.Tensor]:
     """The full state dict of the pretrained backbone ``model_cfg`` names, built on the CPU."""
-    return build_model(replace(model_cfg, init_device="cpu")).state_dict()
+    return build_model(replace(model_cfg, init_device="cpu"), head=head).state_dict()
+
+
+def _model_type(model_cfg: ModelConfig) -> str | None:
+    """The backbone's transformers ``model_type`` (from ``model.config``, else its checkpoint's config)."""
+    return model_architecture(model_cfg).model_type
 
 
 def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
@@ -192,31 +198,10 @@ class DeltaTuningRecipe:
 
         model_cfg = ModelConfig(**cfg["model"])
         data_cfg = DataConfig(**cfg["data"])
-        if data_cfg.task != model_cfg.task:
-            raise DeltaConfigError(f"data.task={data_cfg.task!r} but model.task={model_cfg.task!r}; make them equal")
-        self.task = data_cfg.task
-        self.tokenizer = build_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path)
-        train_rows, eval_rows = load_rows(data_cfg, "train"), load_rows(data_cfg, "eval")
-        self.train_set = TokenizedDataset(train_rows, self.tokenizer, data_cfg)
-        self.eval_set = TokenizedDataset(eval_rows, self.tokenizer, data_cfg)
-        self.eval_loader = build_dataloader(
-            self.eval_set,
-            max(1, int(train.get("eval_batch_size", 32)) // self.topology.world_size),
-            self.topology.rank,
-            self.topology.world_size,
-            seed=0,
-            shuffle=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        self.loader = build_dataloader(
-            self.train_set,
-            self.micro_batch,
-            self.topology.rank,
-            self.topology.world_size,
-            seed=int(cfg.get("seed", 0)),
-            shuffle=True,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        self.task = build_task(cfg)
+        self.tokenizer = self.task.build_tokenizer()
+        train_rows = load_rows(data_cfg, "train", self.task.targets)
+        eval_rows = load_rows(data_cfg, "eval", self.task.targets)
 
         drill(self.topology.rank, 0, "setup")
         engine_cfg = dict(cfg["engine"])
@@ -229,8 +214,12 @@ class DeltaTuningRecipe:
         self.engine = build_engine(engine_cfg.pop("name"), self.topology, engine_cfg.get("options") or {})
         # an engine with a model implementation of its own (bmt: ModelCenter) builds the backbone
         own_backbone = self.engine.build_backbone(model_cfg)
-        self.model = own_backbone if own_backbone is not None else build_model(model_cfg)
-        self.delta = attach_delta(self.model, dict(cfg["delta"]), self.engine.name, self.engine.delta_backend)
+        head = self.task.model_head(_model_type(model_cfg))
+        backbone = own_backbone if own_backbone is not None else build_model(model_cfg, head=head)
+        self.model = self.task.wrap_model(backbone, self.tokenizer)
+        self._build_loaders(train_rows, eval_rows)  # after the model: a prompt task's template wraps the rows
+        delta_options = self.task.delta_options(dict(cfg["delta"]), self.model)
+        self.delta = attach_delta(self.model, delta_options, self.engine.name, self.engine.delta_backend)
         # before any engine shards the weights
         self.checksum = self.engine.backbone_checksum(self.model, self.delta) if self.delta is not None else None
         stats = inspect_module_statistics(self.model, verbose=False)
@@ -249,7 +238,7 @@ class DeltaTuningRecipe:
         self.engine.prepare(self.model, self.delta, spec)
         if own_backbone is None and model_cfg.init_device == "meta" and model_cfg.name_or_path:
             # a meta-built backbone has no weights: the engine reads the checkpoint where it needs it
-            self.engine.load_pretrained(partial(_pretrained_state_dict, model_cfg))
+            self.engine.load_pretrained(partial(_pretrained_state_dict, model_cfg, head))
 
         # the inspector, enforced: refuse to start unless the optimizer holds exactly the trainable parameters
         held = self.engine.optimized_parameters()
@@ -278,6 +267,21 @@ class DeltaTuningRecipe:
         self.pending_eval = False
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+
+    def _build_loaders(self, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> None:
+        """The task's data sets and this rank's training and evaluation loaders."""
+        top, collate_fn = self.topology, partial(self.task.collate, tokenizer=self.tokenizer)
+        self.train_set = self.task.dataset(train_rows, self.tokenizer)
+        self.eval_set = self.task.dataset(eval_rows, self.tokenizer)
+        pad, eval_batch = self.tokenizer.pad_token_id, int(self.cfg["train"].get("eval_batch_size", 32))
+        self.eval_loader = build_dataloader(
+            self.eval_set, max(1, eval_batch // top.world_size), top.rank, top.world_size, 0, False, pad,
+            collate_fn=collate_fn,
+        )  # fmt: skip
+        self.loader = build_dataloader(
+            self.train_set, self.micro_batch, top.rank, top.world_size, int(self.cfg.get("seed", 0)), True, pad,
+            collate_fn=collate_fn,
+        )  # fmt: skip
 
     def _finished_result(self) -> dict[str, Any] | None:
         """``result.json`` of the run this one continues, when that run has done every step asked."""
@@ -476,7 +480,7 @@ class DeltaTuningRecipe:
         for i in range(self.accum):
             batch = self._to_device(next(batches))
             losses.append(self.engine.micro_step(batch, last=i == self.accum - 1))
-            tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+            tokens += self.task.tokens(batch)
             if i == 0:
                 if self.step == 0:
                     check_gradients(self.engine.module)  # after the first backward: only trainable tensors have grads
@@ -516,8 +520,7 @@ class DeltaTuningRecipe:
         so sharded engines run matching forwards and the metric does not depend on the world size.
         Before each batch the ranks agree whether to stop (:meth:`Stopper.poll`); a stop returns None.
         """
-        metric = METRIC_NAMES[self.task]
-        sums = MetricAccumulator(metric)
+        sums = MetricAccumulator(self.task.metric)
         model = self.engine.model
         model.eval()
         for raw in self.eval_loader:
@@ -525,7 +528,7 @@ class DeltaTuningRecipe:
                 model.train()
                 return None
             batch = self._to_device(raw)
-            sums.update(*batch_metrics(self.task, self.engine.eval_forward(batch).logits.float(), batch["labels"]))
+            sums.update(*self.task.eval_sums(self.engine.eval_forward(batch), batch))
             drill(self.topology.rank, self.step, "eval")
         model.train()
         return sums.compute(self.topology.device)
@@ -627,6 +630,7 @@ class DeltaTuningRecipe:
                 checksum=self.checksum,
                 config_updates=self.engine.saved_delta_config(),
             )
+            self.task.save(self.engine.module, path)
 
     def save_final(self) -> Path:
         """Save the final delta (full tensors, ``save_finetuned`` format) to ``<run_dir>/final_delta``, or

@@ -24,6 +24,7 @@ from opendelta_dist.train.engines import engine_class
 from opendelta_dist.train.engines.base import OPTIMIZERS, OptimizerSpec
 from opendelta_dist.train.models import ModelConfig, check_model_source
 from opendelta_dist.train.stopping import parse_margin, parse_signal
+from opendelta_dist.train.tasks import task_class
 
 _MISSING = object()
 
@@ -95,6 +96,7 @@ _GROUP_KEYS: dict[str, tuple[str, ...]] = {
         "optim",
         "logger",
         "checkpoint",
+        "prompt",
     ),
     "train": ("max_steps", "global_batch_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"),
     "checkpoint": ("every", "keep_last", "signal", "time_limit_margin", "max_requeues"),
@@ -203,4 +205,7 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
     _check_optimizer(cfg)
     check_model_source(ModelConfig(**cfg["model"]))
     engine_class(cfg["engine"]["name"]).check_delta_options(cfg.get("delta") or {})
+    task = task_class(str((cfg.get("data") or {}).get("task", "seq2seq")))
+    task.check_config(cfg)
+    task.check_engine(cfg["engine"]["name"])
     check_run_dir(cfg["run_dir"])

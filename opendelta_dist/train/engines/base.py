@@ -143,6 +143,9 @@ class Engine(ABC):
     """The values of ``engine.options.precision`` the engine supports (null, the model's dtype, always is)."""
     delta_backend: ClassVar[str] = "hf"
     """The backend of the deltas attached to this engine's backbone (:mod:`opendelta_dist.backends`)."""
+    own_models: ClassVar[bool] = False
+    """The engine builds the backbone with a model library of its own (:meth:`build_backbone`), not transformers:
+    tasks that need a transformers language model around it (prompt tasks) do not run on it."""
     eager_attention: ClassVar[bool] = False
     """The engine's own model computes attention eagerly (keeps score-sized tensors for backward), where the
     memory estimator otherwise assumes a fused kernel."""

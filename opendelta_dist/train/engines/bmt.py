@@ -137,6 +137,7 @@ class BMTEngine(Engine):
 
     name = "bmt"
     splits_model = True
+    own_models = True
     delta_backend: ClassVar[str] = "bmt"
     precisions: ClassVar[tuple[str, ...]] = ("bf16", "fp16")
 

@@ -329,6 +329,7 @@ class DeepSpeedEngine(Engine):
         """Release DeepSpeed's hooks and buffers, and a process group this engine opened itself."""
         if self.model is not None:
             self.model.destroy()
+        _forget_process_groups()
         if self._own_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self._own_process_group = False
@@ -429,3 +430,14 @@ def _persistent(backbone: Backbone, threshold: int) -> tuple[int, int]:
             else:
                 frozen += numel
     return frozen, trainable
+
+
+def _forget_process_groups() -> None:
+    """Drop the process groups DeepSpeed keeps in module globals (its clone of the world group, the data-parallel
+    group): once the run's process group is destroyed they are stale, and a later run in the same process (a
+    sweep's next point) would be handed a group that no longer exists."""
+    from deepspeed.utils import groups
+
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)

@@ -3,7 +3,8 @@
 How the model is cut into FSDP units, bottom-up (a unit's parameters are all-gathered together
 before its forward and its gradients reduce-scattered together after its backward):
 
-1. every delta module in the backbone (a LoRA ``lora``, an adapter, a BitFit ``BiasLayer``);
+1. every delta module in the backbone (a LoRA ``lora``, an adapter, a BitFit ``BiasLayer``) that runs as a module
+   (one that only rewrites its target's call, a prefix or a soft prompt, stays in its target's unit);
 2. every transformer block (:func:`transformer_blocks`: the elements of the ``nn.ModuleList`` that
    holds the repeated layers, e.g. T5's ``encoder.block.N``), with what the delta modules left: the
    block's frozen weights, and parameters a delta unfroze in place (BitFit's biases);
@@ -45,7 +46,7 @@ from torch import nn
 from opendelta_dist.addressing import is_delta_module
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.errors import DeltaCheckpointError, DeltaConfigError
-from opendelta_dist.operations import Operation, UnfreezeParameter, original_parameter
+from opendelta_dist.operations import CallRewriter, HoldModule, Operation, UnfreezeParameter, original_parameter
 from opendelta_dist.saving import load_delta_tensors
 from opendelta_dist.train.engines.base import TRAINING_STATE, OptimizerSpec, TorchOptimizerEngine, check_precision
 from opendelta_dist.train.engines.memory import (
@@ -85,13 +86,21 @@ def _is_layer_stack(modules: nn.ModuleList) -> bool:
     return len(modules) == 1 or any(n > 1 for n in counts.values())
 
 
-def delta_submodules(module: nn.Module) -> Iterator[nn.Module]:
-    """The delta modules attached inside ``module`` (the top of each delta's subtree)."""
+def delta_submodules(module: nn.Module, held: frozenset[int] = frozenset()) -> Iterator[nn.Module]:
+    """The delta modules attached inside ``module`` (the top of each delta's subtree) that run as modules.
+
+    A delta module that rewrites its target's call (a prefix's keys and values, a soft prompt's embeddings:
+    :class:`~opendelta_dist.operations.CallRewriter`) or that only holds parameters other delta modules read
+    (``held``: the modules of :class:`~opendelta_dist.operations.HoldModule` operations, e.g. a prefix's shared
+    network) is never called itself, so FSDP would never gather its parameters: it stays in the unit of the
+    module it is attached to, gathered with it.
+    """
     for child in module.children():
         if is_delta_module(child):
-            yield child
+            if not isinstance(child, CallRewriter) and id(child) not in held:
+                yield child
         else:
-            yield from delta_submodules(child)
+            yield from delta_submodules(child, held)
 
 
 def initialise_backbone(module: nn.Module, init: Callable[[nn.Module], None] | None = None) -> None:
@@ -205,7 +214,8 @@ class FSDPEngine(TorchOptimizerEngine):
         self._own_process_group = self.topology.ensure_process_group()
         in_place = _unfrozen_in_place(delta)
         options = self._shard_options()
-        for sub in delta_submodules(module):
+        held = frozenset(id(op.delta_module) for op in _operations(delta) if isinstance(op, HoldModule))
+        for sub in delta_submodules(module, held):
             fully_shard(sub, reshard_after_forward=self.reshard_after_forward, **options)
         for block in transformer_blocks(module):
             fully_shard(block, reshard_after_forward=self.reshard_after_forward, **options)

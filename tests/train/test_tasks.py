@@ -1,0 +1,167 @@
+"""The task seam: every task trains with every delta method on every CPU engine (2 gloo processes), and a prompt
+run's final delta holds the prompt's own trained tensors and reproduces its metric when loaded again.
+
+Each engine row runs, in one pair of processes, every method of ``METHODS`` one after the other (3 steps each),
+through the recipe as ``launch/train.py`` runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from opendelta_dist.errors import DeltaConfigError
+from opendelta_dist.train.tasks import build_task, task_class, task_names
+from tests.train.distributed import run_distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+BERT_TOKENIZER = ROOT / "tests" / "assets" / "tokenizers" / "bert"
+TINY_BERT = (
+    "+model.config={model_type: bert, vocab_size: 223, hidden_size: 32, num_hidden_layers: 2, "
+    "num_attention_heads: 4, intermediate_size: 37, pad_token_id: 0, hidden_dropout_prob: 0.0, "
+    "attention_probs_dropout_prob: 0.0}"
+)
+
+#: task -> the overrides of the tiny recipe (the tiny T5 and the tiny data set in the package) that run it
+TASKS: dict[str, list[str]] = {
+    "seq2seq": ["+recipe=lora_t5_tiny"],
+    # a tiny BERT with a fresh classifier
+    "classification": [
+        "+recipe=lora_t5_tiny",
+        "model.task=classification",
+        "model.name_or_path=null",
+        f"model.tokenizer={BERT_TOKENIZER}",
+        TINY_BERT,
+        "+data.label_names=[bad,good]",
+    ],
+    # a tiny BERT as a masked LM, with its tokenizer, reading the label words at "It was [MASK]."
+    "prompt_classification": [
+        "+recipe=prompt_lora_t5_tiny",
+        "model.task=prompt_classification",
+        "model.name_or_path=null",
+        f"model.tokenizer={BERT_TOKENIZER}",
+        TINY_BERT,
+        "prompt=sst2_it_was",
+        "prompt.template.class=mixed",
+        'prompt.template.text=\'{"placeholder":"text_a"} {"soft":"it was"} {"mask"}.\'',
+        "prompt.verbalizer.classes=[bad,good]",
+        "prompt.verbalizer.label_words=[[bad,terrible],[good,great]]",
+        "+data.label_names=[bad,good]",
+    ],
+    # the tiny T5 writes the target at the mask, after the soft tokens "It was"
+    "prompt_generation": ["+recipe=prompt_lora_t5_tiny"],
+}
+
+#: every delta method, with the options the tiny models need
+METHODS: dict[str, list[str]] = {
+    "lora": [],
+    "adapter": [],
+    "bitfit": [],
+    "low_rank_adapter": [],
+    "compacter": ["delta.reduction_factor=4"],
+    "parallel_adapter": [],
+    "prefix": [],
+    "soft_prompt": ["delta.soft_token_num=3"],
+}
+
+#: engine -> (overrides, processes)
+ENGINES: dict[str, tuple[list[str], int]] = {
+    "single": (["engine=single"], 1),
+    "ddp": (["engine=ddp"], 2),
+    "fsdp": (["engine=fsdp"], 2),
+    "deepspeed": (["engine=deepspeed", "engine.options.stage=2"], 2),
+}
+
+SHORT = [
+    "train.max_steps=3",
+    "train.global_batch_size=4",
+    "train.eval_every=0",
+    "train.eval_batch_size=8",
+    "+data.max_eval_rows=8",
+    "checkpoint.every=0",
+    "device=cpu",
+]
+
+
+def compose_run(overrides: list[str]) -> dict[str, Any]:
+    """The composed configuration of ``launch/train.py`` with these overrides, as plain containers."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)  # type: ignore[return-value]
+
+
+def _train_every_method(task: str, engine: list[str], base: str) -> dict[str, dict[str, float]]:
+    from opendelta_dist.train.recipe import run
+
+    results = {}
+    first_port = int(os.environ["MASTER_PORT"])
+    for i, (method, options) in enumerate(METHODS.items()):
+        # a process group of its own for each run (a store re-made on the port of the last one can mix them up)
+        os.environ["MASTER_PORT"] = str(first_port + 7 * i)
+        overrides = [*TASKS[task], *engine, f"delta={method}", *options, *SHORT, f"run_dir={base}/{method}"]
+        if task == "classification":  # the head of the classification task trains with every method
+            overrides.append("delta.unfrozen_modules=[deltas,classifier]")
+        results[method] = run(OmegaConf.create(compose_run(overrides)))
+    return results
+
+
+def test_the_registry_names_every_task_module_and_refuses_others():
+    assert set(task_names()) >= set(TASKS)
+    for name in task_names():
+        assert task_class(name).name == name
+    with pytest.raises(DeltaConfigError, match=r"unknown task 'ranking'.*prompt_classification"):
+        task_class("ranking")
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_method_trains_on_every_engine(task, engine, tmp_path):
+    overrides, processes = ENGINES[engine]
+    results = run_distributed(_train_every_method, task, overrides, str(tmp_path), world_size=processes)
+    metric = task_class(task).metric
+    for method in METHODS:
+        for rank in results:  # every rank evaluated the same rows and agrees
+            assert rank[method].keys() == {"loss", metric}, method
+            assert rank[method] == results[0][method], method
+        final = tmp_path / method / "final_delta"
+        assert (final / "config.json").is_file(), method
+        if task.startswith("prompt_"):
+            assert json.loads((final / "prompt_config.json").read_text())["template"]["class"] == "mixed"
+            saved = load_file(final / "delta_model.safetensors")
+            soft = [name for name in saved if "template.soft_embedding" in name]
+            assert soft, f"{method}: the soft tokens are not saved with the delta ({sorted(saved)[:5]}...)"
+            assert not any("raw_embedding" in name or "word_embeddings" in name for name in saved), method
+
+
+def test_a_prompt_run_reloads_and_reproduces_its_metric(tmp_path):
+    from opendelta_dist.train.predict import evaluate, load_run, predict
+
+    overrides = [*TASKS["prompt_classification"], "delta=lora", "engine=single", *SHORT, "train.max_steps=20"]
+    overrides.append(f"run_dir={tmp_path}")
+    results = run_distributed(_run, overrides, world_size=1)
+    run = load_run(tmp_path)
+    metrics, _ = evaluate(run)
+    assert metrics["accuracy"] == pytest.approx(results[0]["accuracy"])
+    assert metrics["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+    assert set(predict(run, ["the cast is great", "a dreadful script"])) <= {"bad", "good"}
+
+
+def _run(overrides: list[str]) -> dict[str, float]:
+    from opendelta_dist.train.recipe import run
+
+    return run(OmegaConf.create(compose_run(overrides)))
+
+
+def test_a_prompt_task_checks_its_group_before_building_anything(tmp_path):
+    cfg = compose_run([*TASKS["prompt_generation"], f"run_dir={tmp_path}/run", "prompt=none"])
+    with pytest.raises(DeltaConfigError, match="needs a template"):
+        build_task(cfg)
+    cfg = compose_run([*TASKS["prompt_generation"], "model.task=prompt_generation", "engine=bmt"])
+    with pytest.raises(DeltaConfigError, match="engine=bmt builds models of its own"):
+        task_class("prompt_generation").check_engine(cfg["engine"]["name"])
