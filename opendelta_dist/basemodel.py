@@ -304,8 +304,13 @@ class DeltaBase(nn.Module):
         # an explicit unfreeze wins over exclude_modules (OpenDelta could never unfreeze lm_head)
         names = select_modules(self.backbone_model, [key])
         new_ops: list[Operation] = []
+        # a module reachable under several names (a prompt template's reference to the model's input embeddings)
+        # belongs where the backbone first names it: unfreezing the referring module leaves it alone
+        home = {id(module): name for name, module in self.backbone_model.named_modules()}
         for mname in names:
             for sub, module in named_backbone_modules(self.backbone_model.get_submodule(mname), prefix=mname):
+                if home.get(id(module), sub) != sub:
+                    continue
                 for pname in module._parameters:
                     current = module._parameters[pname]
                     if current is None or (sub, pname) in self._unfrozen:

@@ -276,7 +276,7 @@ class SoftTemplate(Template):
             soft = self.soft_embeds.to(embeds.dtype).unsqueeze(0).expand(size, -1, -1)
             embeds = torch.cat([soft, embeds], dim=1)
             for key, fill in (("attention_mask", 1), ("token_type_ids", 0)):
-                value = batch[key]
+                value = batch.get(key)
                 if value is not None:
                     prefix = value.new_full((size, self.num_tokens), fill)
                     batch[key] = torch.cat([prefix, value], dim=-1)

@@ -165,3 +165,22 @@ def test_a_prompt_task_checks_its_group_before_building_anything(tmp_path):
     cfg = compose_run([*TASKS["prompt_generation"], "model.task=prompt_generation", "engine=bmt"])
     with pytest.raises(DeltaConfigError, match="engine=bmt builds models of its own"):
         task_class("prompt_generation").check_engine(cfg["engine"]["name"])
+
+
+def test_a_soft_template_trains_its_own_tokens_and_not_the_models_embeddings(tmp_path):
+    """SoftTemplate refers to the model's input embeddings (``template.raw_embedding``, as OpenPrompt's does):
+    the delta keeps the template's own tokens trainable and leaves the shared embeddings frozen."""
+    overrides = [
+        *TASKS["prompt_classification"],
+        "delta=lora",
+        "engine=single",
+        *SHORT,
+        "prompt.template.class=soft",
+        "prompt.template.num_tokens=3",
+        "prompt.template.text=null",
+        f"run_dir={tmp_path}",
+    ]
+    run_distributed(_run, overrides, world_size=1)
+    saved = load_file(tmp_path / "final_delta" / "delta_model.safetensors")
+    assert [name for name in saved if "lora" not in name] == ["prompt.prompt_model.template.soft_embeds"]
+    assert saved["prompt.prompt_model.template.soft_embeds"].shape[0] == 3
