@@ -112,6 +112,8 @@ class Template(nn.Module):
             for name in self.registered_inputflag_names:
                 setattr(self, name, None)
         self._text = text
+        if not self._in_on_text_set:  # the text as the user gave it (saved by save_prompt); None for piece lists
+            self.raw_text = text if isinstance(text, str) else None
         if text is None:
             return
         if not self._in_on_text_set:

@@ -110,7 +110,7 @@ class PromptClassification(Task):
         return [self.classes[int(c)] for c in module(**inputs).logits.argmax(-1)]
 
     def save(self, module: nn.Module, directory: Path) -> None:
-        """``prompt_config.json`` beside the delta."""
+        """``prompt_settings.json`` (the run's ``prompt`` group) beside the delta."""
         prompting.save_prompt_settings(self.cfg, directory)
 
     def delta_options(self, options: dict[str, Any], module: nn.Module) -> dict[str, Any]:

@@ -123,7 +123,7 @@ class PromptGeneration(Task):
         return prompt.generate(rows, max_new_tokens=self.data.max_target_length, do_sample=False)[1]
 
     def save(self, module: nn.Module, directory: Path) -> None:
-        """``prompt_config.json`` beside the delta."""
+        """``prompt_settings.json`` (the run's ``prompt`` group) beside the delta."""
         prompting.save_prompt_settings(self.cfg, directory)
 
     def delta_options(self, options: dict[str, Any], module: nn.Module) -> dict[str, Any]:

@@ -32,8 +32,9 @@ from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.prompts.errors import PromptError
 from opendelta_dist.train.models import language_model_head
 
-PROMPT_CONFIG = "prompt_config.json"
-"""Written beside a prompt run's final delta: the ``prompt`` group the run trained with."""
+PROMPT_SETTINGS = "prompt_settings.json"
+"""Written beside a prompt run's final delta: the ``prompt`` group the run trained with (a run is loaded with
+``opendelta_dist.train.predict.load_run``; ``save_prompt``'s ``prompt_config.json`` is the library's own format)."""
 
 TEMPLATE_CLASSES = ("manual", "mixed", "soft")
 VERBALIZER_CLASSES = ("manual", "one2one", "soft")
@@ -138,13 +139,19 @@ class PromptSettings:
 
 
 def _check_text(text: str) -> None:
-    """Parse the template text now, so that a bad one stops the run before anything is built."""
+    """Parse the template text now, so that a bad one (or one without a mask) stops the run before anything is
+    built."""
     from opendelta_dist.prompts.template_language import parse_template
 
     try:
-        parse_template(text)
+        pieces = parse_template(text)
     except PromptError as error:
         raise config_error(error) from error
+    if not any("mask" in piece for piece in pieces):
+        raise DeltaConfigError(
+            f"prompt.template.text {text!r} has no mask: the model predicts at {{\"mask\"}}; add one, e.g. "
+            "'{\"placeholder\":\"text_a\"} It was {\"mask\"}.'"
+        )
 
 
 def _check_keys(where: str, group: Mapping[str, Any], known: tuple[str, ...]) -> None:
@@ -269,13 +276,16 @@ def check_engine(engine: str) -> None:
 class PromptTaskModule(nn.Module):
     """The module a prompt run trains: ``prompt`` (a prompt model) and its loss. It answers what deltas ask of a
     transformers model (``config``, the input embeddings, an encoder-decoder's encoder and decoder) from the
-    language model inside."""
+    language model inside. A classification prompt projects only the mask positions to the vocabulary
+    (``PromptForClassification.logits_at_mask_only``): training and evaluation read nothing else."""
 
     def __init__(self, prompt: nn.Module) -> None:
         """Wrap a prompt model."""
         super().__init__()
         self.prompt = prompt
         self.config = prompt.plm.config
+        if hasattr(prompt, "logits_at_mask_only"):
+            prompt.logits_at_mask_only = True
 
     def get_input_embeddings(self) -> nn.Module:
         """The language model's input embeddings (a soft-prompt delta puts its tokens in front of them)."""
@@ -353,10 +363,10 @@ def collate_features(items: list[dict[str, Any]], pad_token_id: int) -> dict[str
 
 
 def save_prompt_settings(cfg: Mapping[str, Any], directory: Path) -> None:
-    """Write the run's ``prompt`` group beside its saved delta (``prompt_config.json``)."""
+    """Write the run's ``prompt`` group beside its saved delta (``prompt_settings.json``)."""
     import json
 
-    (directory / PROMPT_CONFIG).write_text(json.dumps(dict(cfg.get("prompt") or {}), indent=2, sort_keys=True) + "\n")
+    (directory / PROMPT_SETTINGS).write_text(json.dumps(dict(cfg.get("prompt") or {}), indent=2, sort_keys=True) + "\n")
 
 
 def trainable_prompt_modules(root: nn.Module, plm: nn.Module) -> list[str]:
