@@ -142,7 +142,28 @@ class PromptModel(nn.Module):
         return self.template.post_processing_outputs(outputs)
 
 
-class PromptForClassification(nn.Module):
+class _AroundPromptModel(nn.Module):
+    """What the prompt pipelines read from the :class:`PromptModel` they hold as ``prompt_model``."""
+
+    prompt_model: PromptModel
+
+    @property
+    def plm(self) -> nn.Module:
+        """The language model."""
+        return self.prompt_model.plm
+
+    @property
+    def template(self) -> nn.Module:
+        """The template."""
+        return self.prompt_model.template
+
+    @property
+    def device(self) -> torch.device:
+        """The language model's device."""
+        return _module_device(self.plm)
+
+
+class PromptForClassification(_AroundPromptModel):
     """A prompt model whose verbalizer turns the mask's outputs into class scores.
 
     Args:
@@ -172,21 +193,6 @@ class PromptForClassification(nn.Module):
         self.prompt_model = PromptModel(plm, template, freeze_plm, plm_eval_mode)
         self.verbalizer = verbalizer
         self.logits_at_mask_only = logits_at_mask_only
-
-    @property
-    def plm(self) -> nn.Module:
-        """The language model."""
-        return self.prompt_model.plm
-
-    @property
-    def template(self) -> nn.Module:
-        """The template."""
-        return self.prompt_model.template
-
-    @property
-    def device(self) -> torch.device:
-        """The language model's device."""
-        return _module_device(self.plm)
 
     @property
     def tokenizer(self) -> Any:
@@ -356,7 +362,7 @@ def _vocabulary_layer(model: PromptForClassification) -> nn.Module | None:
     return layer if isinstance(layer, nn.Linear) else None
 
 
-class PromptForGeneration(nn.Module):
+class PromptForGeneration(_AroundPromptModel):
     """A prompt model for text generation: a teacher-forced loss to train, ``generate`` to predict.
 
     Args:
@@ -394,21 +400,6 @@ class PromptForGeneration(nn.Module):
         for key, value in self.gen_config.items():
             setattr(generation_config if hasattr(generation_config, key) else self.config, key, value)
         self.main_input_name = self.prompt_model.main_input_name
-
-    @property
-    def plm(self) -> nn.Module:
-        """The language model."""
-        return self.prompt_model.plm
-
-    @property
-    def template(self) -> nn.Module:
-        """The template."""
-        return self.prompt_model.template
-
-    @property
-    def device(self) -> torch.device:
-        """The language model's device."""
-        return _module_device(self.plm)
 
     @staticmethod
     def shift_logits_and_labels(

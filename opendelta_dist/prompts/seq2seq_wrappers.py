@@ -40,6 +40,13 @@ class _DecoderLimit(TokenizerWrapper):
         self.decode_from_pad = decode_from_pad
         self.predict_eos = predict_eos_token
 
+    def _decoder_start(self, inputs: dict[str, Any]) -> tuple[list[int], list[int]]:
+        """The decoder content's ids and loss flags, after the ``<pad>`` start token (``decode_from_pad``)."""
+        ids, loss = list(inputs["decoder_input_ids"]), list(inputs["loss_ids"])
+        if self.decode_from_pad:
+            ids, loss = [self.tokenizer.pad_token_id, *ids], [0, *loss]
+        return ids, loss
+
     def _check_decoder_length(self, needed: int, guid: Any) -> None:
         if 0 < self.decoder_max_length < needed:
             raise WrappingError(
@@ -160,9 +167,7 @@ class T5TokenizerWrapper(_DecoderLimit):
         Raises:
             WrappingError: if the row exceeds ``decoder_max_length``.
         """
-        ids, loss = list(inputs["decoder_input_ids"]), list(inputs["loss_ids"])
-        if self.decode_from_pad:
-            ids, loss = [self.tokenizer.pad_token_id, *ids], [0, *loss]
+        ids, loss = self._decoder_start(inputs)
         if self.predict_eos:
             ids, loss = [*ids, self.tokenizer.eos_token_id], [*loss, 1]
         self._check_decoder_length(len(ids), guid)
@@ -230,9 +235,7 @@ class T5LMTokenizerWrapper(_DecoderLimit):
         Raises:
             WrappingError: if the row exceeds ``decoder_max_length``.
         """
-        ids, loss = list(inputs["decoder_input_ids"]), list(inputs["loss_ids"])
-        if self.decode_from_pad:
-            ids, loss = [self.tokenizer.pad_token_id, *ids], [0, *loss]
+        ids, loss = self._decoder_start(inputs)
         ids, loss = [*ids, self.tokenizer.eos_token_id], [*loss, 1 if self.predict_eos else 0]
         self._check_decoder_length(len(ids), guid)
         return {"decoder_input_ids": ids, "loss_ids": loss}

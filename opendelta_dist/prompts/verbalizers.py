@@ -250,6 +250,22 @@ class Verbalizer(nn.Module):
         """
         return self.process_logits(outputs, batch=batch, **kwargs)
 
+    def _word_scores(self, logits: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Label-word scores of mask logits ``[batch, vocab]``: projected, then (``post_log_softmax``) the log of
+        their joint softmax over all words, calibrated when calibration logits are registered.
+
+        Raises:
+            VerbalizerError: the logits are not one mask per example.
+        """
+        _check_single_mask(self, logits)
+        scores = self.project(logits, **kwargs)
+        if getattr(self, "post_log_softmax", False):
+            probs = self.normalize(scores)
+            if self._calibrate_logits is not None:
+                probs = self.calibrate(probs)
+            scores = torch.log(probs + 1e-15)
+        return scores
+
     def process_logits(self, logits: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Class scores from the mask logits (implemented by each verbalizer)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement process_logits")
@@ -464,14 +480,7 @@ class ManualVerbalizer(Verbalizer):
         Raises:
             VerbalizerError: the logits are not one mask per example.
         """
-        _check_single_mask(self, logits)
-        scores = self.project(logits, **kwargs)
-        if self.post_log_softmax:
-            probs = self.normalize(scores)
-            if self._calibrate_logits is not None:
-                probs = self.calibrate(probs)
-            scores = torch.log(probs + 1e-15)
-        return self.aggregate(scores)
+        return self.aggregate(self._word_scores(logits, **kwargs))
 
     def aggregate(self, label_words_logits: torch.Tensor) -> torch.Tensor:
         """The mean of each class's scores over its real words."""
@@ -547,11 +556,4 @@ class One2oneVerbalizer(Verbalizer):
         Raises:
             VerbalizerError: the logits are not one mask per example.
         """
-        _check_single_mask(self, logits)
-        scores = self.project(logits, **kwargs)
-        if self.post_log_softmax:
-            probs = self.normalize(scores)
-            if self._calibrate_logits is not None:
-                probs = self.calibrate(probs)
-            scores = torch.log(probs + 1e-15)
-        return scores
+        return self._word_scores(logits, **kwargs)

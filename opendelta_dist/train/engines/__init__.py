@@ -9,12 +9,11 @@ the estimator's memory model) is available without them.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
 from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.train.engines.base import Engine, OptimizerSpec
+from opendelta_dist.train.plugins import module_names, named_subclass
 from opendelta_dist.train.topology import Topology
 
 #: the modules of this package that are not engines
@@ -23,7 +22,7 @@ _NOT_ENGINES = frozenset({"base", "memory"})
 
 def engine_names() -> list[str]:
     """The names of the engines, as a recipe's ``engine`` key takes them (their modules' names)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_ENGINES)
+    return module_names(__path__, _NOT_ENGINES)
 
 
 def engine_class(name: str) -> type[Engine]:
@@ -34,15 +33,7 @@ def engine_class(name: str) -> type[Engine]:
     """
     if name not in engine_names():
         raise DeltaConfigError(f"unknown engine {name!r}; choose one of {', '.join(engine_names())}")
-    module = importlib.import_module(f"{__name__}.{name}")
-    found = [
-        obj
-        for obj in vars(module).values()
-        if isinstance(obj, type) and issubclass(obj, Engine) and obj.__module__ == module.__name__
-    ]
-    if len(found) != 1 or found[0].name != name:
-        raise DeltaConfigError(f"{module.__name__} must define one Engine subclass with name = {name!r}")
-    return found[0]
+    return named_subclass(f"{__name__}.{name}", Engine, name)
 
 
 def build_engine(name: str, topology: Topology, options: dict[str, Any] | None = None) -> Engine:

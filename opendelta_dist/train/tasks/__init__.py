@@ -7,12 +7,11 @@ touches), nothing here and nothing in the recipe, which only calls the :class:`T
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
 from opendelta_dist.errors import DeltaConfigError
+from opendelta_dist.train.plugins import module_names, named_subclass
 from opendelta_dist.train.tasks.base import EvalSums, Task
 
 #: the modules of this package that are not tasks
@@ -21,7 +20,7 @@ _NOT_TASKS = frozenset({"base", "prompting"})
 
 def task_names() -> list[str]:
     """The names of the tasks, as ``data.task`` takes them (their modules' names)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_TASKS)
+    return module_names(__path__, _NOT_TASKS)
 
 
 def task_class(name: str) -> type[Task]:
@@ -33,15 +32,7 @@ def task_class(name: str) -> type[Task]:
     if name not in task_names():
         known = ", ".join(task_names())
         raise DeltaConfigError(f"unknown task {name!r}; set data.task and model.task to one of {known}")
-    module = importlib.import_module(f"{__name__}.{name}")
-    found = [
-        obj
-        for obj in vars(module).values()
-        if isinstance(obj, type) and issubclass(obj, Task) and obj.__module__ == module.__name__
-    ]
-    if len(found) != 1 or found[0].name != name:
-        raise DeltaConfigError(f"{module.__name__} must define one Task subclass with name = {name!r}")
-    return found[0]
+    return named_subclass(f"{__name__}.{name}", Task, name)
 
 
 def build_task(cfg: Mapping[str, Any]) -> Task:

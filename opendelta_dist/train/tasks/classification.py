@@ -14,6 +14,14 @@ from opendelta_dist.train.metrics import accuracy
 from opendelta_dist.train.tasks.base import EvalSums, Task
 
 
+def class_sums(logits: torch.Tensor, labels: torch.Tensor) -> EvalSums:
+    """Evaluation sums of class logits ``[batch, classes]``: per-example cross entropy and accuracy."""
+    logits = logits.float()
+    losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+    correct, total = accuracy(logits, labels)
+    return correct, total, float(losses.sum()), int(losses.numel())
+
+
 class Classification(Task):
     """Text in, one class out: ``AutoModelForSequenceClassification`` with ``model.num_labels`` classes."""
 
@@ -36,10 +44,7 @@ class Classification(Task):
 
     def eval_sums(self, output: Any, batch: Mapping[str, torch.Tensor]) -> EvalSums:
         """Per-example cross entropy and accuracy."""
-        logits, labels = output.logits.float(), batch["labels"]
-        losses = nn.functional.cross_entropy(logits, labels, reduction="none")
-        correct, total = accuracy(logits, labels)
-        return correct, total, float(losses.sum()), int(losses.numel())
+        return class_sums(output.logits, batch["labels"])
 
     @torch.no_grad()
     def predict(self, module: nn.Module, batch: Mapping[str, torch.Tensor], tokenizer: Any) -> list[Any]:

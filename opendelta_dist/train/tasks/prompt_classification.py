@@ -9,7 +9,6 @@ encoder-decoders (T5, BART). The ``prompt`` group gives the template and the ver
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,10 +17,9 @@ from torch.utils.data import Dataset
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from opendelta_dist.errors import DeltaConfigError
-from opendelta_dist.train.metrics import accuracy
-from opendelta_dist.train.models import language_model_head
 from opendelta_dist.train.tasks import prompting
-from opendelta_dist.train.tasks.base import EvalSums, Task
+from opendelta_dist.train.tasks.base import EvalSums
+from opendelta_dist.train.tasks.classification import class_sums
 
 
 class PromptClassifier(prompting.PromptTaskModule):
@@ -38,7 +36,7 @@ class PromptClassifier(prompting.PromptTaskModule):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-class PromptClassification(Task):
+class PromptClassification(prompting.PromptTask):
     """Classification by a template, a mask and label words (see the module docstring)."""
 
     name = "prompt_classification"
@@ -46,74 +44,34 @@ class PromptClassification(Task):
     targets = "class"
 
     def __init__(self, data: Any, model: Any, cfg: Mapping[str, Any]) -> None:
-        """Read the ``prompt`` group (checked by :meth:`check_config`)."""
+        """Read the ``prompt`` group; the classes are the verbalizer's, checked against the data's names."""
         super().__init__(data, model, cfg)
-        self.settings = prompting.PromptSettings.from_config(cfg, needs_verbalizer=True)
         self.classes = self.settings.classes(data.label_names)
-        self._wrapper: Any = None
-        self._template: Any = None
-
-    @classmethod
-    def model_head(cls, model_type: str | None) -> str:
-        """The model type's language-model head (masked, causal or sequence-to-sequence)."""
-        if model_type is None:
-            raise DeltaConfigError("a prompt task needs the backbone's model_type; set model.config.model_type")
-        return language_model_head(model_type)
-
-    @classmethod
-    def check_config(cls, cfg: Mapping[str, Any]) -> None:
-        """The ``prompt`` group: a template and a verbalizer whose classes match the data's."""
-        settings = prompting.PromptSettings.from_config(cfg, needs_verbalizer=True)
-        settings.classes((cfg.get("data") or {}).get("label_names"))
-
-    @classmethod
-    def check_engine(cls, engine: str) -> None:
-        """Every engine but ``bmt``, whose ModelCenter models have no prompt pipeline."""
-        prompting.check_engine(engine)
 
     def wrap_model(self, backbone: nn.Module, tokenizer: Any) -> nn.Module:
         """``PromptClassifier(PromptForClassification(backbone, template, verbalizer))``."""
         from opendelta_dist.prompts import PromptForClassification
 
-        template = prompting.build_template(self.settings, backbone, tokenizer)
+        template = self.build_prompt(backbone, tokenizer)
         verbalizer = prompting.build_verbalizer(self.settings, self.classes, backbone, tokenizer)
-        self._template = template
-        self._wrapper = prompting.build_wrapper(self.settings, backbone, tokenizer)
         return PromptClassifier(PromptForClassification(backbone, template, verbalizer))
 
     def dataset(self, rows: list[dict[str, Any]], tokenizer: Any) -> Dataset:
         """Rows wrapped by the template and tokenized; class ids out of the verbalizer's range are refused."""
-        prompting.require_model(self._wrapper)
         bad = next((r["target"] for r in rows if not 0 <= int(r["target"]) < len(self.classes)), None)
         if bad is not None:
             raise DeltaConfigError(
                 f"the data has class id {bad}, and the verbalizer has {len(self.classes)} classes "
                 f"({', '.join(self.classes)}); give label words for every class of the data (prompt.verbalizer)"
             )
-        return prompting.wrap_rows(rows, self._template, self._wrapper, teacher_forcing=False, text_targets=False)
-
-    def collate(self, items: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
-        """Padded to the longest row."""
-        return prompting.collate_features(items, tokenizer.pad_token_id or 0)
+        return super().dataset(rows, tokenizer)
 
     def eval_sums(self, output: Any, batch: Mapping[str, torch.Tensor]) -> EvalSums:
         """Per-example cross entropy and accuracy of the class logits."""
-        logits, labels = output.logits.float(), batch["label"]
-        losses = nn.functional.cross_entropy(logits, labels, reduction="none")
-        correct, total = accuracy(logits, labels)
-        return correct, total, float(losses.sum()), int(losses.numel())
+        return class_sums(output.logits, batch["label"])
 
     @torch.no_grad()
     def predict(self, module: nn.Module, batch: Mapping[str, torch.Tensor], tokenizer: Any) -> list[Any]:
         """The arg-max class's name."""
         inputs = {k: v for k, v in batch.items() if k != "label"}
         return [self.classes[int(c)] for c in module(**inputs).logits.argmax(-1)]
-
-    def save(self, module: nn.Module, directory: Path) -> None:
-        """``prompt_settings.json`` (the run's ``prompt`` group) beside the delta."""
-        prompting.save_prompt_settings(self.cfg, directory)
-
-    def delta_options(self, options: dict[str, Any], module: nn.Module) -> dict[str, Any]:
-        """The delta keeps the prompt's own trained modules (soft tokens, a soft verbalizer) trainable, and saves
-        them."""
-        return prompting.with_prompt_modules(options, module, module.prompt.plm)

@@ -11,20 +11,17 @@ not used (the targets are the data's text).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 from transformers.modeling_outputs import CausalLMOutput
 
 from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.train.data import IGNORE_INDEX
 from opendelta_dist.train.metrics import teacher_forced_exact_match
-from opendelta_dist.train.models import language_model_head
 from opendelta_dist.train.tasks import prompting
-from opendelta_dist.train.tasks.base import EvalSums, Task
+from opendelta_dist.train.tasks.base import EvalSums
 
 
 class PromptGenerator(prompting.PromptTaskModule):
@@ -47,19 +44,14 @@ class PromptGenerator(prompting.PromptTaskModule):
         return output
 
 
-class PromptGeneration(Task):
+class PromptGeneration(prompting.PromptTask):
     """Text generation at the template's mask (see the module docstring)."""
 
     name = "prompt_generation"
     metric = "exact_match"
     targets = "text"
-
-    def __init__(self, data: Any, model: Any, cfg: Mapping[str, Any]) -> None:
-        """Read the ``prompt`` group (checked by :meth:`check_config`)."""
-        super().__init__(data, model, cfg)
-        self.settings = prompting.PromptSettings.from_config(cfg, needs_verbalizer=False)
-        self._wrapper: Any = None
-        self._template: Any = None
+    needs_verbalizer = False
+    teacher_forcing = True
 
     @classmethod
     def model_head(cls, model_type: str | None) -> str:
@@ -68,9 +60,7 @@ class PromptGeneration(Task):
         Raises:
             DeltaConfigError: a masked LM, or no model type.
         """
-        if model_type is None:
-            raise DeltaConfigError("a prompt task needs the backbone's model_type; set model.config.model_type")
-        head = language_model_head(model_type)
+        head = super().model_head(model_type)
         if head == "masked_lm":
             raise DeltaConfigError(
                 f"model type {model_type!r} is a masked LM, which does not generate text; use "
@@ -78,32 +68,13 @@ class PromptGeneration(Task):
             )
         return head
 
-    @classmethod
-    def check_config(cls, cfg: Mapping[str, Any]) -> None:
-        """The ``prompt`` group has a template."""
-        prompting.PromptSettings.from_config(cfg, needs_verbalizer=False)
-
-    @classmethod
-    def check_engine(cls, engine: str) -> None:
-        """Every engine whose models are transformers models."""
-        prompting.check_engine(engine)
-
     def wrap_model(self, backbone: nn.Module, tokenizer: Any) -> nn.Module:
         """``PromptGenerator(PromptForGeneration(backbone, template))``."""
         from opendelta_dist.prompts import PromptForGeneration
 
-        self._template = prompting.build_template(self.settings, backbone, tokenizer)
-        self._wrapper = prompting.build_wrapper(self.settings, backbone, tokenizer, teacher_forcing=True)
-        return PromptGenerator(PromptForGeneration(backbone, self._template, tokenizer=tokenizer))
-
-    def dataset(self, rows: list[dict[str, Any]], tokenizer: Any) -> Dataset:
-        """Rows wrapped by the template with their target text, tokenized for teacher forcing."""
-        prompting.require_model(self._wrapper)
-        return prompting.wrap_rows(rows, self._template, self._wrapper, teacher_forcing=True, text_targets=True)
-
-    def collate(self, items: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
-        """Padded to the longest row."""
-        return prompting.collate_features(items, tokenizer.pad_token_id or 0)
+        return PromptGenerator(
+            PromptForGeneration(backbone, self.build_prompt(backbone, tokenizer), tokenizer=tokenizer)
+        )
 
     def eval_sums(self, output: Any, batch: Mapping[str, torch.Tensor]) -> EvalSums:
         """Per-example summed token cross entropy (the training loss) and teacher-forced exact match."""
@@ -121,11 +92,3 @@ class PromptGeneration(Task):
         if not prompt.config.is_encoder_decoder:  # the context is what precedes the first target token
             rows["input_ids_len"] = rows["loss_ids"].argmax(-1)
         return prompt.generate(rows, max_new_tokens=self.data.max_target_length, do_sample=False)[1]
-
-    def save(self, module: nn.Module, directory: Path) -> None:
-        """``prompt_settings.json`` (the run's ``prompt`` group) beside the delta."""
-        prompting.save_prompt_settings(self.cfg, directory)
-
-    def delta_options(self, options: dict[str, Any], module: nn.Module) -> dict[str, Any]:
-        """The delta keeps the prompt's own trained modules (soft tokens) trainable and saves them."""
-        return prompting.with_prompt_modules(options, module, module.prompt.plm)

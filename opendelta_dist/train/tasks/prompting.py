@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.prompts.errors import PromptError
 from opendelta_dist.train.models import language_model_head
+from opendelta_dist.train.tasks.base import Task
 
 PROMPT_SETTINGS = "prompt_settings.json"
 """Written beside a prompt run's final delta: the ``prompt`` group the run trained with (a run is loaded with
@@ -149,8 +150,8 @@ def _check_text(text: str) -> None:
         raise config_error(error) from error
     if not any("mask" in piece for piece in pieces):
         raise DeltaConfigError(
-            f"prompt.template.text {text!r} has no mask: the model predicts at {{\"mask\"}}; add one, e.g. "
-            "'{\"placeholder\":\"text_a\"} It was {\"mask\"}.'"
+            f'prompt.template.text {text!r} has no mask: the model predicts at {{"mask"}}; add one, e.g. '
+            '\'{"placeholder":"text_a"} It was {"mask"}.\''
         )
 
 
@@ -406,3 +407,73 @@ def with_prompt_modules(options: dict[str, Any], root: nn.Module, plm: nn.Module
         return options
     unfrozen = list(options.get("unfrozen_modules") or ["deltas"])
     return {**options, "unfrozen_modules": unfrozen + [name for name in extra if name not in unfrozen]}
+
+
+class PromptTask(Task):
+    """What the prompt tasks share: the ``prompt`` group, the template that wraps the rows (built with the model,
+    whose input embeddings soft tokens read), padding to the longest row, the prompt's own trained modules joining
+    the delta, and ``prompt_settings.json`` beside the saved delta.
+
+    Attributes:
+        needs_verbalizer: the task reads label words (``prompt.verbalizer``).
+        teacher_forcing: rows are wrapped with their target text at the mask.
+    """
+
+    needs_verbalizer: ClassVar[bool] = True
+    teacher_forcing: ClassVar[bool] = False
+
+    def __init__(self, data: Any, model: Any, cfg: Mapping[str, Any]) -> None:
+        """Read the ``prompt`` group (checked by :meth:`check_config`)."""
+        super().__init__(data, model, cfg)
+        self.settings = PromptSettings.from_config(cfg, needs_verbalizer=self.needs_verbalizer)
+        self.template: Any = None
+        self.wrapper: Any = None
+
+    @classmethod
+    def model_head(cls, model_type: str | None) -> str:
+        """The model type's language-model head (masked, causal or sequence-to-sequence).
+
+        Raises:
+            DeltaConfigError: no model type, or one without a language-model head.
+        """
+        if model_type is None:
+            raise DeltaConfigError("a prompt task needs the backbone's model_type; set model.config.model_type")
+        return language_model_head(model_type)
+
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        """The ``prompt`` group: a template (with a mask) and, where the task reads label words, a verbalizer whose
+        classes match the data's."""
+        settings = PromptSettings.from_config(cfg, needs_verbalizer=cls.needs_verbalizer)
+        if cls.needs_verbalizer:
+            settings.classes((cfg.get("data") or {}).get("label_names"))
+
+    @classmethod
+    def check_engine(cls, engine: str) -> None:
+        """Every engine whose models are transformers models."""
+        check_engine(engine)
+
+    def build_prompt(self, backbone: nn.Module, tokenizer: Any) -> nn.Module:
+        """Build the template and the tokenizer wrapper around ``backbone``; returns the template."""
+        self.template = build_template(self.settings, backbone, tokenizer)
+        self.wrapper = build_wrapper(self.settings, backbone, tokenizer, teacher_forcing=self.teacher_forcing)
+        return self.template
+
+    def dataset(self, rows: list[dict[str, Any]], tokenizer: Any) -> Dataset:
+        """Rows wrapped by the template (with their target text under teacher forcing) and tokenized."""
+        require_model(self.wrapper)
+        text = self.targets == "text"
+        return wrap_rows(rows, self.template, self.wrapper, self.teacher_forcing, text_targets=text)
+
+    def collate(self, items: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
+        """Padded to the longest row."""
+        return collate_features(items, tokenizer.pad_token_id or 0)
+
+    def save(self, module: nn.Module, directory: Path) -> None:
+        """``prompt_settings.json`` (the run's ``prompt`` group) beside the delta."""
+        save_prompt_settings(self.cfg, directory)
+
+    def delta_options(self, options: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+        """The delta keeps the prompt's own trained modules (soft tokens, a soft verbalizer) trainable, and saves
+        them."""
+        return with_prompt_modules(options, module, module.prompt.plm)
