@@ -11,4 +11,4 @@ fi
 source scripts/env.sh
 export HF_HUB_OFFLINE=1  # no test downloads anything; fail fast instead of retrying the hub
 ruff check .
-python -m pytest -q "$@"
+python -m pytest -q --durations=30 "$@"  # the slowest tests, for keeping the suite fast

@@ -118,9 +118,9 @@ def test_the_registry_names_every_task_module_and_refuses_others():
         task_class("ranking")
 
 
-#: the plain tasks' engine rows are in tests/train/test_training.py (seq2seq on every engine); here the ones the
-#: engines treat differently: a single process, and FSDP's units (a prefix's shared network, a classifier head)
-PLAIN_TASK_ENGINES = ("single", "fsdp")
+#: the plain tasks' engine rows are in tests/train/test_training.py (seq2seq on every engine) and test_sst2.py; here
+#: every method on one engine (the prompt tasks' rows cover what the engines treat differently, such as FSDP's units)
+PLAIN_TASK_ENGINES = ("single",)
 
 
 @pytest.mark.parametrize(
