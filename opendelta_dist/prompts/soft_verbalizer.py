@@ -95,8 +95,16 @@ class SoftVerbalizer(Verbalizer):
         new_layer = nn.Linear(self.hidden_dims, self.num_classes, bias=False)
         new_layer.to(device=original.weight.device, dtype=original.weight.dtype)
         # copy the head with the new layer in place of the vocabulary projection (never copying that one)
-        self.head = copy.deepcopy(lm_head, memo={id(original): new_layer}) if path else new_layer
+        memo: dict[int, Any] = {id(original): new_layer}
+        self.head = copy.deepcopy(lm_head, memo=memo) if path else new_layer
         self.head.requires_grad_(True)
+        # a tensor the vocabulary projection shared with its head (BERT's ``predictions.bias``) is copied, but
+        # nothing reads it once the projection is replaced: frozen, so that no trainable tensor goes without a
+        # gradient (DDP refuses that), and kept, so that OpenPrompt's state dicts still fit
+        for shared in (original.weight, original.bias):
+            orphan = memo.get(id(shared)) if shared is not None else None
+            if isinstance(orphan, nn.Parameter):
+                orphan.requires_grad_(False)
         self.head_last_layer_full_name = ".".join(path)
         self.label_words = label_words
 

@@ -159,11 +159,13 @@ def _per_class(rows: list[dict[str, Any]], config: DataConfig, targets: str) -> 
         if counts.get(label, 0) < wanted:
             counts[label] = counts.get(label, 0) + 1
             kept.append(rows[i])
-    short = {label: n for label, n in counts.items() if n < wanted}
+    classes = range(len(config.label_names)) if config.label_names else sorted(counts)
+    short = {label: counts.get(label, 0) for label in classes if counts.get(label, 0) < wanted}
     if short:
         raise DataError(
-            f"data.train_rows_per_class={wanted}, but the training rows have only {short} of class(es) "
-            f"{', '.join(map(str, short))}; lower it or add rows"
+            f"data.train_rows_per_class={wanted}, but the training rows have only {short} (class id: rows) of "
+            f"class(es) {', '.join(map(str, short))}; lower it, add rows, or drop classes the data lacks from "
+            "data.label_names"
         )
     return kept
 

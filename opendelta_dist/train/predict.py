@@ -32,6 +32,7 @@ from opendelta_dist.train.data import DataConfig, DataError, load_rows
 from opendelta_dist.train.metrics import MetricAccumulator, exact_match
 from opendelta_dist.train.models import ModelConfig, auto_model_class, build_model, model_architecture
 from opendelta_dist.train.tasks import Task, build_task
+from opendelta_dist.train.tuning import load_full_model
 
 
 @dataclass
@@ -107,8 +108,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Trained
         torch.manual_seed(int(cfg.get("seed", 0)))  # a random-weight backbone: the run's, drawn first
         model = task.wrap_model(build_model(model_cfg, head=head), tokenizer)
         delta = AutoDeltaModel.from_finetuned(final_delta, backbone_model=model)
+    elif task.wraps_model:  # the task's module around the backbone, whose weights final_model holds
+        model = task.wrap_model(build_model(model_cfg, head=head), tokenizer)
+        load_full_model(model, final_model)
     else:
-        model = task.wrap_model(auto_model_class(head).from_pretrained(final_model), tokenizer)
+        model = auto_model_class(head).from_pretrained(final_model)
     return TrainedRun(run_dir, cfg, model.to(device).eval(), delta, tokenizer, DataConfig(**cfg["data"]), task)
 
 

@@ -298,8 +298,12 @@ def test_openprompt_case(case_id):
         verbalizer.register_calibrate_logits(logits)
 
     params = dict(model.named_parameters())
+    # deliberate: a SoftVerbalizer freezes the vocabulary bias its copied head keeps but never reads (1.0.1 leaves it
+    # trainable without a gradient, which DDP refuses)
+    orphans = {n for n, p in params.items() if n.startswith("verbalizer.head.") and not p.requires_grad}
+    assert len(orphans) <= 1, orphans
     if "parameters" in case:
-        theirs = set(case["parameters"]["trainable"]) | set(bug.get("frozen_plm_parameters", []))
+        theirs = set(case["parameters"]["trainable"]) - orphans | set(bug.get("frozen_plm_parameters", []))
         theirs |= {delta_names[n] for n in bug.get("frozen_delta_parameters", [])}
         ours = {n for n, p in params.items() if p.requires_grad}
         if ours != theirs:
@@ -319,7 +323,8 @@ def test_openprompt_case(case_id):
     loss.backward()  # 1.0.1 could not do this on a calibrated model
     if "trainable_without_grad" in case.get("parameters", {}) and not wrong_batch:
         no_grad = {n for n, p in params.items() if p.requires_grad and p.grad is None}
-        check.equal("trainable_without_grad", sorted(no_grad), sorted(case["parameters"]["trainable_without_grad"]))
+        without = set(case["parameters"]["trainable_without_grad"]) - orphans
+        check.equal("trainable_without_grad", sorted(no_grad), sorted(without))
     optimizer.step()
     with torch.no_grad():
         outputs = model(batch)

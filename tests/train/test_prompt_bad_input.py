@@ -19,7 +19,13 @@ TEXT = "prompt.template.text="
 
 #: case -> (overrides, what the message must say)
 CASES: dict[str, tuple[list[str], str]] = {
-    "unbalanced braces": ([TEXT + '\'{"placeholder":"text_a" It was {"mask"}.\''], r"brace|\{"),
+    "unbalanced braces": ([TEXT + '\'{"placeholder":"text_a" It was {"mask"}.\''], "unbalanced braces"),
+    "a template that never reads the row": ([TEXT + '\'{"soft":"It was"} {"mask"}.\''], "text_a"),
+    "soft tokens in a manual template": (
+        ["prompt.template.class=manual", TEXT + '\'{"placeholder":"text_a"} {"soft":"It was"} {"mask"}.\''],
+        "prompt.template.class=mixed",
+    ),
+    "a prompt task on an engine with models of its own": (["engine=bmt"], "builds models of its own"),
     "unknown placeholder": ([TEXT + '\'{"placeholder":"text_c"} It was {"mask"}.\''], "text_c"),
     "unknown meta key": ([TEXT + '\'{"placeholder":"text_a"} {"meta":"topic"} It was {"mask"}.\''], "topic"),
     "no mask": ([TEXT + '\'{"placeholder":"text_a"} It was good.\''], "mask"),

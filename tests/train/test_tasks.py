@@ -191,3 +191,67 @@ def test_a_soft_template_trains_its_own_tokens_and_not_the_models_embeddings(tmp
     saved = load_file(tmp_path / "final_delta" / "delta_model.safetensors")
     assert [name for name in saved if "lora" not in name] == ["prompt.prompt_model.template.soft_embeds"]
     assert saved["prompt.prompt_model.template.soft_embeds"].shape[0] == 3
+
+
+def test_generated_predictions_start_after_the_mask_not_at_the_target(tmp_path):
+    """On an encoder-decoder the decoder is given ``<pad> <extra_id_0>`` and writes the target; the teacher-forced
+    rows of evaluation must not hand it the target's first token (a SentencePiece tokenizer makes it a word)."""
+    import torch
+
+    from opendelta_dist.prompts import InputExample, PromptForGeneration
+    from opendelta_dist.prompts.data import collate
+    from opendelta_dist.prompts.dataloader import example_to_features
+    from opendelta_dist.train.predict import evaluate, load_run, predict
+    from opendelta_dist.train.tasks.prompting import build_wrapper
+
+    tokenizer = ROOT / "tests" / "assets" / "tokenizers" / "t5"
+    overrides = [
+        *TASKS["prompt_generation"],
+        f"model.tokenizer={tokenizer}",
+        "model.config.vocab_size=230",
+        "engine=single",
+        *SHORT,
+        "train.max_steps=40",
+        "optim.lr=3e-2",
+        f"run_dir={tmp_path}",
+    ]
+    run_distributed(_run, overrides, world_size=1)
+    run = load_run(tmp_path)
+    texts = ["the cast is great", "a dreadful script", "a wonderful movie"]
+    prompt = run.model.prompt
+    wrapper = build_wrapper(run.task_kind.settings, prompt.plm, run.tokenizer, teacher_forcing=False)
+    rows = [example_to_features(InputExample(guid=i, text_a=t), prompt.template, wrapper) for i, t in enumerate(texts)]
+    batch = {k: v for k, v in dict(collate(rows, run.tokenizer.pad_token_id)).items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        expected = PromptForGeneration.generate(prompt, batch, max_new_tokens=8, do_sample=False)[1]
+    assert predict(run, texts) == expected
+    metrics, rows_out = evaluate(run)
+    assert metrics["generated_exact_match"] > 0.5, rows_out[:4]
+
+
+def test_a_soft_verbalizer_trains_on_two_ranks(tmp_path):
+    """The soft verbalizer's head (a copy of the model's output head) trains under DDP: no trainable tensor of it
+    goes without a gradient (BERT's vocabulary bias, which nothing reads once the projection is replaced)."""
+    overrides = [
+        *TASKS["prompt_classification"],
+        "delta=lora",
+        "engine=ddp",
+        *SHORT,
+        "prompt.verbalizer.class=soft",
+        f"run_dir={tmp_path}",
+    ]
+    results = run_distributed(_run, overrides)
+    assert results[0] == results[1]
+    saved = load_file(tmp_path / "final_delta" / "delta_model.safetensors")
+    head = sorted(name for name in saved if "verbalizer.head" in name)
+    assert head and not any(name.endswith("predictions.bias") for name in head), head
+
+
+def test_full_fine_tuning_of_a_prompt_task_saves_and_reloads_the_whole_prompt_model(tmp_path):
+    from opendelta_dist.train.predict import evaluate, load_run
+
+    overrides = [*TASKS["prompt_classification"], "delta=none", "engine=single", *SHORT, f"run_dir={tmp_path}"]
+    results = run_distributed(_run, overrides, world_size=1)
+    assert (tmp_path / "final_model").is_dir()
+    metrics, _ = evaluate(load_run(tmp_path))
+    assert metrics["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)

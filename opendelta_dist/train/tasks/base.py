@@ -30,11 +30,14 @@ class Task:
         name: the ``data.task`` value (the module's name).
         metric: the name of the metric :meth:`eval_sums` counts (``accuracy``, ``exact_match``).
         targets: what a row's target column becomes: ``"class"`` (a class id) or ``"text"``.
+        wraps_model: :meth:`wrap_model` puts a module of the task's around the backbone (a fully fine-tuned run
+            then saves that module's weights, not a transformers checkpoint).
     """
 
     name: ClassVar[str] = ""
     metric: ClassVar[str] = "accuracy"
     targets: ClassVar[str] = "class"
+    wraps_model: ClassVar[bool] = False
 
     def __init__(self, data: DataConfig, model: ModelConfig, cfg: Mapping[str, Any]) -> None:
         """Keep the run's data and model configurations and its whole composed configuration.

@@ -89,6 +89,9 @@ class PromptGeneration(prompting.PromptTask):
     def predict(self, module: nn.Module, batch: Mapping[str, torch.Tensor], tokenizer: Any) -> list[Any]:
         """Greedy-generated text at the mask (at most ``data.max_target_length`` new tokens)."""
         prompt, rows = module.prompt, dict(batch)
-        if not prompt.config.is_encoder_decoder:  # the context is what precedes the first target token
-            rows["input_ids_len"] = rows["loss_ids"].argmax(-1)
+        first = rows["loss_ids"].argmax(-1)  # the first target token of each teacher-forced row
+        if prompt.config.is_encoder_decoder:  # decoding starts after the mask's sentinel, before the target
+            rows["loss_ids"] = nn.functional.one_hot(first - 1, rows["loss_ids"].shape[-1])
+        else:  # the context is what precedes the target
+            rows["input_ids_len"] = first
         return prompt.generate(rows, max_new_tokens=self.data.max_target_length, do_sample=False)[1]

@@ -32,6 +32,7 @@ from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.prompts.errors import PromptError
 from opendelta_dist.train.models import language_model_head
 from opendelta_dist.train.tasks.base import Task
+from opendelta_dist.train.tuning import FULL_FINE_TUNING
 
 PROMPT_SETTINGS = "prompt_settings.json"
 """Written beside a prompt run's final delta: the ``prompt`` group the run trained with (a run is loaded with
@@ -102,7 +103,7 @@ class PromptSettings:
         else:
             verbalizer = None
         if template.get("text"):
-            _check_text(str(template["text"]))
+            _check_text(str(template["text"]), template.get("class", "manual"))
         method = group.get("truncate_method", "tail")
         _check_choice("prompt.truncate_method", method, TRUNCATE_METHODS)
         length = group.get("max_seq_length")
@@ -139,7 +140,7 @@ class PromptSettings:
         return [str(c) for c in classes]
 
 
-def _check_text(text: str) -> None:
+def _check_text(text: str, kind: str) -> None:
     """Parse the template text now, so that a bad one (or one without a mask) stops the run before anything is
     built."""
     from opendelta_dist.prompts.template_language import parse_template
@@ -148,6 +149,18 @@ def _check_text(text: str) -> None:
         pieces = parse_template(text)
     except PromptError as error:
         raise config_error(error) from error
+    reads = {piece.get("placeholder") for piece in pieces} | {piece.get("meta") for piece in pieces}
+    if "text_a" not in reads or reads - {None, "text_a"}:
+        others = ", ".join(sorted(str(r) for r in reads - {None, "text_a"})) or "nothing"
+        raise DeltaConfigError(
+            f"prompt.template.text {text!r} reads {others} of a row, and a run's rows hold one text, the input "
+            'column, as text_a: put {"placeholder":"text_a"} where the input goes (and no text_b or meta)'
+        )
+    if kind == "manual" and any("soft" in piece or "soft_id" in piece for piece in pieces):
+        raise DeltaConfigError(
+            f"prompt.template.text {text!r} has soft tokens, which a manual template does not train; set "
+            "prompt.template.class=mixed"
+        )
     if not any("mask" in piece for piece in pieces):
         raise DeltaConfigError(
             f'prompt.template.text {text!r} has no mask: the model predicts at {{"mask"}}; add one, e.g. '
@@ -376,7 +389,7 @@ def trainable_prompt_modules(root: nn.Module, plm: nn.Module) -> list[str]:
     backbone = {id(p) for p in plm.parameters()}
     names = []
     for name, module in root.named_modules():
-        own = [p for p in module.parameters(recurse=False) if id(p) not in backbone]
+        own = [p for p in module.parameters(recurse=False) if id(p) not in backbone and p.requires_grad]
         if own and not name.startswith(_plm_prefix(root, plm)):
             names.append(name)
     return names
@@ -403,7 +416,7 @@ def with_prompt_modules(options: dict[str, Any], root: nn.Module, plm: nn.Module
     """The ``delta`` group with the prompt's own trained modules added to ``unfrozen_modules`` (after the default
     ``deltas``), so that the delta trains, checkpoints and saves them."""
     extra = trainable_prompt_modules(root, plm)
-    if not extra:
+    if not extra or options.get("delta_type") == FULL_FINE_TUNING:  # every parameter trains anyway
         return options
     unfrozen = list(options.get("unfrozen_modules") or ["deltas"])
     return {**options, "unfrozen_modules": unfrozen + [name for name in extra if name not in unfrozen]}
@@ -421,6 +434,7 @@ class PromptTask(Task):
 
     needs_verbalizer: ClassVar[bool] = True
     teacher_forcing: ClassVar[bool] = False
+    wraps_model = True
 
     def __init__(self, data: Any, model: Any, cfg: Mapping[str, Any]) -> None:
         """Read the ``prompt`` group (checked by :meth:`check_config`)."""
