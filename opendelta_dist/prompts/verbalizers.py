@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -206,7 +207,34 @@ class Verbalizer(nn.Module):
                     )
                 ids_per_word.append(ids)
             all_ids.append(ids_per_word)
+        if getattr(self, "multi_token_handler", None) == "first":
+            self._warn_first_tokens(words_per_class, all_ids)
         return all_ids
+
+    def _warn_first_tokens(self, words_per_class: Sequence[Sequence[str]], ids: list[list[list[int]]]) -> None:
+        """Under ``multi_token_handler="first"`` a word of several tokens is scored by its first token alone: say
+        which, and say when two classes are scored by the same tokens (the model cannot tell them apart)."""
+        for c, words in enumerate(words_per_class):
+            for word, word_ids in zip(words, ids[c], strict=True):
+                if len(word_ids) > 1:
+                    first = self.tokenizer.convert_ids_to_tokens(word_ids[0])
+                    warnings.warn(
+                        f"the label word {word!r} of class {_class_name(self.classes, c)} is {len(word_ids)} tokens; "
+                        f"with multi_token_handler='first' only {first!r} is scored (use 'mean' or 'max' to score all)",
+                        UserWarning,
+                        stacklevel=4,
+                    )
+        scored = [sorted({word_ids[0] for word_ids in class_ids}) for class_ids in ids]
+        for a in range(len(scored)):
+            for b in range(a + 1, len(scored)):
+                if scored[a] == scored[b]:
+                    warnings.warn(
+                        f"classes {_class_name(self.classes, a)} and {_class_name(self.classes, b)} are scored by the "
+                        f"same first tokens {self.tokenizer.convert_ids_to_tokens(scored[a])}: the model cannot tell "
+                        "them apart; use multi_token_handler='mean' (or words that begin differently)",
+                        UserWarning,
+                        stacklevel=4,
+                    )
 
     @property
     def vocab(self) -> list[str]:

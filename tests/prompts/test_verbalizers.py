@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,17 @@ def test_generation_verbalizer_refuses_an_unknown_label():
     verbalizer = GenerationVerbalizer(AutoTokenizer.from_pretrained(TOKENIZERS / "t5"), label_words=["no", "yes"])
     with pytest.raises(VerbalizerError, match="label 'maybe' is neither a class index below 2"):
         verbalizer.wrap_one_example(InputExample(text_a="x", label="maybe"))
+
+
+def test_first_token_scoring_is_said_and_indistinguishable_classes_are_warned():
+    bert_tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "assets" / "tokenizers" / "bert")
+    with pytest.warns(UserWarning, match=r"'terrible'.*2 tokens.*only 'terr' is scored"):
+        ManualVerbalizer(bert_tok, classes=["bad", "good"], label_words=[["bad", "terrible"], ["good"]])
+    # a byte-level tokenizer makes the prefix space a token of its own: both classes would be scored by " "
+    with pytest.warns(UserWarning, match="cannot tell them apart"):
+        ManualVerbalizer(T.ByT5Tokenizer(), classes=["bad", "good"], label_words=[["bad"], ["good"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ManualVerbalizer(bert_tok, classes=["bad", "good"], label_words=[["bad"], ["good"]])
+        words = [["terrible"], ["good"]]
+        ManualVerbalizer(bert_tok, classes=["bad", "good"], label_words=words, multi_token_handler="mean")
