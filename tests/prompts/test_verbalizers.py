@@ -283,7 +283,7 @@ def test_generation_verbalizer_refuses_an_unknown_label():
 
 def test_first_token_scoring_is_said_and_indistinguishable_classes_are_warned():
     bert_tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "assets" / "tokenizers" / "bert")
-    with pytest.warns(UserWarning, match=r"'terrible'.*2 tokens.*only 'terr' is scored"):
+    with pytest.warns(UserWarning, match=r"' terrible'.*2 tokens.*only 'terr' is scored"):
         ManualVerbalizer(bert_tok, classes=["bad", "good"], label_words=[["bad", "terrible"], ["good"]])
     # a byte-level tokenizer makes the prefix space a token of its own: both classes would be scored by " "
     with pytest.warns(UserWarning, match="cannot tell them apart"):
