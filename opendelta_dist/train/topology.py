@@ -72,6 +72,7 @@ class Topology:
             torch.cuda.set_device(self.device)
         if not self.distributed or dist.is_initialized():
             return
+        object.__setattr__(self, "_joined", True)  # this process opened the group, so it leaves it
         backend = self.backend
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if attempt is None or "MASTER_ADDR" not in os.environ:
@@ -114,9 +115,11 @@ class Topology:
             dist.barrier()
 
     def destroy_process_group(self) -> None:
-        """Leave the process group, if this process joined one."""
-        if dist.is_initialized():
+        """Leave the process group, if :meth:`init_process_group` joined it (a group the caller opened before the
+        run, e.g. several runs in one process group, stays open)."""
+        if getattr(self, "_joined", False) and dist.is_initialized():
             dist.destroy_process_group()
+            object.__setattr__(self, "_joined", False)
 
 
 def _check_gpu(device: str, local_rank: int) -> None:

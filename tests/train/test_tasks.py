@@ -8,7 +8,6 @@ through the recipe as ``launch/train.py`` runs it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from safetensors.torch import load_file
 
 from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.train.tasks import build_task, task_class, task_names
-from tests.train.distributed import free_port, run_distributed
+from tests.train.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 BERT_TOKENIZER = ROOT / "tests" / "assets" / "tokenizers" / "bert"
@@ -96,17 +95,21 @@ def compose_run(overrides: list[str]) -> dict[str, Any]:
         return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)  # type: ignore[return-value]
 
 
-def _train_every_method(task: str, engine: list[str], base: str, ports: list[int]) -> dict[str, dict[str, float]]:
+def _train_every_method(task: str, engine: list[str], base: str) -> dict[str, dict[str, float]]:
+    import torch.distributed as dist
+
     from opendelta_dist.train.recipe import run
 
     results = {}
-    for port, (method, options) in zip(ports, METHODS.items(), strict=True):
-        # a process group of its own for each run (a store re-made on the port of the last one can mix them up)
-        os.environ["MASTER_PORT"] = str(port)
-        overrides = [*TASKS[task], *engine, f"delta={method}", *options, *SHORT, f"run_dir={base}/{method}"]
-        if task == "classification":  # the head of the classification task trains with every method
-            overrides.append("delta.unfrozen_modules=[deltas,classifier]")
-        results[method] = run(OmegaConf.create(compose_run(overrides)))
+    dist.init_process_group("gloo")  # one group for every run: a run leaves open a group it did not open
+    try:
+        for method, options in METHODS.items():
+            overrides = [*TASKS[task], *engine, f"delta={method}", *options, *SHORT, f"run_dir={base}/{method}"]
+            if task == "classification":  # the head of the classification task trains with every method
+                overrides.append("delta.unfrozen_modules=[deltas,classifier]")
+            results[method] = run(OmegaConf.create(compose_run(overrides)))
+    finally:
+        dist.destroy_process_group()
     return results
 
 
@@ -129,8 +132,7 @@ PLAIN_TASK_ENGINES = ("single",)
 )
 def test_every_method_trains_on_every_engine(task, engine, tmp_path):
     overrides, processes = ENGINES[engine]
-    ports = [free_port() for _ in METHODS]
-    results = run_distributed(_train_every_method, task, overrides, str(tmp_path), ports, world_size=processes)
+    results = run_distributed(_train_every_method, task, overrides, str(tmp_path), world_size=processes)
     metric = task_class(task).metric
     for method in METHODS:
         for rank in results:  # every rank evaluated the same rows and agrees
