@@ -173,6 +173,7 @@ def run_worker(args: argparse.Namespace) -> None:
         if p.requires_grad or (name.startswith("cls.predictions.") and name != "cls.predictions.decoder.weight")
     }
     torch.save(start, args.scratch / f"init_seed{args.seed}.pt")
+    lora_modules = sorted({name.split(".lora.")[0].rsplit(".", 1)[-1] for name in start if ".lora." in name})
 
     steps: list[float] = []
     losses: list[float] = []
@@ -242,6 +243,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "step_s": steps,
         "loss": losses,
         "trainable_params": trainable,
+        "lora_modules": lora_modules,
         "train_padded_lengths": lengths,
         "eval_padded_lengths": eval_lengths,
         "train_data_sha256": train_digest.hexdigest(),
@@ -258,8 +260,11 @@ def run_worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------- OpenPrompt's side
 
 
-def openprompt_spec(cfg: dict[str, Any], args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    """What the OpenPrompt runner needs for one seed: the recipe's values, the rows, and our batch order."""
+def openprompt_spec(
+    cfg: dict[str, Any], args: argparse.Namespace, scratch: Path, ours: dict[str, Any]
+) -> dict[str, Any]:
+    """What the OpenPrompt runner needs for one seed: the recipe's values, the rows, our batch order, and the layers
+    our LoRA modified (``ours["lora_modules"]``: the recipe may leave ``modified_modules`` to the model's defaults)."""
     from opendelta_dist.train.batching import ShardedBatchSampler
     from opendelta_dist.train.data import DataConfig, load_rows
     from opendelta_dist.train.models import resolve_name_or_path
@@ -288,7 +293,7 @@ def openprompt_spec(cfg: dict[str, Any], args: argparse.Namespace, scratch: Path
             "r": delta["lora_r"],
             "alpha": delta["lora_alpha"],
             "dropout": delta["lora_dropout"],
-            "modified_modules": delta["modified_modules"],
+            "modified_modules": delta["modified_modules"] or ours["lora_modules"],
         },
         "also_trained": _also_trained(cfg),
         "no_dropout": args.no_dropout,
@@ -428,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
             command = [sys.executable, str(Path(__file__).resolve()), "--worker", *flags]
             ours.append(_run(command, scratch / f"ours_seed{seed}.log", scratch / f"ours_seed{seed}.json"))
             spec_path = scratch / f"spec_seed{seed}.json"
-            spec_path.write_text(json.dumps(openprompt_spec(cfg, args, scratch)))
+            spec_path.write_text(json.dumps(openprompt_spec(cfg, args, scratch, ours[-1])))
             command = [str(args.openprompt_python), str(RUNNER), str(spec_path)]
             ref.append(_run(command, scratch / f"openprompt_seed{seed}.log", scratch / f"openprompt_seed{seed}.json"))
             print(f"seed {seed}: " + ", ".join(map(_brief, (ours[-1], ref[-1]))), flush=True)
@@ -475,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "benchmark": "prompt_sst2",
         "machine": machine,
-        "config": _protocol(cfg, args, ours[0]["dev_total"]),
+        "config": _protocol(cfg, args, ours[0]["dev_total"], ours[0]["lora_modules"]),
         "summary": summary,
         "ratios_ours_over_openprompt": ratios,
         "targets": targets,
@@ -494,7 +499,9 @@ _VERSIONS = (
 )
 
 
-def _protocol(cfg: dict[str, Any], args: argparse.Namespace, dev_rows: int) -> dict[str, Any]:
+def _protocol(
+    cfg: dict[str, Any], args: argparse.Namespace, dev_rows: int, ours_lora_modules: list[str]
+) -> dict[str, Any]:
     """The protocol, as the recipe configures it (identical for both systems)."""
     train, optim, prompt, delta, data = cfg["train"], cfg["optim"], cfg["prompt"], cfg["delta"], cfg["data"]
     return {
@@ -518,7 +525,10 @@ def _protocol(cfg: dict[str, Any], args: argparse.Namespace, dev_rows: int) -> d
         if args.full_vocabulary
         else "ours: the mask positions only (PromptForClassification.logits_at_mask_only, on in the training tasks)",
         "vocabulary_projection_openprompt": "every position",
-        "lora": {k: delta[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "modified_modules")},
+        "lora": {
+            **{k: delta[k] for k in ("lora_r", "lora_alpha", "lora_dropout")},
+            "modified_modules": delta["modified_modules"] or ours_lora_modules,
+        },
         "steps": train["max_steps"],
         "batch_size": train["global_batch_size"],
         "eval_batch_size": train["eval_batch_size"],
