@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from opendelta_dist.adapterdrop import LayerDropping
 from opendelta_dist.addressing import match_any, named_backbone_modules, select_modules
 from opendelta_dist.auto_delta import load_delta
 from opendelta_dist.backends import Backend, available_backends, backend_capabilities, full_numel, get_backend
@@ -42,6 +43,7 @@ from opendelta_dist.operations import (
     UnfreezeParameter,
     delta_parameter_ids,
     is_fixed,
+    original_parameter,
     pristine_named_parameters,
 )
 from opendelta_dist.probe import dummy_forward_dims
@@ -58,7 +60,7 @@ def _excluded(name: str, exclude: Sequence[str]) -> bool:
     return any(match_any(exclude, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
 
 
-class DeltaBase(nn.Module):
+class DeltaBase(LayerDropping, nn.Module):
     """Base class of every delta method.
 
     A method's own options are the fields of its ``config_class`` beyond :class:`BaseDeltaConfig`'s;
@@ -79,6 +81,8 @@ class DeltaBase(nn.Module):
             port of 127.0.0.1, an int on that port; the call prints the address and waits for the
             page's submit (see :mod:`~opendelta_dist.interactive`).
         backend: the name of a registered backend; ``"hf"`` (plain PyTorch and transformers) is always there.
+        leave_out: layer indices (from 0, in every stack) that get no delta: static AdapterDrop
+            (:mod:`~opendelta_dist.adapterdrop`).
     """
 
     delta_type: ClassVar[str] = ""
@@ -133,10 +137,11 @@ class DeltaBase(nn.Module):
         common_structure: bool | None = False,
         interactive_modify: bool | int = False,
         backend: str = "hf",
+        leave_out: Sequence[int] | None = None,
         **options: Any,
     ) -> None:
         # the method's options are checked first, before a web page is served or the backbone changed
-        self.config = self.config_class(**options)
+        self.config = self.config_class(**options, leave_out=None if leave_out is None else list(leave_out))
         if not isinstance(backbone_model, nn.Module):
             raise TypeError(f"backbone_model must be a torch.nn.Module, not {type(backbone_model).__name__}")
         # kept out of the module tree: the delta's own parameters are its state, not the backbone's
@@ -170,6 +175,7 @@ class DeltaBase(nn.Module):
             self.common_structure = bool(common_structure)
         self.exclude_modules = list(self.default_exclude_modules if exclude_modules is None else exclude_modules)
         self.unfrozen_modules = list(self.default_unfrozen_modules if unfrozen_modules is None else unfrozen_modules)
+        self.leave_out = self.config.leave_out
         self.delta_modules = nn.ModuleList()
         self._serial = next(_SERIAL)
         self._operations: list[Operation] = []
@@ -237,11 +243,11 @@ class DeltaBase(nn.Module):
             raise ModuleNotFoundInBackboneError(
                 f"every module selected by {list(keys)} is excluded by exclude_modules={self.exclude_modules}"
             )
-        return kept
+        return self._leave_out_names(kept)
 
     def add_all_delta_to_backbone(self, backbone: nn.Module, modified_modules: Sequence[Any]) -> None:
         """Create the delta's operations for ``modified_modules`` and attach them to ``backbone``."""
-        for op in self.build_operations(backbone, modified_modules):
+        for op in self._apply_leave_out(self.build_operations(backbone, modified_modules)):
             self.add_operation(op)
         for key in self.unfrozen_modules:
             if key != DELTAS_TOKEN:
@@ -312,7 +318,8 @@ class DeltaBase(nn.Module):
                 if home.get(id(module), sub) != sub:
                     continue
                 for pname in module._parameters:
-                    current = module._parameters[pname]
+                    # the backbone's own value, not another attached delta's copy in the slot
+                    current = original_parameter(module, pname)
                     if current is None or (sub, pname) in self._unfrozen:
                         continue
                     op = self.unfreeze_parameter(sub, pname, self.backend_mapping.full_tensor(current).clone())

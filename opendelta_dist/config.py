@@ -90,6 +90,11 @@ def _check_type(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def _check_leave_out(name: str, value: Any) -> None:
+    if isinstance(value, (list, tuple)) and any(not _check_type(v, int) or v < 0 for v in value):
+        raise DeltaConfigError(f"{name} takes layer indices counted from 0 (e.g. [0, 1, 2]), not {list(value)!r}")
+
+
 @dataclass
 class BaseDeltaConfig:
     """Options every delta method has.
@@ -101,6 +106,8 @@ class BaseDeltaConfig:
             delta's own parameters.
         common_structure: whether ``modified_modules`` are common-structure roles (``attn.q``).
         backend: the name of a registered backend (:func:`opendelta_dist.backends.backend_names`); ``"hf"``.
+        leave_out: layer indices, from 0 in every stack, left without a delta (static AdapterDrop,
+            :mod:`opendelta_dist.adapterdrop`); None or empty for none.
     """
 
     delta_type: ClassVar[str] = ""
@@ -114,6 +121,7 @@ class BaseDeltaConfig:
         "common_structure",
         "interactive_modify",
         "backend",
+        "leave_out",
     )
 
     modified_modules: list[str | list[str]] | None = None
@@ -121,6 +129,7 @@ class BaseDeltaConfig:
     unfrozen_modules: list[str] | None = None
     common_structure: bool = False
     backend: str = "hf"
+    leave_out: list[int] | None = dataclasses.field(default=None, metadata={"check": _check_leave_out})
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))

@@ -92,12 +92,14 @@ class _ModuleState:
 
     def run_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         for op in self.pre:
-            args, kwargs = op.transform_input(args, kwargs)
+            if not op.skipped:
+                args, kwargs = op.transform_input(args, kwargs)
         return args, kwargs
 
     def run_post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         for op in self.post:
-            output = op.transform_output(args, kwargs, output)
+            if not op.skipped:
+                output = op.transform_output(args, kwargs, output)
         return output
 
     def empty(self) -> bool:
@@ -140,7 +142,13 @@ class Operation(ABC):
         self.delta_name = delta_name
         self.order: Order = (0, 0)
         self.target: nn.Module | None = None
+        self.skipped = False
         mark_delta_module(delta_module)
+
+    def set_skipped(self, skipped: bool) -> None:
+        """Bypass the operation (True: the module computes as if it were not there) or apply it again (AdapterDrop,
+        :mod:`opendelta_dist.adapterdrop`). A bypassed delta module is not called."""
+        self.skipped = skipped
 
     @property
     def installed(self) -> bool:
@@ -367,7 +375,7 @@ class UnfreezeParameter(Operation):
             p.data = p.data.to(current.device)
         _insert_sorted(ops, self)
         st.swaps[self.param_name] = (original, ops)
-        target._parameters[self.param_name] = ops[-1].parameter
+        target._parameters[self.param_name] = _in_effect(original, ops)
         # the target reads the delta's parameter as its backend needs (whole, where the backend shards)
         self._undo_target = backend_of(p).prepare_target(target)
 
@@ -376,15 +384,33 @@ class UnfreezeParameter(Operation):
         st = _state(target)
         original, ops = st.swaps[self.param_name]
         ops.remove(self)
-        target._parameters[self.param_name] = ops[-1].parameter if ops else original
+        target._parameters[self.param_name] = _in_effect(original, ops)
         if not ops:
             del st.swaps[self.param_name]
         _release(target, st)
+
+    def set_skipped(self, skipped: bool) -> None:
+        """Bypassed, the slot holds what it would hold without this operation (the backbone's own parameter, or
+        another delta's)."""
+        if skipped == self.skipped:
+            return  # the slot stays as it is (an engine may have put its own parameter object there)
+        super().set_skipped(skipped)
+        if self.target is not None:
+            original, ops = _state(self.target).swaps[self.param_name]
+            self.target._parameters[self.param_name] = _in_effect(original, ops)
 
     def named_tensors(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``{module_name}.{param_name}``: the slot's own name, as the backbone's state dict has it."""
         prefix = f"{self.module_name}." if self.module_name else ""
         yield f"{prefix}{self.param_name}", self.parameter
+
+
+def _in_effect(original: nn.Parameter | None, ops: list[UnfreezeParameter]) -> nn.Parameter | None:
+    """What a parameter slot holds: the parameter of the last operation not bypassed, else the backbone's own."""
+    for op in reversed(ops):
+        if not op.skipped:
+            return op.parameter
+    return original
 
 
 def original_parameter(module: nn.Module, name: str) -> nn.Parameter | None:

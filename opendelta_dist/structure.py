@@ -14,6 +14,7 @@ Roles:
 ``ff``          a feed-forward block              (``ff.w1``: its input projection,
                                                    ``ff.w2``: its output projection)
 ``layer_norm``  the normalisation layers of the blocks (and the final one)
+``layer``       a block (a transformer layer) itself, ``<stack>.<index>``: the unit AdapterDrop counts
 ==============  =====================================================================
 
 The accepted spellings ``attn@.q@`` (OpenDelta's) and ``attn.q`` are the same role. Where each role is in

@@ -56,6 +56,7 @@ _FFN = rf"{_LAYER}\.ffn\.ffn"  # the feed-forward network; ``{_LAYER}.ffn`` is t
 
 #: common-structure role -> module-name pattern in ModelCenter's T5
 T5_ROLES: dict[str, str] = {
+    "layer": _LAYER,
     "attn": _SELF,
     "attn.q": rf"{_SELF}\.project_q",
     "attn.k": rf"{_SELF}\.project_k",

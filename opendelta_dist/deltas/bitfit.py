@@ -15,7 +15,7 @@ from opendelta_dist.backends import BiasKind
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.config import BaseDeltaConfig
 from opendelta_dist.errors import UnsupportedModuleError
-from opendelta_dist.operations import InsertSequential, Operation
+from opendelta_dist.operations import InsertSequential, Operation, original_parameter
 
 
 class BiasLayer(nn.Module):
@@ -92,12 +92,11 @@ class BitFitModel(DeltaBase):
 
     def _bias_operation(self, name: str, module: nn.Module, kind: BiasKind, size: int) -> Operation:
         weight = module.weight
-        if kind is BiasKind.EXISTING:
+        own = original_parameter(module, "bias")  # the backbone's, not another attached delta's
+        if kind is BiasKind.EXISTING and own is not None:
             # whole, through the backend: a sharded bias is read as the tensor, not as this rank's partition
-            return self.unfreeze_parameter(
-                name, "bias", self.backend_mapping.full_tensor(module._parameters["bias"]).clone()
-            )
-        if kind is BiasKind.EMPTY_SLOT:
+            return self.unfreeze_parameter(name, "bias", self.backend_mapping.full_tensor(own).clone())
+        if kind in (BiasKind.EXISTING, BiasKind.EMPTY_SLOT):
             return self.unfreeze_parameter(name, "bias", torch.zeros(size, device=weight.device, dtype=weight.dtype))
         bias = self.backend_mapping.parameter((size,), nn.init.zeros_, weight.device, weight.dtype)
         return InsertSequential(name, BiasLayer(bias), "bitfit", position="after")

@@ -148,6 +148,7 @@ class CompacterConfig(BaseDeltaConfig):
         "interactive_modify",
         OPTIONS,
         "backend",
+        "leave_out",
     )
 
     reduction_factor: int = option(

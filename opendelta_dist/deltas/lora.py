@@ -34,6 +34,7 @@ class LoraConfig(BaseDeltaConfig):
         "common_structure",
         "interactive_modify",
         "backend",
+        "leave_out",
     )
 
     lora_r: int = option(8, "rank of the update.", check_positive_int)

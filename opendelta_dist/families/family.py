@@ -167,9 +167,11 @@ def self_attention_roles(
     """The self-attention, feed-forward and norm roles of a family whose blocks' names match ``block``.
 
     ``attn``, ``ff``, ``w1`` and ``w2`` are names inside a block, ``q``, ``k``, ``v`` and ``proj`` names inside
-    ``attn``; ``norm`` matches the normalisation layers' whole names.
+    ``attn``; ``norm`` matches the normalisation layers' whole names. The blocks themselves are the ``layer`` role
+    (``<stack>.<index>``: what AdapterDrop counts, :mod:`opendelta_dist.adapterdrop`).
     """
     return {
+        "layer": block,
         "attn": rf"{block}\.{attn}",
         "attn.q": rf"{block}\.{attn}\.{q}",
         "attn.k": rf"{block}\.{attn}\.{k}",

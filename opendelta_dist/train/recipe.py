@@ -219,7 +219,10 @@ class DeltaTuningRecipe:
         self.model = self.task.wrap_model(backbone, self.tokenizer)
         self._build_loaders(train_rows, eval_rows)  # after the model: a prompt task's template wraps the rows
         delta_options = self.task.delta_options(dict(cfg["delta"]), self.model)
-        self.delta = attach_delta(self.model, delta_options, self.engine.name, self.engine.delta_backend)
+        self.delta = attach_delta(
+            self.model, delta_options, self.engine.name, self.engine.delta_backend, int(cfg.get("seed", 0))
+        )
+        self.dropper = self.delta.robust_drop if self.delta is not None else None  # robust AdapterDrop
         # before any engine shards the weights
         self.checksum = self.engine.backbone_checksum(self.model, self.delta) if self.delta is not None else None
         stats = inspect_module_statistics(self.model, verbose=False)
@@ -477,6 +480,8 @@ class DeltaTuningRecipe:
             TrainingDivergedError: the loss is not finite on some rank (every rank stops together).
         """
         losses, tokens = [], 0
+        if self.dropper is not None:
+            self.dropper.before_step(self.step)  # the same layers dropped on every rank, and after a resume
         for i in range(self.accum):
             batch = self._to_device(next(batches))
             losses.append(self.engine.micro_step(batch, last=i == self.accum - 1))
@@ -521,6 +526,8 @@ class DeltaTuningRecipe:
         Before each batch the ranks agree whether to stop (:meth:`Stopper.poll`); a stop returns None.
         """
         sums = MetricAccumulator(self.task.metric)
+        if self.dropper is not None:
+            self.dropper.for_eval()
         model = self.engine.model
         model.eval()
         for raw in self.eval_loader:

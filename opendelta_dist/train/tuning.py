@@ -14,11 +14,15 @@ from typing import Any
 
 import torch
 
+from opendelta_dist.adapterdrop import RobustDrop, check_drop_range
 from opendelta_dist.auto_delta import AutoDeltaConfig, AutoDeltaModel
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.config import BaseDeltaConfig
 from opendelta_dist.errors import DeltaConfigError
 from opendelta_dist.train.engines import engine_class, engine_names
+
+#: keys of the ``delta`` group that set up training rather than the delta (they are not saved with it)
+RECIPE_OPTIONS = ("robust_drop",)
 
 FULL_FINE_TUNING = "none"
 """The ``delta_type`` of a run without a delta, in which every parameter trains (``configs/delta/none.yaml``)."""
@@ -87,7 +91,7 @@ def delta_config(options: dict[str, Any]) -> BaseDeltaConfig | None:
         DeltaConfigError: unknown ``delta_type`` or option, or options given with ``delta_type: none``.
     """
     if options.get("delta_type") != FULL_FINE_TUNING:
-        return AutoDeltaConfig.from_dict(dict(options))
+        return AutoDeltaConfig.from_dict({k: v for k, v in options.items() if k not in RECIPE_OPTIONS})
     extra = sorted(k for k, v in options.items() if k != "delta_type" and v is not None)
     if extra:
         raise DeltaConfigError(
@@ -97,14 +101,18 @@ def delta_config(options: dict[str, Any]) -> BaseDeltaConfig | None:
     return None
 
 
-def attach_delta(model: torch.nn.Module, options: dict[str, Any], engine: str, backend: str = "hf") -> DeltaBase | None:
+def attach_delta(
+    model: torch.nn.Module, options: dict[str, Any], engine: str, backend: str = "hf", seed: int = 0
+) -> DeltaBase | None:
     """Attach the configured delta to ``model`` and freeze everything else.
 
     Args:
         model: the backbone.
-        options: the ``delta`` group (``delta_type`` and the method's options).
+        options: the ``delta`` group (``delta_type`` and the method's options; ``robust_drop: [low, high]`` sets up
+            robust AdapterDrop, :class:`~opendelta_dist.adapterdrop.RobustDrop`).
         engine: the name of the engine the run trains on.
         backend: the backend the engine's backbone takes deltas of (``Engine.delta_backend``).
+        seed: the run's seed (robust AdapterDrop draws from it).
 
     Returns:
         The delta; None for full fine-tuning (``delta_type: none``: nothing frozen).
@@ -115,7 +123,12 @@ def attach_delta(model: torch.nn.Module, options: dict[str, Any], engine: str, b
     """
     config = delta_config(options)
     if config is not None:
+        if options.get("robust_drop") is not None:
+            check_drop_range(options["robust_drop"])  # before the delta changes the backbone
         delta = AutoDeltaModel.from_config(config, model, backend=backend)
+        if options.get("robust_drop") is not None:
+            delta.check_droppable(in_place_ok=not engine_class(engine).splits_model)
+            RobustDrop(delta, *options["robust_drop"], seed=seed)
         delta.freeze_module(set_state_dict=False)
         return delta
     if not engine_class(engine).supports_full_fine_tuning:

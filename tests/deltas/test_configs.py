@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 import opendelta_dist.deltas  # noqa: F401  (registers the methods)
 from opendelta_dist import LoraModel
 from opendelta_dist.auto_delta import DELTA_METHODS
-from opendelta_dist.train.tuning import delta_config
+from opendelta_dist.train.tuning import RECIPE_OPTIONS, delta_config
 from tests.models import build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,11 +33,20 @@ POSITIONAL = {
         "common_structure",
         "interactive_modify",
         "backend",
+        "leave_out",
     ],
-    "adapter": ["bottleneck_dim", "non_linearity", *COMMON, "backend"],
-    "parallel_adapter": ["bottleneck_dim", "non_linearity", "scaled", *COMMON, "backend"],
-    "bitfit": [*COMMON, "backend"],
-    "lowrankadapter": ["reduction_factor", "non_linearity", "low_rank_w_init", "low_rank_rank", *COMMON, "backend"],
+    "adapter": ["bottleneck_dim", "non_linearity", *COMMON, "backend", "leave_out"],
+    "parallel_adapter": ["bottleneck_dim", "non_linearity", "scaled", *COMMON, "backend", "leave_out"],
+    "bitfit": [*COMMON, "backend", "leave_out"],
+    "lowrankadapter": [
+        "reduction_factor",
+        "non_linearity",
+        "low_rank_w_init",
+        "low_rank_rank",
+        *COMMON,
+        "backend",
+        "leave_out",
+    ],
     "compacter": [
         *COMMON,
         "reduction_factor",
@@ -56,9 +65,10 @@ POSITIONAL = {
         "use_bias_up_sampler",
         "use_bias_down_sampler",
         "backend",
+        "leave_out",
     ],
-    "prefix": ["prefix_token_num", "reparameterize", "embed_dim", "mid_dim", *COMMON, "backend"],
-    "soft_prompt": ["soft_token_num", "init_range", "token_init", "other_expand_ids", *COMMON, "backend"],
+    "prefix": ["prefix_token_num", "reparameterize", "embed_dim", "mid_dim", *COMMON, "backend", "leave_out"],
+    "soft_prompt": ["soft_token_num", "init_range", "token_init", "other_expand_ids", *COMMON, "backend", "leave_out"],
 }
 
 
@@ -78,6 +88,8 @@ def test_the_config_file_lists_every_option_with_its_default(delta_type):
     assert path.is_file(), f"{delta_type} has no Hydra config file {path.relative_to(ROOT)}"
     options = OmegaConf.to_container(OmegaConf.load(path))
     assert options.pop("delta_type") == delta_type
+    for key in RECIPE_OPTIONS:  # training set-up in the delta group, not saved with the delta
+        assert options.pop(key, None) is None
     names = {f.name for f in dataclasses.fields(config_class)}
     assert set(options) <= names, f"{path.name} sets what is no option: {sorted(set(options) - names)}"
     missing = {f.name for f in config_class.method_options()} - set(options)

@@ -1,0 +1,116 @@
+"""Robust AdapterDrop through the recipe on every CPU engine (2 gloo processes where the engine is distributed).
+
+Each engine row runs, in one pair of processes, on the tiny T5 (2 layers in each stack):
+
+- ``robust_drop=[1, 1]`` (layer 0 dropped at every step) for 1 and for 3 steps: the dropped layer's tensors never
+  change (they get no gradient, so weight decay does not touch them either), the others train; no unused-parameter
+  error, no hang. DeepSpeed's ZeRO optimizer steps its flat partitions whole: a dropped delta has a zero gradient
+  there, which weight decay (and momentum from the steps that used it) still moves, so its rows run without decay;
+  with the layer dropped from the first step its Adam moments stay zero and it stays put;
+- ``robust_drop=[0, 1]`` for 4 steps straight, and for 2 steps then resumed to 4: the resumed run draws the same
+  layers and ends with the same delta, bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from opendelta_dist.errors import DeltaConfigError
+from tests.train.distributed import run_distributed
+from tests.train.test_tasks import compose_run
+
+BASE = [
+    "+recipe=lora_t5_tiny",
+    "delta=lora",
+    "train.global_batch_size=4",
+    "train.eval_every=0",
+    "train.eval_batch_size=8",
+    "+data.max_eval_rows=8",
+    "device=cpu",
+    "optim.scheduler=constant",  # the same learning rates in a run stopped early and resumed with more steps
+]
+
+#: engine -> (overrides, processes)
+ENGINES: dict[str, tuple[list[str], int]] = {
+    "single": (["engine=single", "optim.weight_decay=0.1"], 1),
+    "ddp": (["engine=ddp", "optim.weight_decay=0.1"], 2),
+    "fsdp": (["engine=fsdp", "optim.weight_decay=0.1"], 2),
+    "deepspeed2": (["engine=deepspeed", "engine.options.stage=2"], 2),
+    "deepspeed3": (["engine=deepspeed", "engine.options.stage=3"], 2),
+}
+
+
+def _runs(engine: list[str], base: str) -> dict[str, dict[str, float]]:
+    import torch.distributed as dist
+
+    from opendelta_dist.train.recipe import run
+
+    def go(name: str, *overrides: str) -> dict[str, float]:
+        cfg = compose_run([*BASE, *engine, *overrides, f"run_dir={base}/{name}"])
+        return run(OmegaConf.create(cfg))
+
+    results = {}
+    dist.init_process_group("gloo")
+    try:
+        results["one"] = go("one", "delta.robust_drop=[1,1]", "train.max_steps=1", "checkpoint.every=0")
+        results["three"] = go("three", "delta.robust_drop=[1,1]", "train.max_steps=3", "checkpoint.every=0")
+        results["straight"] = go("straight", "delta.robust_drop=[0,1]", "train.max_steps=4", "checkpoint.every=2")
+        go("resumed", "delta.robust_drop=[0,1]", "train.max_steps=2", "checkpoint.every=2")
+        results["resumed"] = go(
+            "resumed", "delta.robust_drop=[0,1]", "train.max_steps=4", "checkpoint.every=2", "resume=auto"
+        )
+    finally:
+        dist.destroy_process_group()
+    return results
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final_delta" / "delta_model.safetensors")
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_robust_adapterdrop_on_every_engine(engine, tmp_path):
+    overrides, processes = ENGINES[engine]
+    results = run_distributed(_runs, overrides, str(tmp_path), world_size=processes)
+    for rank in results:
+        assert rank == results[0]  # every rank evaluated the same delta
+    one, three = _final(tmp_path / "one"), _final(tmp_path / "three")
+    assert one.keys() == three.keys()
+    bottom = [k for k in one if ".block.0." in k]
+    top = [k for k in one if ".block.1." in k]
+    assert bottom and top
+    for key in bottom:  # dropped at every step: never updated
+        assert torch.equal(one[key], three[key]), key
+    assert any(not torch.equal(one[key], three[key]) for key in top)
+    straight, resumed = _final(tmp_path / "straight"), _final(tmp_path / "resumed")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert results[0]["straight"] == results[0]["resumed"]
+
+
+def test_robust_adapterdrop_of_in_place_deltas_on_a_sharding_engine_is_refused_before_anything_is_written(tmp_path):
+    cfg = compose_run([*BASE, "delta=bitfit", "delta.robust_drop=[0,1]", "engine=fsdp", f"run_dir={tmp_path}/run"])
+    results = run_distributed(_refused, cfg, world_size=2)
+    for message in results:
+        assert "BitFitModel trains parameters in place" in message and "Use leave_out" in message
+    assert not (tmp_path / "run").exists()
+
+
+def _refused(cfg: dict) -> str:
+    import torch.distributed as dist
+
+    from opendelta_dist.train.recipe import run
+
+    dist.init_process_group("gloo")
+    try:
+        run(OmegaConf.create(cfg))
+    except DeltaConfigError as error:
+        return str(error)
+    finally:
+        dist.destroy_process_group()
+    raise AssertionError("the run was not refused")
