@@ -240,6 +240,18 @@ class LayerDropping:
         self.__dict__["_skip_layers"] = skip
         self._refresh_skipped()
 
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Inside the ``with`` block the backbone computes as if the delta were detached, without detaching it
+        (switching costs a flag per operation): PEFT's ``disable_adapter()``. Several attached task deltas serve
+        one at a time this way."""
+        before = self.__dict__.get("_bypassed", False)
+        self._bypass(True)
+        try:
+            yield
+        finally:
+            self._bypass(before)
+
     def _bypass(self, bypassed: bool) -> None:
         """Bypass the whole delta (True) or only the layers of :attr:`skip_layers` (False)."""
         self.__dict__["_bypassed"] = bypassed

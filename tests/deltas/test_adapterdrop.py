@@ -7,6 +7,8 @@ start as the identity), and a dropped layer shows.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -272,6 +274,13 @@ def test_parallel_forward_equals_each_tasks_own_forward_and_runs_the_shared_laye
     assert len({tuple(o.logits.flatten().tolist()) for o in outputs}) == 3  # the tasks differ
     # afterwards every delta is attached and active again (the last one's classifier is in effect)
     assert all(not op.skipped for d in deltas for op in d.operations)
+    # one task at a time, the others bypassed: each task's own forward again
+    for k in range(len(deltas)):
+        with contextlib.ExitStack() as others:
+            for j, other in enumerate(deltas):
+                if j != k:
+                    others.enter_context(other.bypassed())
+            assert torch.equal(model(**inputs).logits, expected[k])
 
 
 def test_parallel_forward_refuses_deltas_in_the_shared_layers_or_below_them():
