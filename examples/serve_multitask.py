@@ -7,7 +7,9 @@ deltas of different methods are tuned on three toy tasks over the same sentences
 word, number of words), saved, and loaded back detached. :class:`DeltaServer` then answers a mixed
 stream of requests: before a request it attaches that task's delta (detaching the previous one),
 so the backbone computes exactly "backbone + this delta" and nothing of the others. Consecutive
-requests of one task keep the delta attached. A lock makes the switch safe across threads.
+requests of one task keep the delta attached. A lock makes the switch safe across threads. A request may
+also name ``skip_layers`` (AdapterDrop at inference: the deltas of those layers are bypassed for that request
+only, e.g. to answer faster with a delta trained with robust AdapterDrop).
 """
 
 from __future__ import annotations
@@ -68,18 +70,28 @@ class DeltaServer:
         self.active = task
 
     @torch.no_grad()
-    def generate(self, task: str, texts: list[str], max_new_tokens: int = 12) -> list[str]:
+    def generate(
+        self, task: str, texts: list[str], max_new_tokens: int = 12, skip_layers: list[int] | None = None
+    ) -> list[str]:
         """Greedy answers to ``texts`` by the backbone with ``task``'s delta.
+
+        Args:
+            task: the task whose delta answers.
+            texts: the requests.
+            max_new_tokens: the longest answer.
+            skip_layers: layer indices (in every stack) whose deltas this request bypasses.
 
         Raises:
             KeyError: no delta was added for ``task``.
+            DeltaConfigError: ``skip_layers`` names no layer of the backbone.
         """
         if task not in self.deltas:
             raise KeyError(f"no delta for task {task!r}; tasks: {sorted(self.deltas)}")
         enc = self.tokenizer(texts, padding=True, return_tensors="pt")
         with self._lock:
             self._use(task)
-            out = self.backbone.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            with self.deltas[task].skipping(skip_layers):
+                out = self.backbone.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
@@ -128,6 +140,9 @@ def main() -> None:
     for task in ["sentiment", "length", "first_word", "sentiment", "sentiment", "length"]:
         for sentence, answer in zip(sentences, server.generate(task, sentences), strict=True):
             print(f"{task:>10} | {sentence} -> {answer}")
+    # AdapterDrop per request: the sentiment delta without its layer-0 parts, for this request only
+    for sentence, answer in zip(sentences, server.generate("sentiment", sentences, skip_layers=[0]), strict=True):
+        print(f"{'sentiment':>10} | {sentence} -> {answer}   (skip_layers=[0])")
     print(f"{server.switches} delta switches")
 
 

@@ -206,6 +206,20 @@ class LayerDropping:
             )
         return kept
 
+    def without_left_out(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A checkpoint's tensors without those of layers this delta leaves out (a delta saved with more layers,
+        loaded with a larger ``leave_out``)."""
+        leave_out = set(self.config.leave_out or ())  # type: ignore[attr-defined]
+        if not leave_out:
+            return tensors
+        own = {key for key, _ in self.named_delta_tensors()}  # type: ignore[attr-defined]
+        layers = self._layer_table()
+        return {
+            key: value
+            for key, value in tensors.items()
+            if key in own or (layer := layer_of(key, layers)) is None or layer.index not in leave_out
+        }
+
     # ------------------------------------------------------------------ dropping on the live model
 
     @property

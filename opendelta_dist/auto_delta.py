@@ -137,6 +137,8 @@ def load_delta(
         config_dict = dict(delta_config)
     cls = delta_method(config_dict.get("delta_type", ""))
     _check_expected(cls, expected_cls, f"{path} holds a {cls.delta_type!r} delta")
+    if kwargs.get("leave_out"):  # left out at load time too (AdapterHub's load_adapter(leave_out=)): the union
+        kwargs["leave_out"] = sorted({*(config_dict.get("leave_out") or []), *kwargs["leave_out"]})
     config = cls.config_class.from_dict(config_dict, **kwargs)
     if check_hash and not legacy:
         check_backbone(file_config, backbone_model)
@@ -156,7 +158,7 @@ def load_delta(
     try:
         if legacy:
             tensors = delta.opendelta_tensors(tensors, path)
-        load_delta_tensors(delta, tensors, source=str(path))
+        load_delta_tensors(delta, delta.without_left_out(tensors), source=str(path))
     except BaseException:
         delta.detach()
         raise

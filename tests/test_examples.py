@@ -86,6 +86,16 @@ def test_multitask_server_answers_each_request_with_exactly_its_delta(tmp_path, 
     with pytest.raises(KeyError, match="no delta for task 'translate'"):
         server.generate("translate", texts)
 
+    # AdapterDrop per request: a request bypassing layer 0's deltas is answered by a delta without them, and
+    # the next request has them again
+    model = serve.build_backbone().eval()
+    AutoDeltaModel.from_finetuned(tmp_path / "sentiment", model, leave_out=[0], check_hash=False)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        without_layer0 = tokenizer.batch_decode(model.generate(**enc, max_new_tokens=12), skip_special_tokens=True)
+    assert server.generate("sentiment", texts, skip_layers=[0]) == without_layer0
+    assert server.generate("sentiment", texts) == expected["sentiment"]
+
 
 def test_the_readmes_python_runs_as_written(tmp_path):
     """The README's Python blocks, in order, as one script (a user copies them): nothing undefined, nothing

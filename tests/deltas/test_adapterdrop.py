@@ -297,3 +297,21 @@ def test_parallel_forward_refuses_deltas_in_the_shared_layers_or_below_them():
     prompt = SoftPromptModel(model, soft_token_num=2)
     with pytest.raises(DeltaConfigError, match="runs before the shared layers end"):
         parallel_forward(model, [prompt], shared_layers=1, **inputs)
+
+
+def test_leave_out_at_load_time_drops_the_saved_layers_and_keeps_the_saved_leave_out(tmp_path):
+    model = build("t5")
+    delta = LoraModel(model)
+    _randomise(delta)
+    inputs = batch("t5")
+    with delta.skipping([0]):
+        expected = logits(model, inputs)
+    delta.save_finetuned(tmp_path / "whole")
+    fresh = build("t5")
+    loaded = AutoDeltaModel.from_finetuned(tmp_path / "whole", backbone_model=fresh, leave_out=[0])
+    assert loaded.config.leave_out == [0]
+    torch.testing.assert_close(logits(fresh, inputs), expected)
+    loaded.save_finetuned(tmp_path / "static")
+    with pytest.raises(DeltaConfigError, match=r"leave_out=\[0, 1\] leaves every module"):
+        # the saved leave_out stays and the one given joins it: here nothing would be left
+        AutoDeltaModel.from_finetuned(tmp_path / "static", backbone_model=build("t5"), leave_out=[1])

@@ -33,6 +33,9 @@ CASES = {
     "lr": (["optim.lr=-1"], {}, ["optim.lr=-1", "above 0"]),
     "max_steps": (["train.max_steps=-5"], {}, ["train.max_steps=-5", "positive integer"]),
     "grad_accum": (["train.grad_accum=0"], {}, ["train.grad_accum=0", "positive integer"]),
+    # AdapterDrop: a reversed range, and a layer the tiny T5 (2 layers a stack) does not have
+    "robust_drop": (["delta.robust_drop=[1,0]"], {}, ["robust_drop=[1, 0] is reversed", "0 <= low <= high"]),
+    "leave_out": (["delta.leave_out=[5]"], {}, ["leave_out=[5]", "deepest stack has 2 layers"]),
 }
 
 
