@@ -125,6 +125,11 @@ def attach_delta(
     if config is not None:
         if options.get("robust_drop") is not None:
             check_drop_range(options["robust_drop"])  # before the delta changes the backbone
+            if not engine_class(engine).drops_layers_per_step:
+                raise DeltaConfigError(
+                    f"robust AdapterDrop (delta.robust_drop) is not supported on engine={engine} yet; drop layers "
+                    "statically with delta.leave_out, or train on another engine"
+                )
         delta = AutoDeltaModel.from_config(config, model, backend=backend)
         if options.get("robust_drop") is not None:
             delta.check_droppable(in_place_ok=not engine_class(engine).splits_model)

@@ -114,3 +114,13 @@ def _refused(cfg: dict) -> str:
     finally:
         dist.destroy_process_group()
     raise AssertionError("the run was not refused")
+
+
+def test_robust_adapterdrop_on_the_bmt_engine_is_refused_until_a_gpu_has_run_it():
+    from opendelta_dist.train.tuning import attach_delta
+    from tests.models import build
+
+    model = build("t5")
+    with pytest.raises(DeltaConfigError, match=r"not supported on engine=bmt yet; drop layers statically"):
+        attach_delta(model, {"delta_type": "lora", "robust_drop": [0, 1]}, "bmt")
+    assert not any(p.requires_grad is False for p in model.parameters())  # nothing was attached or frozen

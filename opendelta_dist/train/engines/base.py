@@ -139,6 +139,9 @@ class Engine(ABC):
     """The engine runs one process only."""
     splits_model: ClassVar[bool] = False
     """The engine partitions the model's parameters over the processes (not only the batch)."""
+    drops_layers_per_step: ClassVar[bool] = True
+    """Robust AdapterDrop (``delta.robust_drop``) is tested on the engine: a step may leave some delta parameters
+    unused, and the lowest layers without backward."""
     precisions: ClassVar[tuple[str, ...]] = ("bf16",)
     """The values of ``engine.options.precision`` the engine supports (null, the model's dtype, always is)."""
     delta_backend: ClassVar[str] = "hf"
