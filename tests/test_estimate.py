@@ -14,6 +14,8 @@ engine's ModelCenter T5 attends eagerly: ModelCenter's own attention code is mea
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -581,7 +583,8 @@ def test_bmt_recomputes_its_blocks_whatever_the_model_configuration_says():
 # --------------------------------------------------------------------------------------------- command line
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _program(*args: str) -> subprocess.CompletedProcess:
+    """``python -m opendelta_dist.estimate ARGS`` as a user runs it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "opendelta_dist.estimate", *args],
@@ -591,6 +594,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
     )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """The command line's ``main`` in this process, its output captured (the program itself: :func:`_program`)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["opendelta_dist.estimate", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize(
@@ -635,7 +646,7 @@ def test_the_cli_answers_whether_the_run_fits_a_gpu():
 
 
 def test_the_cli_refuses_bad_input_in_one_line():
-    result = _cli("+recipe=lora_t5_11b")
+    result = _program("+recipe=lora_t5_11b")
     assert result.returncode != 0
     assert result.stderr.strip() == (
         "error: engine=bmt splits the batch and the model over the processes: give world_size=N (GPUs in the "
