@@ -52,6 +52,9 @@ def _runs(engine: list[str], base: str) -> dict[str, dict[str, float]]:
 
     def go(name: str, *overrides: str) -> dict[str, float]:
         cfg = compose_run([*BASE, *engine, *overrides, f"run_dir={base}/{name}"])
+        # every rank checks that run_dir is free before rank 0 writes there: under torchrun the process group
+        # only starts after that check; here it is open already, so the ranks start each run together
+        dist.barrier()
         return run(OmegaConf.create(cfg))
 
     results = {}

@@ -107,6 +107,7 @@ def _train_every_method(task: str, engine: list[str], base: str) -> dict[str, di
             overrides = [*TASKS[task], *engine, f"delta={method}", *options, *SHORT, f"run_dir={base}/{method}"]
             if task == "classification":  # the head of the classification task trains with every method
                 overrides.append("delta.unfrozen_modules=[deltas,classifier]")
+            dist.barrier()  # the ranks check that run_dir is free before rank 0 writes there: start together
             results[method] = run(OmegaConf.create(compose_run(overrides)))
     finally:
         dist.destroy_process_group()
