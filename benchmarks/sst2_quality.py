@@ -145,13 +145,8 @@ class _Trainer:
         import torch
 
         from opendelta_dist import LoraModel
-        from opendelta_dist.train.data import (
-            DataConfig,
-            TokenizedDataset,
-            build_dataloader,
-            build_tokenizer,
-            load_rows,
-        )
+        from opendelta_dist.train.batching import build_dataloader
+        from opendelta_dist.train.data import DataConfig, TokenizedDataset, build_tokenizer, load_rows
         from opendelta_dist.train.models import ModelConfig, build_model
 
         cfg, delta = self.cfg, self.cfg["delta"]
@@ -173,13 +168,15 @@ class _Trainer:
         ours = LoraModel(
             backbone, delta["lora_r"], delta["lora_alpha"], delta["lora_dropout"], delta["modified_modules"]
         )
+        # the default positions (null in the recipe) as module names: PEFT's target_modules
+        targets = sorted({op.module_name.rpartition(".")[2] for op in ours.operations})
         start = {k: v.detach().clone() for k, v in ours.named_delta_tensors() if k.endswith(".lora_A")}
         ours.detach()
         config = peft.LoraConfig(
             r=delta["lora_r"],
             lora_alpha=delta["lora_alpha"],
             lora_dropout=delta["lora_dropout"],
-            target_modules=list(delta["modified_modules"]),
+            target_modules=targets,
             modules_to_save=["classifier"],
         )
         self.model = peft.get_peft_model(backbone, config)
