@@ -220,6 +220,16 @@ class LayerDropping:
             if key in own or (layer := layer_of(key, layers)) is None or layer.index not in leave_out
         }
 
+    def bypassed_slot_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The tensors of this delta's bypassed parameter slots (which hold the backbone's own value meanwhile),
+        under their state-dict keys: a state dict taken while layers are skipped still holds the delta's."""
+        return {
+            prefix + key: p.detach()
+            for op in self._operations
+            if isinstance(op, UnfreezeParameter) and op.skipped and op.installed
+            for key, p in op.named_tensors()
+        }
+
     # ------------------------------------------------------------------ dropping on the live model
 
     @property
@@ -356,6 +366,13 @@ class RobustDrop:
                 f"{layers} (its deepest stack), and a step must leave a layer its delta to train: give high <= "
                 f"{layers - 1}"
             )
+        top = max((layer.index for _, layer in delta._layered_operations()), default=-1)
+        if high > top:
+            raise DeltaConfigError(
+                f"robust_drop=[{low}, {high}] drops up to {high} layers, but {type(delta).__name__} has deltas only "
+                f"up to layer {top} (leave_out={delta.config.leave_out}), so some steps would train nothing: give "
+                f"high <= {top}"
+            )
         self.delta, self.low, self.high, self.seed = delta, low, high, int(seed)
         delta.__dict__["_robust_drop"] = self  # engines read it: the parameters a step uses vary
 
@@ -403,6 +420,19 @@ def check_drop_range(value: Any) -> tuple[int, int]:
 # ================================================================================ parallel multi-task inference
 
 
+#: the inputs that ask a model for a cache (of keys and values, or of a state)
+CACHE_INPUTS = ("use_cache", "past_key_values", "cache", "cache_params", "past")
+
+
+@contextlib.contextmanager
+def _use_cache_off(config: Any) -> Iterator[None]:
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
 class _Stop(Exception):
     """Ends the shared pass at the first layer above the shared ones."""
 
@@ -414,7 +444,9 @@ def parallel_forward(model: nn.Module, deltas: Sequence[DeltaBase], shared_layer
     ``leave_out`` covering them, or bypassing them with ``skip_layers``). The lower layers run once, without any
     delta; then each task's pass runs with only its delta active, and those layers hand back the outputs of the
     shared pass instead of computing. Each result is what ``model(**inputs)`` returns with that delta alone
-    (bit for bit: the same computations run). In an encoder-decoder the shared layers are the encoder's.
+    (bit for bit: the same computations run; in eval mode, where dropout draws nothing). In an encoder-decoder the
+    shared layers are the encoder's: the decoder's lowest layers may keep their deltas. It scores inputs: no cache
+    is asked for or returned (``use_cache`` is off meanwhile), so it does not generate.
 
     Args:
         model: the backbone, with every delta attached.
@@ -426,25 +458,34 @@ def parallel_forward(model: nn.Module, deltas: Sequence[DeltaBase], shared_layer
         One model output per delta.
 
     Raises:
-        DeltaConfigError: a delta is not attached to ``model``, or modifies a shared layer or a module that runs
-            before the shared layers end.
+        DeltaConfigError: a delta is not attached to ``model`` or is given twice, modifies a shared layer or a
+            module that runs before the shared layers end, or a cache is asked for.
     """
     if not deltas:
         return []
     layers = deltas[0]._layer_table()
     shared = {name for name, layer in layers.items() if layer.index < shared_layers}
     check_layer_indices("shared_layers", range(shared_layers), layers, type(deltas[0]).__name__)
+    if len({id(d) for d in deltas}) < len(deltas):
+        raise DeltaConfigError("a delta is given twice: give each task's delta once")
     for i, delta in enumerate(deltas):
-        if delta.backbone_model is not model or not delta.attached:
-            raise DeltaConfigError(f"deltas[{i}] ({type(delta).__name__}) is not attached to this model: attach() it")
-        busy = [
-            op.module_name for op, lay in delta._layered_operations() if lay.index < shared_layers and not op.skipped
-        ]
-        if busy:
+        if not delta.attached:
+            raise DeltaConfigError(f"deltas[{i}] ({type(delta).__name__}) is not attached: attach() it to the model")
+        if delta.backbone_model is not model:
             raise DeltaConfigError(
-                f"deltas[{i}] ({type(delta).__name__}) modifies {busy[0]} in the lowest {shared_layers} layers, so "
-                f"they cannot be shared: train it with leave_out={list(range(shared_layers))}, or set its skip_layers"
+                f"deltas[{i}] ({type(delta).__name__}) is attached to another module "
+                f"({type(delta.backbone_model).__name__}): pass that module as the model"
             )
+    caching = [k for k in CACHE_INPUTS if inputs.get(k) not in (None, False)]
+    if caching:
+        raise DeltaConfigError(
+            f"parallel_forward scores inputs without a cache, but {caching[0]}= is given: the shared layers do not "
+            "write into a cache, so one could not continue a generation; leave it out"
+        )
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):  # e.g. GPT-2 in eval mode: return no cache rather than a partial one
+        with _use_cache_off(config):
+            return parallel_forward(model, deltas, shared_layers, **inputs)
     modules = dict(named_backbone_modules(model))
     # the modules delta hooks compute in (a module that only holds a delta's parameters computes nothing)
     targets = {
@@ -483,6 +524,17 @@ def parallel_forward(model: nn.Module, deltas: Sequence[DeltaBase], shared_layer
             h.remove()
         for d, was in states:
             d._bypass(was)
+    for i, delta in enumerate(deltas):  # the layers that ran in the shared pass must have no active delta
+        busy = [
+            op.module_name
+            for op, lay in delta._layered_operations()
+            if not op.skipped and (f"{lay.stack}.{lay.index}" if lay.stack else str(lay.index)) in outputs
+        ]
+        if busy:
+            raise DeltaConfigError(
+                f"deltas[{i}] ({type(delta).__name__}) modifies {busy[0]} in the lowest {shared_layers} layers, so "
+                f"they cannot be shared: train it with leave_out={list(range(shared_layers))}, or set its skip_layers"
+            )
     early = sorted(name for name in ran if layer_of(name, layers) is None)
     if early:
         raise DeltaConfigError(

@@ -15,6 +15,7 @@ docstring and a read-only attribute per option from there, and the options live 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import itertools
 import operator
@@ -469,7 +470,8 @@ class DeltaBase(LayerDropping, nn.Module):
         """Make ``module.state_dict()`` hold only the parameters that are trainable at call time."""
         self._filter_state_dict = True
         if self._state_dict_handle is None:
-            self._state_dict_handle = module.register_state_dict_post_hook(_trainable_state_dict)
+            hook = functools.partial(_active_state_dict, self)  # torch marks the hook: a partial takes attributes
+            self._state_dict_handle = module.register_state_dict_post_hook(hook)
 
     def named_delta_tensors(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The delta's tensors under their checkpoint keys (backbone-relative names)."""
@@ -683,6 +685,11 @@ def _with_args_section(doc: str, config_class: type[BaseDeltaConfig]) -> str:
 
 
 DeltaBase.__signature__ = _delta_signature(BaseDeltaConfig)
+
+
+def _active_state_dict(delta: DeltaBase, module: nn.Module, state_dict: dict[str, Any], prefix: str, meta: Any) -> None:
+    _trainable_state_dict(module, state_dict, prefix, meta)
+    state_dict.update(delta.bypassed_slot_tensors(prefix))  # a bypassed slot holds the backbone's own
 
 
 def _trainable_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:

@@ -173,6 +173,11 @@ class LoraModel(DeltaBase):
         """
         if self._merged:
             raise DeltaStateError("this LoRA is merged already; call unmerge() before merging again")
+        if self.skip_layers or self.__dict__.get("_bypassed"):
+            raise DeltaStateError(
+                "this LoRA bypasses some layers now (skip_layers or bypassed()), which a merge cannot keep: set "
+                "skip_layers = None (or leave the bypassed() block) before merging, or build it with leave_out"
+            )
         if not self._attached:
             raise DeltaStateError("this LoRA is not attached; attach() it before merging it into the backbone")
         merged: list[tuple[int, InsertParallel, torch.Tensor | None]] = []

@@ -292,8 +292,14 @@ def test_parallel_forward_refuses_deltas_in_the_shared_layers_or_below_them():
     whole.skip_layers = [0]  # bypassing the layer makes it shareable
     assert len(parallel_forward(model, [whole], shared_layers=1, **inputs)) == 1
     whole.detach()
-    with pytest.raises(DeltaConfigError, match="is not attached to this model"):
+    with pytest.raises(DeltaConfigError, match=r"is not attached: attach\(\) it"):
         parallel_forward(model, [whole], shared_layers=1, **inputs)
+    whole.attach()
+    with pytest.raises(DeltaConfigError, match="is given twice"):
+        parallel_forward(model, [whole, whole], shared_layers=1, **inputs)
+    with pytest.raises(DeltaConfigError, match=r"is attached to another module \(BertForSequenceClassification\)"):
+        parallel_forward(model.bert, [whole], shared_layers=1, **inputs)
+    whole.detach()
     prompt = SoftPromptModel(model, soft_token_num=2)
     with pytest.raises(DeltaConfigError, match="runs before the shared layers end"):
         parallel_forward(model, [prompt], shared_layers=1, **inputs)
@@ -315,3 +321,53 @@ def test_leave_out_at_load_time_drops_the_saved_layers_and_keeps_the_saved_leave
     with pytest.raises(DeltaConfigError, match=r"leave_out=\[0, 1\] leaves every module"):
         # the saved leave_out stays and the one given joins it: here nothing would be left
         AutoDeltaModel.from_finetuned(tmp_path / "static", backbone_model=build("t5"), leave_out=[1])
+
+
+def test_parallel_forward_asks_no_cache_and_shares_only_the_layers_that_ran():
+    model = build("gpt2").eval()
+    deltas = [_task_delta(lambda m: LoraModel(m, leave_out=[0]), model, seed=k) for k in range(2)]
+    inputs = {"input_ids": batch("gpt2")["input_ids"]}
+    outputs = parallel_forward(model, deltas, shared_layers=1, **inputs)
+    assert model.config.use_cache  # as it was
+    for k, out in enumerate(outputs):
+        assert out.past_key_values is None  # no partial cache to continue from
+        with deltas[1 - k].bypassed():
+            assert torch.equal(out.logits, model(**inputs, use_cache=False).logits)
+    with pytest.raises(DeltaConfigError, match="scores inputs without a cache, but use_cache= is given"):
+        parallel_forward(model, deltas, shared_layers=1, **inputs, use_cache=True)
+
+    # an encoder-decoder shares the encoder's lowest layers: the decoder's may keep their deltas
+    t5 = build("t5").eval()
+    tasks = [_task_delta(lambda m: LoraModel(m, exclude_modules=["encoder.block.0"]), t5, seed=k) for k in range(2)]
+    t5_inputs = {k: v for k, v in batch("t5").items() if k != "labels"}
+    t5_inputs["decoder_input_ids"] = batch("t5")["labels"][:, :3]
+    for k, out in enumerate(parallel_forward(t5, tasks, shared_layers=1, **t5_inputs)):
+        with tasks[1 - k].bypassed():
+            assert torch.equal(out.logits, t5(**t5_inputs).logits)
+
+
+def test_robust_dropping_is_refused_where_a_step_would_drop_every_layer_with_a_delta():
+    delta = LoraModel(build("t5"), leave_out=[1])
+    with pytest.raises(DeltaConfigError, match=r"has deltas only up to layer 0 \(leave_out=\[1\]\).* high <= 0"):
+        RobustDrop(delta, 0, 1)
+
+
+def test_a_lora_bypassing_layers_is_not_merged_and_a_state_dict_keeps_bypassed_slots():
+    delta = LoraModel(build("bert"))
+    delta.skip_layers = [0]
+    with pytest.raises(DeltaStateError, match="bypasses some layers now"):
+        delta.merge()
+    delta.skip_layers = None
+    delta.merge()
+    delta.unmerge()
+
+    model = build("bert")
+    bitfit = BitFitModel(model)
+    bitfit.freeze_module()  # model.state_dict() holds the delta's tensors only
+    _randomise(bitfit)
+    whole = model.state_dict()
+    bitfit.skip_layers = [0]
+    skipped = model.state_dict()
+    assert skipped.keys() == whole.keys()
+    for key in whole:
+        assert torch.equal(skipped[key], whole[key]), key

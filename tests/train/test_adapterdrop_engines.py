@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from opendelta_dist.errors import DeltaConfigError
+from opendelta_dist.train.engines import engine_class
 from tests.train.distributed import run_distributed
 from tests.train.test_tasks import compose_run
 
@@ -67,6 +68,9 @@ def _runs(engine: list[str], base: str) -> dict[str, dict[str, float]]:
         results["resumed"] = go(
             "resumed", "delta.robust_drop=[0,1]", "train.max_steps=4", "checkpoint.every=2", "resume=auto"
         )
+        if not engine_class(compose_run([*BASE, *engine])["engine"]["name"]).splits_model:
+            # BitFit trains biases in place: a dropped layer's slots give way to the backbone's own per step
+            results["bitfit"] = go("bitfit", "delta=bitfit", "delta.robust_drop=[0,1]", "train.max_steps=3")
     finally:
         dist.destroy_process_group()
     return results

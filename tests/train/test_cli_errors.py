@@ -36,6 +36,17 @@ CASES = {
     # AdapterDrop: a reversed range, and a layer the tiny T5 (2 layers a stack) does not have
     "robust_drop": (["delta.robust_drop=[1,0]"], {}, ["robust_drop=[1, 0] is reversed", "0 <= low <= high"]),
     "leave_out": (["delta.leave_out=[5]"], {}, ["leave_out=[5]", "deepest stack has 2 layers"]),
+    # with layer 1 left out, dropping 1 layer drops every delta: such a step would train nothing
+    "leave_out_and_robust_drop": (
+        ["delta.leave_out=[1]", "delta.robust_drop=[0,1]"],
+        {},
+        ["has deltas only up to layer 0 (leave_out=[1])", "high <= 0"],
+    ),
+    "robust_soft_prompt": (
+        ["delta=soft_prompt", "delta.soft_token_num=2", "delta.robust_drop=[0,1]"],
+        {},
+        ["SoftPromptModel modifies no module inside a layer"],
+    ),
 }
 
 
