@@ -48,7 +48,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -137,28 +136,16 @@ class _Trainer(sst2_quality._Trainer):
     """One training variant in this process; steps, evaluation and reload are ``sst2_quality``'s."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import hashlib
+        self.variant = VARIANTS[args.worker]
+        super().__init__(args)
 
-        import torch
+    def config(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The variant's configuration (:func:`variant_config`)."""
+        return variant_config(args, args.worker, args.scratch / args.worker)
 
-        from opendelta_dist.train.recipe import DeltaTuningRecipe
-
-        self.args, self.variant = args, VARIANTS[args.worker]
-        self.cfg = variant_config(args, args.worker, args.scratch / args.worker)
-        self.seed = int(self.cfg["seed"])
-        self.recipe: DeltaTuningRecipe | None = None
-        if self.variant.peft:
-            self._setup_peft()
-        else:
-            self.recipe = DeltaTuningRecipe(self.cfg)
-            self.recipe.setup()
-            self.model = self.recipe.engine.model
-            self.eval_loader = self.recipe.eval_loader
-            self.batches = self.recipe.batches()
-            self.trainable = self.recipe.engine.optimized_parameters()
-        self.model.train()
-        self.order = hashlib.sha256()  # of every batch's token ids and labels: the same data order everywhere
-        torch.manual_seed(self.seed + 1)  # the backbone's dropout stream, alike in every worker
+    def runs_peft(self) -> bool:
+        """The PEFT variants run PEFT's LoRA."""
+        return self.variant.peft
 
     def finish(self, measurement: dict[str, Any]) -> dict[str, Any]:
         """Evaluate with the lowest layers skipped where the variant asks, record the robust draws and PEFT's
@@ -379,50 +366,17 @@ class _Process(sst2_quality._Worker):
 
     def __init__(self, variant: str, args: argparse.Namespace, scratch: Path, *extra: str) -> None:
         flags = [
-            f"--worker={variant}",
-            f"--scratch={scratch}",
-            f"--data-dir={args.data_dir}",
-            f"--train-rows={args.train_rows}",
-            f"--threads={args.threads}",
             f"--parallel-batch-size={args.parallel_batch_size}",
             f"--parallel-batches={args.parallel_batches}",
             f"--parallel-repeats={args.parallel_repeats}",
-            *([f"--eval-rows={args.eval_rows}"] if args.eval_rows is not None else []),
             *extra,
         ]
-        self.variant, self.log = variant, scratch / f"{variant}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *flags],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log.open("w"),
-            text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
+        super().__init__(variant, args, scratch, *flags, script=Path(__file__).resolve())
 
 
 def _train(args: argparse.Namespace, names: list[str], scratch: Path) -> tuple[dict[str, Any], list[Any]]:
     """Run the training variants in lock step; returns their results and the load average every 25 steps."""
-    workers: list[_Process] = []
-    try:
-        workers.extend(_Process(name, args, scratch) for name in names)
-        for worker in workers:
-            worker.ask()  # ready
-        steps, load_during, started = args.train_rows // 32, [], time.perf_counter()
-        for step in range(steps):
-            for k in range(len(workers)):  # one step of every variant, starting with another variant each time
-                workers[(step + k) % len(workers)].ask("step")
-            if step % 25 == 0:
-                load_during.append((step, os.getloadavg()))
-                print(f"step {step + 1}/{steps}, {time.perf_counter() - started:.0f} s", flush=True)
-        results = {worker.variant: worker.ask("finish") for worker in workers}
-        for worker in workers:
-            worker.proc.wait(timeout=60)
-    finally:
-        for worker in workers:
-            if worker.proc.poll() is None:
-                worker.proc.kill()
-    return results, load_during
+    return sst2_quality.train_in_lock_step(lambda: [_Process(name, args, scratch) for name in names], args)
 
 
 def _serve(args: argparse.Namespace, scratch: Path, trained: Path | None) -> dict[str, Any]:

@@ -123,10 +123,10 @@ class _Trainer:
         from opendelta_dist.train.recipe import DeltaTuningRecipe
 
         self.args = args
-        self.cfg = _config(args, RECIPES[args.worker], args.scratch / args.worker)
+        self.cfg = self.config(args)
         self.seed = int(self.cfg["seed"])
         self.recipe: DeltaTuningRecipe | None = None
-        if args.worker == REFERENCE:
+        if self.runs_peft():
             self._setup_peft()
         else:
             self.recipe = DeltaTuningRecipe(self.cfg)
@@ -138,6 +138,14 @@ class _Trainer:
         self.model.train()
         self.order = hashlib.sha256()  # of every batch's token ids and labels: the same data order everywhere
         torch.manual_seed(self.seed + 1)  # the backbone's dropout stream, alike in every worker
+
+    def config(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The variant's run configuration."""
+        return _config(args, RECIPES[args.worker], args.scratch / args.worker)
+
+    def runs_peft(self) -> bool:
+        """The variant is PEFT's, in a training loop written out (else a recipe of ours)."""
+        return self.args.worker == REFERENCE
 
     def _setup_peft(self) -> None:
         """PEFT's LoRA on the model and data of our LoRA's recipe, starting from our LoRA's values."""
@@ -313,22 +321,32 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 class _Worker:
-    """A worker process and its reply pipe."""
+    """A worker process and its reply pipe.
 
-    def __init__(self, variant: str, args: argparse.Namespace, scratch: Path) -> None:
+    Args:
+        variant: the variant the worker runs.
+        args: the driver's command line (the worker gets the same flags).
+        scratch: where run directories and the worker's log go.
+        extra: more flags for the worker.
+        script: the script the worker runs (this one by default; another benchmark passes its own).
+    """
+
+    def __init__(
+        self, variant: str, args: argparse.Namespace, scratch: Path, *extra: str, script: Path | None = None
+    ) -> None:
         flags = [
             f"--worker={variant}",
             f"--scratch={scratch}",
             f"--data-dir={args.data_dir}",
             f"--train-rows={args.train_rows}",
             f"--threads={args.threads}",
+            *([f"--eval-rows={args.eval_rows}"] if args.eval_rows is not None else []),
+            *extra,
         ]
-        if args.eval_rows is not None:
-            flags.append(f"--eval-rows={args.eval_rows}")
         self.variant = variant
         self.log = scratch / f"{variant}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *flags],
+            [sys.executable, str(script or Path(__file__).resolve()), *flags],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log.open("w"),
@@ -348,6 +366,39 @@ class _Worker:
             tail = self.log.read_text()[-4000:]
             raise RuntimeError(f"the {self.variant} worker died (exit {self.proc.returncode}):\n{tail}")
         return json.loads(line)
+
+
+def train_in_lock_step(
+    start: Any, args: argparse.Namespace
+) -> tuple[dict[str, Any], list[tuple[int, tuple[float, float, float]]]]:
+    """Start the workers (``start()`` returns them), step them in lock step for one epoch of ``--train-rows``, one
+    step of every variant at a time starting with another variant each time, then collect their measurements.
+
+    Returns:
+        The measurement of each variant, and the load average every 25 steps.
+    """
+    workers: list[_Worker] = []
+    try:
+        workers = start()
+        for worker in workers:
+            worker.ask()  # ready
+        steps = args.train_rows // 32
+        load_during: list[tuple[int, tuple[float, float, float]]] = []
+        started = time.perf_counter()
+        for step in range(steps):
+            for k in range(len(workers)):
+                workers[(step + k) % len(workers)].ask("step")
+            if step % 25 == 0:
+                load_during.append((step, os.getloadavg()))
+                print(f"step {step + 1}/{steps}, {time.perf_counter() - started:.0f} s", flush=True)
+        results = {worker.variant: worker.ask("finish") for worker in workers}
+        for worker in workers:
+            worker.proc.wait(timeout=60)
+    finally:
+        for worker in workers:
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+    return results, load_during
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -432,28 +483,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{args.data_dir / name} does not exist; pass --data-dir=<folder with SST-2's tsv files>")
     load_at_start = os.getloadavg()
     scratch = Path(tempfile.mkdtemp(prefix="sst2_quality_"))
-    workers: list[_Worker] = []
     try:
-        workers = [_Worker(variant, args, scratch) for variant in args.variants]
-        for worker in workers:
-            worker.ask()  # ready
-        steps = args.train_rows // 32
-        load_during: list[tuple[int, tuple[float, float, float]]] = []
-        started = time.perf_counter()
-        for step in range(steps):
-            # one step of every variant, starting with another variant each time
-            for k in range(len(workers)):
-                workers[(step + k) % len(workers)].ask("step")
-            if step % 25 == 0:
-                load_during.append((step, os.getloadavg()))
-                print(f"step {step + 1}/{steps}, {time.perf_counter() - started:.0f} s", flush=True)
-        results = {worker.variant: worker.ask("finish") for worker in workers}
-        for worker in workers:
-            worker.proc.wait(timeout=60)
+        results, load_during = train_in_lock_step(lambda: [_Worker(v, args, scratch) for v in args.variants], args)
     finally:
-        for worker in workers:
-            if worker.proc.poll() is None:
-                worker.proc.kill()
         shutil.rmtree(scratch, ignore_errors=True)
     orders = {r["data_order_sha256"] for r in results.values()}
     if len(orders) != 1:
