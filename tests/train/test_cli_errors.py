@@ -33,10 +33,8 @@ CASES = {
     "lr": (["optim.lr=-1"], {}, ["optim.lr=-1", "above 0"]),
     "max_steps": (["train.max_steps=-5"], {}, ["train.max_steps=-5", "positive integer"]),
     "grad_accum": (["train.grad_accum=0"], {}, ["train.grad_accum=0", "positive integer"]),
-    # AdapterDrop: a reversed range, and a layer the tiny T5 (2 layers a stack) does not have
-    "robust_drop": (["delta.robust_drop=[1,0]"], {}, ["robust_drop=[1, 0] is reversed", "0 <= low <= high"]),
-    "leave_out": (["delta.leave_out=[5]"], {}, ["leave_out=[5]", "deepest stack has 2 layers"]),
-    # with layer 1 left out, dropping 1 layer drops every delta: such a step would train nothing
+    # AdapterDrop (its other refusals: tests/deltas/test_adapterdrop.py): with layer 1 left out, dropping 1 layer
+    # drops every delta, so such a step would train nothing
     "leave_out_and_robust_drop": (
         ["delta.leave_out=[1]", "delta.robust_drop=[0,1]"],
         {},
