@@ -4,9 +4,10 @@ Each engine row runs, in one pair of processes, on the tiny T5 (2 layers in each
 
 - ``robust_drop=[1, 1]`` (layer 0 dropped at every step) for 3 steps, a checkpoint after each: from the first
   checkpoint to the end the dropped layer's tensors never change (they get no gradient, so weight decay does not
-  touch them either), the others train; no unused-parameter error, no hang. DeepSpeed's ZeRO optimizer steps its flat partitions whole: a dropped delta has a zero gradient
-  there, which weight decay (and momentum from the steps that used it) still moves, so its rows run without decay;
-  with the layer dropped from the first step its Adam moments stay zero and it stays put;
+  touch them either), the others train; no unused-parameter error, no hang. DeepSpeed's ZeRO optimizer steps its
+  flat partitions whole: a dropped delta has a zero gradient there, which weight decay (and momentum from the steps
+  that used it) still moves, so its rows run without decay; with the layer dropped from the first step its Adam
+  moments stay zero and it stays put;
 - ``robust_drop=[0, 1]`` for 4 steps straight, and for 2 steps then resumed to 4: the resumed run draws the same
   layers and ends with the same delta, bit for bit.
 """
