@@ -63,7 +63,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import sst2_quality  # noqa: E402
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import machine_info, worker_or_driver  # noqa: E402
 from benchmarks.sst2_quality import _config, _print_table, _summary, evaluate  # noqa: E402
 
 ADAPTER_RECIPE, LORA_RECIPE = "adapter_minilm_sst2", "lora_minilm_sst2"
@@ -556,19 +556,19 @@ def _print(summary: dict[str, Any], ratios: dict[str, float], parallel: dict[str
             print(f"target {key}: {target}")
 
 
+def _run_worker(args: argparse.Namespace) -> None:
+    with mock.patch.object(sst2_quality, "_Trainer", _Trainer):  # sst2_quality's worker loop, this trainer
+        sst2_quality.run_worker(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the training variants in lock step, then the serving measurement; summarise, print and save."""
     args = parse_args(argv)
     if args.worker == PARALLEL:
         run_serving(args)
         return
-    if args.worker:
-        with mock.patch.object(sst2_quality, "_Trainer", _Trainer):  # sst2_quality's worker loop, this trainer
-            sst2_quality.run_worker(args)
+    if worker_or_driver(args, _run_worker):
         return
-    for name in ("train.tsv", "dev.tsv"):
-        if not (args.data_dir / name).is_file():
-            raise SystemExit(f"{args.data_dir / name} does not exist; pass --data-dir=<folder with SST-2's tsv files>")
     load_at_start, started = os.getloadavg(), time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="adapterdrop_"))
     names = [name for name in VARIANTS if name in args.variants]

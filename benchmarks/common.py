@@ -12,6 +12,8 @@ import datetime
 import gc
 import os
 import platform
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -93,3 +95,35 @@ def reset_peak_rss() -> None:
 def peak_rss_kb() -> int:
     """The resident set's high-water mark since :func:`reset_peak_rss`, in kB."""
     return proc_status_kb("VmHWM")
+
+
+def memory_fields(setup_peak_kb: int, baseline_kb: int, train_eval_peak_kb: int) -> dict[str, float]:
+    """A run's memory readings as the benchmarks' JSON holds them (MB): the peak during set-up, the baseline before
+    training, the peak during training and evaluation, and the larger peak."""
+    return {
+        "setup_peak_rss_mb": setup_peak_kb / 1024,
+        "baseline_rss_mb": baseline_kb / 1024,
+        "train_eval_peak_rss_mb": train_eval_peak_kb / 1024,
+        "peak_rss_mb": max(setup_peak_kb, train_eval_peak_kb) / 1024,
+    }
+
+
+def worker_or_driver(args: Any, run_worker: Callable[[Any], Any]) -> bool:
+    """A benchmark's process is a worker when its command line names one (``--worker``): run it and return True;
+    else (the driver) check the data folder (:func:`check_data_dir`) and return False."""
+    if args.worker:
+        run_worker(args)
+        return True
+    check_data_dir(args.data_dir)
+    return False
+
+
+def check_data_dir(data_dir: Path, files: tuple[str, ...] = ("train.tsv", "dev.tsv")) -> None:
+    """Stop with the fix when the data folder (SST-2's, by default) lacks one of ``files``.
+
+    Raises:
+        SystemExit: a file is missing.
+    """
+    for name in files:
+        if not (data_dir / name).is_file():
+            raise SystemExit(f"{data_dir / name} does not exist; pass --data-dir=<folder with SST-2's tsv files>")

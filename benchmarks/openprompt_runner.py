@@ -182,10 +182,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "train_padded_length": int(next(iter(train_loader))["input_ids"].shape[1]),
         "train_data_sha256": train_digest.hexdigest(),
         "dev_data_sha256": dev_digest.hexdigest(),
-        "setup_peak_rss_mb": setup_peak_kb / 1024,
-        "baseline_rss_mb": baseline_kb / 1024,
-        "train_eval_peak_rss_mb": train_eval_peak_kb / 1024,
-        "peak_rss_mb": max(setup_peak_kb, train_eval_peak_kb) / 1024,
+        **common.memory_fields(setup_peak_kb, baseline_kb, train_eval_peak_kb),
         "torch_threads": torch.get_num_threads(),
     }
 

@@ -68,7 +68,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info, memory_baseline, peak_rss_kb, reset_peak_rss  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    machine_info,
+    memory_baseline,
+    memory_fields,
+    peak_rss_kb,
+    reset_peak_rss,
+    worker_or_driver,
+)
 
 RECIPE = "prompt_lora_minilm_sst2"
 DATA_DIR = ROOT.parent / "shared" / "data" / "sst2"
@@ -248,10 +255,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "eval_padded_lengths": eval_lengths,
         "train_data_sha256": train_digest.hexdigest(),
         "dev_data_sha256": dev_digest.hexdigest(),
-        "setup_peak_rss_mb": setup_peak_kb / 1024,
-        "baseline_rss_mb": baseline_kb / 1024,
-        "train_eval_peak_rss_mb": train_eval_peak_kb / 1024,
-        "peak_rss_mb": max(setup_peak_kb, train_eval_peak_kb) / 1024,
+        **memory_fields(setup_peak_kb, baseline_kb, train_eval_peak_kb),
         "torch_threads": torch.get_num_threads(),
     }
     (args.scratch / f"ours_seed{args.seed}.json").write_text(json.dumps(result) + "\n")
@@ -401,12 +405,8 @@ def _print_table(ours: list[dict[str, Any]], ref: list[dict[str, Any]], ratios: 
 def main(argv: list[str] | None = None) -> None:
     """Run every seed (ours, then OpenPrompt's), collect, summarise, print and save."""
     args = parse_args(argv)
-    if args.worker:
-        run_worker(args)
+    if worker_or_driver(args, run_worker):
         return
-    for name in ("train.tsv", "dev.tsv"):
-        if not (args.data_dir / name).is_file():
-            raise SystemExit(f"{args.data_dir / name} does not exist; pass --data-dir=<folder with SST-2's tsv files>")
     if not args.openprompt_python.is_file():
         raise SystemExit(
             f"{args.openprompt_python} does not exist: make OpenPrompt's side environment with "

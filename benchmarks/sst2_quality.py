@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info, memory_baseline, peak_rss_kb, reset_peak_rss  # noqa: E402
+from benchmarks.common import machine_info, memory_baseline, peak_rss_kb, reset_peak_rss, worker_or_driver  # noqa: E402
 
 OURS, REFERENCE = "ours-lora", "peft-lora"
 #: variant -> the recipe that configures it (PEFT's LoRA takes the model, data and optimizer of ours)
@@ -475,12 +475,8 @@ def _print_table(summary: dict[str, dict[str, Any]], ratios: dict[str, float] | 
 def main(argv: list[str] | None = None) -> None:
     """Start the workers, step them in lock step, collect, summarise, print and save."""
     args = parse_args(argv)
-    if args.worker:
-        run_worker(args)
+    if worker_or_driver(args, run_worker):
         return
-    for name in ("train.tsv", "dev.tsv"):
-        if not (args.data_dir / name).is_file():
-            raise SystemExit(f"{args.data_dir / name} does not exist; pass --data-dir=<folder with SST-2's tsv files>")
     load_at_start = os.getloadavg()
     scratch = Path(tempfile.mkdtemp(prefix="sst2_quality_"))
     try:
