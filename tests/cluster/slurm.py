@@ -175,9 +175,14 @@ class SlurmCluster:
         """Start a requeued job without Slurm's delay (credential expiry + scheduler cadence).
 
         After ``scontrol requeue`` the job goes through COMPLETING / REQUEUED to PENDING; the new
-        start time only takes once it is pending, so it is set again until the job runs.
+        start time only takes once it is pending, so it is set again until the job runs. slurmd
+        revokes the job's credential when its run ends and, counting in whole seconds, takes a new
+        credential made in that same second for the revoked one ("Killing non-startable batch job:
+        Job credential revoked": the job fails), so the first start is asked for in the next second.
         """
         deadline = time.monotonic() + timeout
+        self.wait_for(job_id, {"PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"}, timeout)
+        time.sleep(1.05 - time.time() % 1)
         while self.job(job_id).get("JobState") not in {"RUNNING", "COMPLETED", "FAILED", "CANCELLED"}:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"requeued job {job_id} did not start: {self.job(job_id)}")
