@@ -22,6 +22,7 @@ setup(
         "torch>=2.6",  # FSDP2 (torch.distributed.fsdp.fully_shard) is public from 2.6
         "transformers>=5.15",  # T5 attention on the attention interface (opendelta_dist/transformers_calls.py)
         "safetensors>=0.4.3",
+        "huggingface_hub>=1.0",  # deltas pulled from and pushed to the Hub (opendelta_dist/hub.py)
         "numpy>=1.24",
         "rich>=13",
         "hydra-core>=1.3.1",  # 1.3.0 imports pkg_resources, which setuptools no longer ships

@@ -12,14 +12,16 @@ Loading a checkpoint directory (:func:`load_delta`) works for three kinds of dir
 
 from __future__ import annotations
 
+import os
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from opendelta_dist.config import BaseDeltaConfig
-from opendelta_dist.errors import DeltaCheckpointError, DeltaConfigError
+from opendelta_dist.errors import DeltaConfigError
+from opendelta_dist.hub import resolve_checkpoint
 from opendelta_dist.registry import (
     DELTA_METHODS,
     checkpoint_format,
@@ -31,6 +33,9 @@ from opendelta_dist.saving import check_backbone, load_delta_tensors, read_confi
 
 if TYPE_CHECKING:
     from opendelta_dist.basemodel import DeltaBase
+
+#: the options of from_finetuned that find the checkpoint (on the Hub), as opposed to the delta's options
+HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
 
 __all__ = [
     "DELTA_METHODS",
@@ -63,9 +68,14 @@ class AutoDeltaConfig:
         return cls.config_class.from_dict({**config_dict, "delta_type": cls.delta_type}, **kwargs)
 
     @classmethod
-    def from_finetuned(cls, finetuned_delta_path: str | Path, **kwargs: Any) -> BaseDeltaConfig:
-        """The config of a saved delta (its ``config.json``)."""
-        return cls.from_dict(read_config_file(finetuned_delta_path), **kwargs)
+    def from_finetuned(cls, finetuned_delta_path: str | os.PathLike[str], **kwargs: Any) -> BaseDeltaConfig:
+        """The config of a saved delta (its ``config.json``), in a directory or a Hub repository.
+
+        ``kwargs``: the Hub options of :func:`~opendelta_dist.hub.resolve_checkpoint` (``revision``,
+        ``cache_dir``, ``token``, ``local_files_only``, ...), and options overriding the saved ones.
+        """
+        hub_options = {k: kwargs.pop(k) for k in HUB_OPTIONS if k in kwargs}
+        return cls.from_dict(read_config_file(resolve_checkpoint(finetuned_delta_path, **hub_options)), **kwargs)
 
 
 class AutoDeltaModel:
@@ -84,47 +94,55 @@ class AutoDeltaModel:
         return delta_method(config.delta_type).from_config(config, backbone_model, **kwargs)
 
     @classmethod
-    def from_finetuned(cls, finetuned_delta_path: str | Path, backbone_model: nn.Module, **kwargs: Any) -> DeltaBase:
-        """Load a saved delta of any method onto ``backbone_model``; see ``DeltaBase.from_finetuned``."""
+    def from_finetuned(
+        cls, finetuned_delta_path: str | os.PathLike[str], backbone_model: nn.Module, **kwargs: Any
+    ) -> DeltaBase:
+        """Load a saved delta of any method onto ``backbone_model``, from a directory or a Hub repository id;
+        see ``DeltaBase.from_finetuned`` for the options."""
         return load_delta(finetuned_delta_path, backbone_model, **kwargs)
 
 
 def load_delta(
-    finetuned_delta_path: str | Path,
+    finetuned_delta_path: str | os.PathLike[str],
     backbone_model: nn.Module,
     expected_cls: type[DeltaBase] | None = None,
     delta_config: BaseDeltaConfig | dict[str, Any] | None = None,
     check_hash: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> DeltaBase:
     """Build a saved delta on ``backbone_model`` and load its tensors; see ``DeltaBase.from_finetuned``.
 
     Args:
-        finetuned_delta_path: the checkpoint directory.
+        finetuned_delta_path: the checkpoint directory, or a Hub repository id
+            (:func:`~opendelta_dist.hub.resolve_checkpoint`).
         backbone_model: the model to modify.
         expected_cls: the delta method the caller asked for (None: any).
         delta_config: a config to use instead of the checkpoint's ``config.json``.
         check_hash: refuse a backbone other than the one the delta was saved with.
-        kwargs: options overriding those of the config.
+        state_dict: tensors to load instead of the checkpoint's weights file.
+        kwargs: the Hub options of :func:`~opendelta_dist.hub.resolve_checkpoint` (``revision``,
+            ``cache_dir``, ``token``, ``local_files_only``, ``force_download``, ``subfolder``), and options
+            overriding those of the config.
 
     Raises:
         DeltaCheckpointError: the checkpoint is missing, corrupted or does not fit the backbone.
+        DeltaHubError: the Hub repository, its revision or a cached copy could not be found or reached.
         DeltaConfigError: the checkpoint holds another delta method than ``expected_cls``.
 
     On any error the backbone is left as it was.
     """
-    path = Path(finetuned_delta_path)
-    if not path.is_dir():
-        raise DeltaCheckpointError(
-            f"{path} is not a directory; a delta checkpoint is a directory written by save_finetuned"
-        )
+    hub_options = {k: kwargs.pop(k) for k in HUB_OPTIONS if k in kwargs}
+    path = resolve_checkpoint(finetuned_delta_path, **hub_options)
     foreign = checkpoint_format(path) if delta_config is None else None
     if foreign is not None:
+        if state_dict is not None:
+            raise DeltaConfigError(f"{path} holds a {foreign.name}, read from its own files: drop state_dict")
         _check_expected(delta_method(foreign.delta_type), expected_cls, f"{path} holds a {foreign.name}")
         return foreign(path, backbone_model, **kwargs)
     file_config = read_config_file(path)
     legacy = "format_version" not in file_config
-    tensors = read_tensors(path, file_config)
+    tensors = dict(state_dict) if state_dict is not None else read_tensors(path, file_config)
     if legacy:
         file_config = delta_method(file_config["delta_type"]).opendelta_options(file_config, backbone_model)
         if not tensors:  # OpenDelta's positions matched no module (e.g. its LoRA defaults on GPT-2): a no-op

@@ -31,7 +31,6 @@ from torch.utils.hooks import RemovableHandle
 
 from opendelta_dist.adapterdrop import LayerDropping
 from opendelta_dist.addressing import match_any, named_backbone_modules, select_modules
-from opendelta_dist.auto_delta import load_delta
 from opendelta_dist.backends import Backend, available_backends, backend_capabilities, full_numel, get_backend
 from opendelta_dist.config import OPTIONS, BaseDeltaConfig
 from opendelta_dist.errors import (
@@ -48,7 +47,7 @@ from opendelta_dist.operations import (
     pristine_named_parameters,
 )
 from opendelta_dist.probe import dummy_forward_dims
-from opendelta_dist.saving import save_delta
+from opendelta_dist.sharing import DeltaSharing
 from opendelta_dist.structure import OPENDELTA_ROLES, role_keys
 
 DELTAS_TOKEN = "deltas"
@@ -61,7 +60,7 @@ def _excluded(name: str, exclude: Sequence[str]) -> bool:
     return any(match_any(exclude, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
 
 
-class DeltaBase(LayerDropping, nn.Module):
+class DeltaBase(LayerDropping, DeltaSharing, nn.Module):
     """Base class of every delta method.
 
     A method's own options are the fields of its ``config_class`` beyond :class:`BaseDeltaConfig`'s;
@@ -586,63 +585,6 @@ class DeltaBase(LayerDropping, nn.Module):
             DeltaStateError: always, for this method.
         """
         raise DeltaStateError(f"{type(self).__name__} is never merged, so there is nothing to unmerge")
-
-    def save_finetuned(
-        self,
-        finetuned_delta_path: str | Path = "./delta_checkpoints/",
-        save_config: bool = True,
-        state_dict: dict[str, torch.Tensor] | None = None,
-        **kwargs: Any,
-    ) -> Path:
-        """Save the delta: ``config.json`` plus its tensors as safetensors (nothing of the backbone).
-
-        Args:
-            finetuned_delta_path: directory to write (created if missing). Files are replaced
-                atomically; other files in it are left alone.
-            save_config: write ``config.json`` (a checkpoint without it cannot be loaded by itself).
-            state_dict: tensors to save instead of the delta's own (e.g. gathered by an engine),
-                keyed as :meth:`named_delta_tensors`.
-            kwargs: OpenDelta's Delta Center options are not supported: passing ``push_to_dc=True``
-                is an error.
-
-        Returns:
-            The checkpoint directory.
-        """
-        if kwargs.pop("push_to_dc", False):
-            raise DeltaConfigError("uploading to OpenDelta's Delta Center (push_to_dc) is not supported")
-        return save_delta(self, Path(finetuned_delta_path), save_config=save_config, state_dict=state_dict)
-
-    @classmethod
-    def from_finetuned(
-        cls,
-        finetuned_delta_path: str | Path,
-        backbone_model: nn.Module,
-        delta_config: BaseDeltaConfig | dict[str, Any] | None = None,
-        check_hash: bool = True,
-        **kwargs: Any,
-    ) -> DeltaBase:
-        """Build the delta saved at ``finetuned_delta_path`` on ``backbone_model`` and load its tensors.
-
-        Args:
-            finetuned_delta_path: a directory written by ``save_finetuned`` (or by OpenDelta 0.3.2).
-            backbone_model: the model to modify; it must be the backbone the delta was trained on.
-            delta_config: a config to use instead of the checkpoint's ``config.json``.
-            check_hash: refuse a backbone whose structure or weights differ from the one the delta
-                was saved with.
-            kwargs: options overriding those of the config.
-
-        Raises:
-            DeltaCheckpointError: the checkpoint is missing, corrupted or does not fit the backbone.
-            BackboneMismatchError: the backbone is not the one the delta was trained on.
-        """
-        return load_delta(
-            finetuned_delta_path,
-            backbone_model,
-            expected_cls=cls,
-            delta_config=delta_config,
-            check_hash=check_hash,
-            **kwargs,
-        )
 
 
 def _delta_signature(config_class: type[BaseDeltaConfig]) -> inspect.Signature:

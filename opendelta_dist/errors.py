@@ -61,3 +61,8 @@ class BackendUnavailableError(OpenDeltaError, ImportError):
 
 class InteractiveTimeoutError(OpenDeltaError, TimeoutError):
     """No selection was submitted on the ``interactive_modify`` page within the time limit."""
+
+
+class DeltaHubError(DeltaCheckpointError):
+    """A delta could not be pulled from or pushed to the Hugging Face Hub (no such repository or revision,
+    no access, offline without a cached copy, the Hub unreachable)."""
