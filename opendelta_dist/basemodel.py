@@ -589,7 +589,8 @@ class DeltaBase(LayerDropping, DeltaSharing, nn.Module):
 
 def _delta_signature(config_class: type[BaseDeltaConfig]) -> inspect.Signature:
     """The signature of a method class: ``backbone_model``, then the method's options (with the
-    config's types and defaults) and :meth:`DeltaBase._build`'s parameters, in ``config_class.parameter_order``."""
+    config's types and defaults) and :meth:`DeltaBase._build`'s parameters, in ``config_class.parameter_order``
+    (where an option named there has its place, and :data:`~opendelta_dist.config.OPTIONS` stands for the others)."""
     own = inspect.signature(DeltaBase._build, eval_str=True).parameters
     hints = get_type_hints(config_class)
     options = [
@@ -602,15 +603,18 @@ def _delta_signature(config_class: type[BaseDeltaConfig]) -> inspect.Signature:
         )
         for f in config_class.method_options()
     ]
+    placed = {o.name: o for o in options if o.name in config_class.parameter_order}  # options named in the order
+    rest = [o for o in options if o.name not in placed]
     parameters = [own["backbone_model"]]
     for name in config_class.parameter_order:
-        parameters.extend(options if name == OPTIONS else [own[name]])
+        parameters.extend(rest if name == OPTIONS else [placed.get(name) or own[name]])
     return inspect.Signature(parameters)
 
 
 def _with_args_section(doc: str, config_class: type[BaseDeltaConfig]) -> str:
     """A method class's docstring with an Args section made from its config (before its Raises section)."""
-    common = [name for name in config_class.parameter_order if name != OPTIONS]
+    own = {f.name for f in config_class.method_options()}
+    common = [name for name in config_class.parameter_order if name != OPTIONS and name not in own]
     entries = [
         ("backbone_model", "the model to modify."),
         *((f.name, f.metadata["doc"]) for f in config_class.method_options()),

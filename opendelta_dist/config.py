@@ -112,7 +112,8 @@ class BaseDeltaConfig:
 
     delta_type: ClassVar[str] = ""
     #: The parameters of the method class after ``backbone_model``, in their positional order
-    #: (OpenDelta's, which differs between methods); :data:`OPTIONS` stands for the method's own.
+    #: (OpenDelta's, which differs between methods); :data:`OPTIONS` stands for the method's own options but
+    #: those named here (e.g. an option of this library's after OpenDelta's parameters).
     parameter_order: ClassVar[tuple[str, ...]] = (
         OPTIONS,
         "modified_modules",

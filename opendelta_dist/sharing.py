@@ -209,4 +209,3 @@ class DeltaSharing:
             subfolder=subfolder,
             **kwargs,
         )
-

@@ -227,6 +227,18 @@ CASES: dict[str, dict[str, dict[str, Any]]] = {
             "why": "4 prefix tokens stored directly (reparameterize=False)",
             "options": {"prefix_token_num": 4, "reparameterize": False},
         },
+        "self_attn_reparam": {
+            "why": "explicit modules (OpenDelta has no BART map): every self_attn, encoder and decoder; 3 prefix "
+            "tokens through a reparameterization network with embed_dim=16, mid_dim=32",
+            "only": ["bart"],
+            "options": {"prefix_token_num": 3, "embed_dim": 16, "mid_dim": 32, "modified_modules": ["self_attn"]},
+        },
+        "self_attn_no_reparam": {
+            "why": "explicit modules (OpenDelta has no BART map): every self_attn, encoder and decoder; 3 prefix "
+            "tokens stored directly (reparameterize=False)",
+            "only": ["bart"],
+            "options": {"prefix_token_num": 3, "reparameterize": False, "modified_modules": ["self_attn"]},
+        },
     },
     "soft_prompt": {
         "default": {"why": "OpenDelta's defaults: 100 soft tokens initialised from the first 100 token embeddings"},

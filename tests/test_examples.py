@@ -99,7 +99,7 @@ def test_multitask_server_answers_each_request_with_exactly_its_delta(tmp_path, 
 
 def test_the_readmes_python_runs_as_written(tmp_path):
     """The README's Python blocks, in order, as one script (a user copies them): nothing undefined, nothing
-    that needs the network."""
+    that needs the network (the blocks that reach the Hub are fenced ``py``, not ``python``, and not run)."""
     text = (ROOT / "README.md").read_text()
     blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
     assert len(blocks) >= 3

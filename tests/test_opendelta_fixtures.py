@@ -12,11 +12,12 @@ differently), the fixed input and the backbone's own outputs.
 - :func:`test_loads_opendelta_checkpoint`: ``AutoDeltaModel.from_finetuned(case_dir, backbone_model=...)``
   reproduces OpenDelta's logits within ``ATOL`` (and, for the classification models, whose logits only see the
   first token, the last hidden state too; for decoder-only soft prompts, on the real tokens' positions, which
-  are all our output has). The model is run as ``from_finetuned`` leaves it: OpenDelta's ends in
-  ``backbone_model.eval()``. Cases that do not pass yet are in :data:`KNOWN_FAILURES` with the reason, as
-  strict xfails restricted to the exception they raise today, whose message must match the table's pattern
-  (another failure fails the test): a fix turns them into XPASS, which fails, so the table shrinks with every
-  fix (and a fix that uncovers the failure "behind it" updates the entry).
+  are all our output has), every checkpoint. The model is run as ``from_finetuned`` leaves it: OpenDelta's ends
+  in ``backbone_model.eval()``. Where OpenDelta computed otherwise than this library does
+  (:data:`OPENDELTA_COMPAT`), loading turns ``opendelta_compat`` on and says so;
+  :func:`test_opendelta_compat_switched_off` checks that ``opendelta_compat=False`` gives this library's own
+  computation, which differs there, and :func:`test_opendelta_compat_survives_save_and_load` that a re-saved
+  checkpoint keeps it.
 - :func:`test_configuration_opendelta_failed_on`: where OpenDelta itself crashed (no checkpoint), this library
   either builds the delta (and runs it) or refuses with an error naming the reason, as
   :data:`OPENDELTA_FAILED` records.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -45,39 +47,6 @@ CASES: dict[str, dict[str, Any]] = INDEX["cases"]
 ATOL = 1e-4
 
 
-@dataclass(frozen=True)
-class Known:
-    """A case that does not pass today: the exception it raises, a pattern its message contains, and why."""
-
-    raises: type[BaseException]
-    match: str
-    reason: str
-
-    def then(self, behind: Known) -> Known:
-        """This failure, with ``behind`` (the next one a fix of this one would uncover) added to the reason."""
-        return Known(self.raises, self.match, f"{self.reason}; behind it: {behind.reason}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Why loading fails today: the root causes (a case names the first it hits, and what is known to be behind it)
-
-PREFIX_T5_POSITION_BIAS = Known(
-    AssertionError,
-    r"^logits differs",
-    "numerics (logits differ by ~0.35): OpenDelta's PrefixLayerT5.post_forward drops the position bias each T5 "
-    "self-attention hands on, so in OpenDelta only block 0 of each stack has a relative position bias (placing "
-    "the prefix keys at positions before the real tokens) and later blocks have none; ours keeps T5's bias in "
-    "every block and gives the prefix columns zero bias",
-)
-SOFT_PROMPT_ROBERTA_HEAD = Known(
-    AssertionError,
-    r"^logits differs",
-    "numerics: our soft prompt drops the prompt positions from RobertaModel's last_hidden_state, so "
-    "RobertaClassificationHead reads the first real token where OpenDelta's reads the first soft token: "
-    "logits differ by 0.015-0.05 (hidden_states, which keep the prompt, match)",
-)
-
-
 def _each(backbones: str, method_case: str, known: Any) -> dict[str, Any]:
     return {f"{b}/{method_case}": known for b in backbones.split()}
 
@@ -85,13 +54,19 @@ def _each(backbones: str, method_case: str, known: Any) -> dict[str, Any]:
 ALL = "t5 bert gpt2 bart roberta"
 NOT_BART = "t5 bert gpt2 roberta"  # OpenDelta 0.3.2 has no structure map for BART: its default cases failed
 
-#: case id -> why OpenDelta's checkpoint does not load here, or loads but computes something else. What is
-#: left is deliberate (README, "Checkpoints"): OpenDelta's T5 prefix removes T5's position bias from every block
-#: but the first, and our soft prompt's output has the real tokens' positions only
-KNOWN_FAILURES: dict[str, Known] = {
-    "t5/prefix/small_reparam": PREFIX_T5_POSITION_BIAS,
-    "t5/prefix/no_reparam": PREFIX_T5_POSITION_BIAS,
-    **{f"roberta/soft_prompt/{c}": SOFT_PROMPT_ROBERTA_HEAD for c in ["n5", "n5_random", "n100_random"]},
+#: The checkpoints on which OpenDelta 0.3.2 computed otherwise than this library does, so that loading them turns
+#: ``opendelta_compat`` on (with a notice): case id -> a pattern of the notice
+OPENDELTA_COMPAT: dict[str, str] = {
+    # OpenDelta's T5 prefix hands on no position bias: later blocks run without one
+    **{f"t5/prefix/{c}": "T5's relative position bias" for c in ["small_reparam", "no_reparam"]},
+    # transformers 4.36's SDPA BART decoder got no mask, and is_causal aligned it with the first prefix key
+    **{f"bart/prefix/{c}": "causal mask of a decoder" for c in ["self_attn_reparam", "self_attn_no_reparam"]},
+    # OpenDelta's soft prompt sits at the start of each row; RoBERTa's head reads the first soft token
+    **{
+        f"{b}/soft_prompt/{c}": "at the start of each row"
+        for b in ALL.split()
+        for c in ["n5", "n5_random", "n100_random"]
+    },
 }
 
 
@@ -208,14 +183,26 @@ def _assert_close(name: str, mine: torch.Tensor, theirs: torch.Tensor, prompt_po
 
 
 def _loaded_params() -> list[Any]:
-    params = []
-    for case_id, summary in CASES.items():
-        if not summary["opendelta_ok"]:
-            continue
-        known = KNOWN_FAILURES.get(case_id)
-        marks = [pytest.mark.xfail(strict=True, raises=known.raises, reason=known.reason)] if known else []
-        params.append(pytest.param(case_id, marks=marks, id=case_id))
-    return params
+    return [pytest.param(case_id, id=case_id) for case_id, s in CASES.items() if s["opendelta_ok"]]
+
+
+def _load(case_dir: Path, model: torch.nn.Module, **kwargs: Any) -> tuple[Any, list[str]]:
+    """``from_finetuned`` onto ``model``; the delta and the messages of the opendelta_compat notices it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        delta = opendelta_dist.AutoDeltaModel.from_finetuned(case_dir, backbone_model=model, **kwargs)
+    notices = [str(w.message) for w in caught if "opendelta_compat" in str(w.message)]
+    assert all(issubclass(w.category, UserWarning) for w in caught if "opendelta_compat" in str(w.message))
+    return delta, notices
+
+
+def _assert_opendelta_outputs(model: torch.nn.Module, case_id: str) -> dict[str, torch.Tensor]:
+    summary = CASES[case_id]
+    expected = load_file(FIXTURES / summary["dir"] / "outputs.safetensors")
+    mine = _outputs(model, summary["backbone"])
+    for name, value in mine.items():
+        _assert_close(name, value, expected[name], prompt_positions=summary["method"] == "soft_prompt")
+    return mine
 
 
 def _failed_params() -> list[Any]:
@@ -240,7 +227,7 @@ def test_index_matches_fixtures_and_tables() -> None:
             assert files == {"case.json"}, case_id
     ok = {c for c, s in CASES.items() if s["opendelta_ok"]}
     failed = set(CASES) - ok
-    assert not set(KNOWN_FAILURES) - ok, f"KNOWN_FAILURES names cases with no checkpoint: {set(KNOWN_FAILURES) - ok}"
+    assert set(OPENDELTA_COMPAT) <= ok, f"OPENDELTA_COMPAT names cases with no checkpoint: {set(OPENDELTA_COMPAT) - ok}"
     assert set(OPENDELTA_FAILED) == failed, (
         f"OPENDELTA_FAILED must name exactly the cases OpenDelta failed on: missing {failed - set(OPENDELTA_FAILED)}, "
         f"extra {set(OPENDELTA_FAILED) - failed}"
@@ -261,20 +248,87 @@ def test_backbone_matches_transformers_4_36(backbone: str) -> None:
 @pytest.mark.parametrize("case_id", _loaded_params())
 def test_loads_opendelta_checkpoint(case_id: str) -> None:
     summary = CASES[case_id]
-    backbone = summary["backbone"]
-    model = _backbone(backbone)
-    known = KNOWN_FAILURES.get(case_id)
-    try:
-        opendelta_dist.AutoDeltaModel.from_finetuned(FIXTURES / summary["dir"], backbone_model=model)
-        expected = load_file(FIXTURES / summary["dir"] / "outputs.safetensors")
-        mine = _outputs(model, backbone)
-        for name, value in mine.items():
-            _assert_close(name, value, expected[name], prompt_positions=summary["method"] == "soft_prompt")
-    except Exception as e:
-        if known is not None and isinstance(e, known.raises) and not re.search(known.match, str(e)):
-            # the xfail takes only KNOWN_FAILURES' exception type: another failure of that type fails the test
-            pytest.fail(f"fails for another reason than KNOWN_FAILURES says ({known.reason}): {type(e).__name__}: {e}")
-        raise
+    model = _backbone(summary["backbone"])
+    delta, notices = _load(FIXTURES / summary["dir"], model)
+    _assert_opendelta_outputs(model, case_id)
+    compat = getattr(delta.config, "opendelta_compat", False)
+    # opendelta_compat is on exactly where OpenDelta computed otherwise, and then a notice says so (once)
+    assert compat == (case_id in OPENDELTA_COMPAT), (case_id, compat)
+    if compat:
+        assert len(notices) == 1 and re.search(OPENDELTA_COMPAT[case_id], notices[0]), notices
+    else:
+        assert not notices, notices
+
+
+#: compat cases whose computation this library's own changes on the fixed input (the others differ only with
+#: left padding), one per root cause
+DIFFERS_WITHOUT_COMPAT = ["t5/prefix/no_reparam", "bart/prefix/self_attn_reparam", "roberta/soft_prompt/n5"]
+
+
+@pytest.mark.parametrize("case_id", DIFFERS_WITHOUT_COMPAT)
+def test_opendelta_compat_switched_off(case_id: str) -> None:
+    """``opendelta_compat=False`` (a keyword override of from_finetuned) gives this library's own computation,
+    without notice: there it is not OpenDelta's."""
+    summary = CASES[case_id]
+    model = _backbone(summary["backbone"])
+    delta, notices = _load(FIXTURES / summary["dir"], model, opendelta_compat=False)
+    assert delta.config.opendelta_compat is False and not notices
+    expected = load_file(FIXTURES / summary["dir"] / "outputs.safetensors")
+    logits = _outputs(model, summary["backbone"])["logits"]
+    assert logits.shape == expected["logits"].shape
+    assert (logits - expected["logits"]).abs().max() > 10 * ATOL, "this library's own computation is OpenDelta's"
+
+
+@pytest.mark.parametrize("case_id", ["t5/prefix/small_reparam", "roberta/soft_prompt/n5_random"])
+def test_opendelta_compat_survives_save_and_load(case_id: str, tmp_path: Path) -> None:
+    """A delta loaded from an OpenDelta checkpoint, saved again, reloads with opendelta_compat (and its notice),
+    computing what it computed."""
+    summary = CASES[case_id]
+    model = _backbone(summary["backbone"])
+    delta, _ = _load(FIXTURES / summary["dir"], model)
+    before = _outputs(model, summary["backbone"])
+    delta.save_finetuned(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["opendelta_compat"] is True
+    fresh = _backbone(summary["backbone"])
+    again, notices = _load(tmp_path / "resaved", fresh)
+    assert again.config.opendelta_compat is True and len(notices) == 1
+    for name, value in _outputs(fresh, summary["backbone"]).items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_bart_prefix_compat_follows_the_transformers_version(tmp_path: Path) -> None:
+    """OpenDelta's BART decoder mask was misaligned only under transformers >= 4.36's SDPA attention: a checkpoint
+    saved with an older transformers (eager attention, where OpenDelta computed as this library does) loads
+    without opendelta_compat."""
+    case_id = "bart/prefix/self_attn_no_reparam"
+    source = FIXTURES / CASES[case_id]["dir"]
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "pytorch_model.bin").write_bytes((source / "pytorch_model.bin").read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    (older / "config.json").write_text(json.dumps({**config, "transformers_version": "4.26.1"}))
+    model = _backbone("bart")
+    delta, notices = _load(older, model)
+    assert delta.config.opendelta_compat is False and not notices
+    own = _backbone("bart")
+    _load(source, own, opendelta_compat=False)
+    assert torch.equal(_outputs(model, "bart")["logits"], _outputs(own, "bart")["logits"])
+
+
+def test_bart_prefix_compat_keeps_a_padding_mask() -> None:
+    """Where the decoder had padding, OpenDelta's layer got the mask and extended it as this library does: with a
+    padded decoder row, opendelta_compat changes nothing."""
+    source = FIXTURES / CASES["bart/prefix/self_attn_no_reparam"]["dir"]
+    inputs = _inputs("bart")
+    inputs["decoder_attention_mask"] = torch.ones_like(inputs["decoder_input_ids"])
+    inputs["decoder_attention_mask"][0, -2:] = 0
+    logits = []
+    for compat in (True, False):
+        model = _backbone("bart")
+        _load(source, model, opendelta_compat=compat)
+        with torch.no_grad():
+            logits.append(model(**inputs).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("case_id", _failed_params())

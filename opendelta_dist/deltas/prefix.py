@@ -31,11 +31,29 @@ shared network (an embedding of ``prefix_token_num`` vectors of ``embed_dim`` ->
 linear to every layer's keys and values), as in the paper; the network's tensors are what trains.
 ``save_finetuned`` stores the plain per-layer tensors the network computes, with a config that says
 ``reparameterize=False``: loading the checkpoint gives an equivalent delta holding those tensors.
+
+**OpenDelta checkpoints** (``opendelta_compat=True``, which loading an OpenDelta 0.3.2 checkpoint sets
+where OpenDelta computed otherwise, with a notice) compute as OpenDelta's prefix layers did, so the delta
+gives the outputs it was trained to give:
+
+- T5: OpenDelta's layer handed on no position bias, so only the first block of each stack (the one that
+  computes T5's relative position bias) had one, in which the prefix keys sat at the positions before the
+  real tokens; every later block ran with none (only the mask). This library's own: every block keeps
+  T5's bias, and the prefix, which has no position, gets zero bias.
+- BART (checkpoints saved with transformers >= 4.36, whose BART attention is SDPA by default): a decoder
+  self-attention called without a padding mask got none from OpenDelta either, and SDPA's ``is_causal``
+  aligns its causal mask with the first key, so query ``i`` attended only the first ``i + 1`` of
+  ``[prefix; tokens]``: the first prefix tokens, then the real tokens up to ``i - prefix_token_num``.
+  This library's own: every query attends the whole prefix and the real tokens up to itself (as
+  OpenDelta did under eager attention, and wherever a mask was given).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import sys
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -193,6 +211,68 @@ def prefix_mask(
     return torch.cat([mask.new_full((*mask.shape[:-1], prefix_len), fill), mask], dim=-1)
 
 
+def _attended(mask: torch.Tensor) -> torch.Tensor:
+    """Which keys a 4-d mask lets each query attend (boolean: True; additive: 0)."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def top_left_causal_mask(
+    mask: Any, prefix_len: int, q_len: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """OpenDelta's decoder mask under SDPA (see the module docstring): query ``i`` attends the first ``i + 1``
+    keys of ``[prefix; tokens]``; or None where OpenDelta had a padding mask (``mask`` masks more than the
+    causal mask of a call without cache), which it extended as :func:`prefix_mask` does.
+
+    Args:
+        mask: the module's mask for a call without cache, or None.
+        prefix_len: the number of prefix tokens.
+        q_len: the number of queries (and real keys).
+        dtype: the dtype of an additive mask built here.
+        device: where to build it.
+    """
+    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (q_len, q_len):
+            return None
+        if not torch.equal(_attended(mask), causal.expand_as(mask)):
+            return None  # padding: OpenDelta's layer got a mask and extended it
+        dtype = mask.dtype
+    allowed = torch.ones(q_len, prefix_len + q_len, dtype=torch.bool, device=device).tril()
+    if dtype == torch.bool:
+        return allowed[None, None]
+    out = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return out[None, None]
+
+
+#: The attention classes whose OpenDelta 0.3.2 prefix layers ran under SDPA's ``is_causal`` without a mask
+#: from this transformers version on (``BartSdpaAttention``, the default from 4.36), with its mask misaligned
+OPENDELTA_SDPA_SINCE: dict[str, tuple[int, int]] = {"BartAttention": (4, 36)}
+
+
+def _version(text: Any) -> tuple[int, ...] | None:
+    numbers = re.findall(r"\d+", text) if isinstance(text, str) else []
+    return tuple(int(n) for n in numbers[:2]) if len(numbers) >= 2 else None
+
+
+def opendelta_differs(module: nn.Module, spec: AttentionSpec, transformers_version: Any) -> bool:
+    """Whether OpenDelta 0.3.2's prefix computed otherwise than this library's in ``module`` (see the module
+    docstring), for a checkpoint saved with ``transformers_version`` (None or unreadable: the newest)."""
+    if spec.relative_position_bias:
+        return True
+    since = OPENDELTA_SDPA_SINCE.get(spec.class_name)
+    version = _version(transformers_version)
+    return since is not None and bool(getattr(module, "is_causal", False)) and (version is None or version >= since)
+
+
+def notice(message: str) -> None:
+    """Warn (a UserWarning) at the caller's line outside this package (e.g. its ``from_finetuned`` call)."""
+    package = str(Path(__file__).resolve().parents[1])
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
 class PrefixReparameterization(nn.Module):
     """The shared network whose output is every modified layer's prefix keys and values.
 
@@ -262,6 +342,7 @@ class PrefixLayer(CallRewriter):
         dtype: their dtype.
         network: the reparameterisation network to take the keys and values from.
         index: this layer's index in the network.
+        opendelta_compat: compute as OpenDelta 0.3.2's layer for this module did (see the module docstring).
     """
 
     def __init__(
@@ -277,8 +358,10 @@ class PrefixLayer(CallRewriter):
         dtype: torch.dtype | None = None,
         network: PrefixReparameterization | None = None,
         index: int = 0,
+        opendelta_compat: bool = False,
     ) -> None:
         super().__init__()
+        self.opendelta_compat = opendelta_compat
         self.spec = spec
         self.params = params
         self.cache = cache
@@ -315,22 +398,45 @@ class PrefixLayer(CallRewriter):
         key, value = self.key_value()
         self.cache.set(kwargs, PrefixedCache(inner, key, value))
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-        kwargs[self.spec.mask_arg] = prefix_mask(
-            kwargs.get(self.spec.mask_arg), self.prefix_len, q_len, past, causal, hidden.dtype, hidden.device
-        )
+        mask = kwargs.get(self.spec.mask_arg)
+        quirk = None
+        if self.opendelta_compat and causal and not past and q_len > 1 and self.spec.class_name in OPENDELTA_SDPA_SINCE:
+            # OpenDelta under SDPA (see the module docstring): a prefill without padding mask, misaligned
+            quirk = top_left_causal_mask(mask, self.prefix_len, q_len, hidden.dtype, hidden.device)
+        if quirk is not None:
+            kwargs[self.spec.mask_arg] = quirk
+        else:
+            kwargs[self.spec.mask_arg] = prefix_mask(
+                mask, self.prefix_len, q_len, past, causal, hidden.dtype, hidden.device
+            )
         if self.spec.relative_position_bias:
-            bias = kwargs.get("position_bias")
-            if bias is None and getattr(module, "has_relative_attention_bias", False):
-                # computed here over the real keys only: computed by the module, it would count the prefix
-                bias = relative_position_bias(module, q_len, past, hidden.device)
-            if bias is not None:
-                kwargs["position_bias"] = F.pad(bias, (self.prefix_len, 0))
+            self._position_bias(module, kwargs, q_len, past, hidden.device)
         return args, kwargs
 
+    def _position_bias(
+        self, module: nn.Module, kwargs: dict[str, Any], q_len: int, past: int, device: torch.device
+    ) -> None:
+        """T5's position bias over the prefix and the real keys: zero for the prefix columns; or, emulating
+        OpenDelta, the block's own relative bias with the prefix at the positions before the tokens (a block
+        without one gets none: the module makes zeros)."""
+        relative = getattr(module, "has_relative_attention_bias", False)
+        if self.opendelta_compat:
+            bias = relative_position_bias(module, q_len, past + self.prefix_len, device) if relative else None
+            kwargs["position_bias"] = bias
+            return
+        bias = kwargs.get("position_bias")
+        if bias is None and relative:
+            # computed here over the real keys only: computed by the module, it would count the prefix
+            bias = relative_position_bias(module, q_len, past, device)
+        if bias is not None:
+            kwargs["position_bias"] = F.pad(bias, (self.prefix_len, 0))
+
     def after_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        """Hand T5's position bias on without the prefix columns (the next layers add their own)."""
+        """Hand T5's position bias on without the prefix columns (the next layers add their own); emulating
+        OpenDelta, hand on none."""
         if self.spec.relative_position_bias:
-            return (output[0], output[1][..., self.prefix_len :], *output[2:])
+            bias = None if self.opendelta_compat else output[1][..., self.prefix_len :]
+            return (output[0], bias, *output[2:])
         return output
 
 
@@ -343,6 +449,8 @@ class PrefixConfig(BaseDeltaConfig):
     """Options of :class:`PrefixModel`."""
 
     delta_type: ClassVar[str] = "prefix"
+    #: this library's option after OpenDelta's parameters, so that OpenDelta's positional order still binds
+    parameter_order: ClassVar[tuple[str, ...]] = (*BaseDeltaConfig.parameter_order, "opendelta_compat")
 
     prefix_token_num: int = option(6, "the number of prefix tokens per layer.", check_positive_int)
     reparameterize: bool = option(
@@ -352,6 +460,13 @@ class PrefixConfig(BaseDeltaConfig):
     )
     embed_dim: int = option(512, "the network's prefix-embedding size.", check_positive_int)
     mid_dim: int = option(512, "the network's hidden size.", check_positive_int)
+    opendelta_compat: bool = option(
+        False,
+        "compute as OpenDelta 0.3.2's prefix layers did where they differ from this library's (T5's position "
+        "bias, the mask of BART's decoder under SDPA; see the module docstring). Loading an OpenDelta checkpoint "
+        "sets it where that changes the outputs; pass ``opendelta_compat=False`` to ``from_finetuned`` for this "
+        "library's own computation.",
+    )
 
 
 @register_delta_method
@@ -382,8 +497,15 @@ class PrefixModel(DeltaBase):
 
     @classmethod
     def opendelta_options(cls, options: dict[str, Any], backbone: nn.Module) -> dict[str, Any]:
-        """OpenDelta's per-layer prefixes are read as they are (see :meth:`opendelta_tensors`)."""
-        return super().opendelta_options({**options, "reparameterize": False}, backbone)
+        """OpenDelta's per-layer prefixes are read as they are (see :meth:`opendelta_tensors`), and computed as
+        OpenDelta did (``opendelta_compat``) where the backbone has attention it computed otherwise, for the
+        transformers version the checkpoint was saved with."""
+        version = options.get("transformers_version")
+        differs = any(
+            opendelta_differs(m, spec, version) for m in backbone.modules() if (spec := attention_spec(m)) is not None
+        )
+        converted = {**options, "reparameterize": False, "opendelta_compat": differs}
+        return super().opendelta_options(converted, backbone)
 
     def opendelta_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
         """Each attention layer's ``prefix.past_key`` / ``past_value`` (tokens, heads x head size) become
@@ -464,7 +586,33 @@ class PrefixModel(DeltaBase):
             ops.append(HoldModule("", self._network, "prefix_network"))
         for name, (module, _) in targets.items():
             ops.extend(self.update_module(name, module, None))
+        if config.opendelta_compat:
+            self._notice_opendelta_compat(targets)
         return ops
+
+    def _notice_opendelta_compat(self, targets: dict[str, tuple[nn.Module, AttentionSpec]]) -> None:
+        """Say (a UserWarning) what of OpenDelta's computation is emulated here, and how to switch it off."""
+        what = []
+        if any(spec.relative_position_bias for _, spec in targets.values()):
+            what.append(
+                "T5's relative position bias in the first block of each stack only, the prefix at the positions "
+                "before the tokens (this library's own: every block keeps it, the prefix gets none)"
+            )
+        if any(
+            spec.class_name in OPENDELTA_SDPA_SINCE and getattr(m, "is_causal", False) for m, spec in targets.values()
+        ):
+            what.append(
+                "the causal mask of a decoder self-attention without padding aligned with the first prefix key, as "
+                "SDPA's is_causal did for OpenDelta on transformers >= 4.36 (this library's own: every query attends "
+                "the whole prefix)"
+            )
+        if what:
+            notice(
+                "PrefixModel computes as OpenDelta 0.3.2 did (opendelta_compat=True, set for OpenDelta checkpoints), "
+                f"so that the checkpoint gives the outputs it was trained to give: {'; and '.join(what)}. Pass "
+                "opendelta_compat=False (e.g. AutoDeltaModel.from_finetuned(path, backbone_model=model, "
+                "opendelta_compat=False)) for this library's own computation."
+            )
 
     def update_module(self, name: str, module: nn.Module, io_dims: tuple[int, int] | None) -> list[Operation]:
         """The prefix of the attention module ``name`` (the next layer of the network, if any)."""
@@ -483,6 +631,7 @@ class PrefixModel(DeltaBase):
             dtype=dtype,
             network=self._network,
             index=len(self._layers),
+            opendelta_compat=self.config.opendelta_compat,
         )
         op = RewriteCall(name, layer, "prefix")
         self._layers.append(op)

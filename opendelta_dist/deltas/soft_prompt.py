@@ -26,6 +26,13 @@ length, which counts the prompt, so cached and uncached runs compute the same th
 - Encoder-decoder models: only the encoder input is extended; the encoder output keeps the prompt
   positions (the decoder cross-attends to them) and a hook on the decoder extends the
   ``encoder_attention_mask`` it gets to cover them. Decoder inputs, logits and ``labels`` are unchanged.
+
+**OpenDelta checkpoints** (``opendelta_compat=True``, which loading an OpenDelta 0.3.2 checkpoint sets,
+with a notice) put the prompt where OpenDelta's did, at the very start of each row (before any left
+padding), and an encoder-only model's output keeps the prompt positions as OpenDelta's did: a head
+outside the stack (RoBERTa's classification head) reads the first soft token, as it was trained to, and
+token-level outputs have the prompt's positions in front. A decoder-only model's output keeps the real
+tokens' positions only: its predictions there are OpenDelta's, and ``labels`` still line up.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import backend_of
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.config import BaseDeltaConfig, check_positive, check_positive_int, option
+from opendelta_dist.deltas.prefix import notice
 from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta_dist.operations import CallRewriter, Operation, RewriteCall, call_as_keywords, positional_names
 from opendelta_dist.transformers_calls import CacheArgument, cache_argument, cached_length
@@ -127,6 +135,7 @@ class SoftPrompt(CallRewriter):
         cache: how the stack is handed its cache.
         other_expand_ids: inputs to extend, with the value of their prompt columns.
         drop_prompt_output: drop the prompt positions from the stack's ``last_hidden_state``.
+        at_start: put the prompt at the start of each row, before any left padding (OpenDelta's place).
     """
 
     def __init__(
@@ -137,6 +146,7 @@ class SoftPrompt(CallRewriter):
         cache: CacheArgument,
         other_expand_ids: dict[str, int],
         drop_prompt_output: bool,
+        at_start: bool = False,
     ) -> None:
         super().__init__()
         self.soft_embeds = soft_embeds
@@ -145,6 +155,7 @@ class SoftPrompt(CallRewriter):
         self.cache = cache
         self.other_expand_ids = dict(other_expand_ids)
         self.drop_prompt_output = drop_prompt_output
+        self.at_start = at_start
         # where the call in flight put the prompt in each row, if it is a prefill (the stack is not re-entered)
         self._placed: torch.Tensor | None = None
 
@@ -169,7 +180,7 @@ class SoftPrompt(CallRewriter):
         prefill = past == 0
         # the prompt goes right before each row's first real token: after left padding, not before it,
         # so a padded row keeps the distances between prompt and text (relative and rotary positions)
-        lead = leading_padding(kwargs.get("attention_mask"), batch, first.device)
+        lead = leading_padding(None if self.at_start else kwargs.get("attention_mask"), batch, first.device)
         if prefill:
             if embeds is None:
                 embeds = self.embedding(ids)
@@ -212,25 +223,27 @@ class EncoderPromptMask(CallRewriter):
         soft_token_num: the number of prompt tokens in the encoder output.
         params: the names of the decoder's positional parameters.
         fill: the mask value of the prompt positions.
+        at_start: the encoder put the prompt at the start of each row (see :class:`SoftPrompt`).
     """
 
-    def __init__(self, soft_token_num: int, params: tuple[str, ...], fill: int) -> None:
+    def __init__(self, soft_token_num: int, params: tuple[str, ...], fill: int, at_start: bool = False) -> None:
         super().__init__()
         self.soft_token_num = soft_token_num
         self.params = params
         self.fill = fill
+        self.at_start = at_start
 
     def before_call(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Insert prompt columns into a 2-d mask ``soft_token_num`` shorter than the encoder output, where
-        the encoder put the prompt (after each row's left padding)."""
+        the encoder put the prompt (after each row's left padding, or at its start)."""
         args, kwargs = call_as_keywords(self.params, args, kwargs)
         states, mask = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
         n = self.soft_token_num
         fits = isinstance(states, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.dim() == 2
         if fits and mask.shape[1] == states.shape[1] - n:
-            lead = leading_padding(mask, mask.shape[0], mask.device)
+            lead = leading_padding(None if self.at_start else mask, mask.shape[0], mask.device)
             kwargs["encoder_attention_mask"] = insert_at(mask, lead, mask.new_full((mask.shape[0], n), self.fill))
         return args, kwargs
 
@@ -240,6 +253,8 @@ class SoftPromptConfig(BaseDeltaConfig):
     """Options of :class:`SoftPromptModel`."""
 
     delta_type: ClassVar[str] = "soft_prompt"
+    #: this library's option after OpenDelta's parameters, so that OpenDelta's positional order still binds
+    parameter_order: ClassVar[tuple[str, ...]] = (*BaseDeltaConfig.parameter_order, "opendelta_compat")
 
     soft_token_num: int = option(100, "the number of prompt tokens.", check_positive_int)
     init_range: float = option(
@@ -254,6 +269,18 @@ class SoftPromptConfig(BaseDeltaConfig):
         DEFAULT_EXPAND_IDS,
         "inputs of shape (batch, length) to extend with the prompt, and the value of their prompt columns.",
     )
+    opendelta_compat: bool = option(
+        False,
+        "place the prompt and shape the output as OpenDelta 0.3.2 did (the prompt at the start of each row; an "
+        "encoder-only model's output keeps the prompt positions, so a classification head reads the first soft "
+        "token; see the module docstring). Loading an OpenDelta checkpoint sets it; pass "
+        "``opendelta_compat=False`` to ``from_finetuned`` for this library's own placement and output.",
+    )
+
+
+def _causal(stack: nn.Module) -> bool:
+    """Whether the stack's attention is causal (a decoder-only model's, whose heads read every position)."""
+    return any(getattr(m, "is_causal", False) is True for m in stack.modules())
 
 
 def input_embeddings(module: nn.Module) -> nn.Module | None:
@@ -313,10 +340,12 @@ class SoftPromptModel(DeltaBase):
 
     @classmethod
     def opendelta_options(cls, options: dict[str, Any], backbone: nn.Module) -> dict[str, Any]:
-        """OpenDelta saved a placeholder ``modified_modules=["root"]``: it is dropped."""
+        """OpenDelta saved a placeholder ``modified_modules=["root"]``: it is dropped; the prompt is placed, and
+        the output shaped, as OpenDelta did (``opendelta_compat``)."""
         options = dict(options)
         options.pop("modified_modules", None)
         options["common_structure"] = False
+        options["opendelta_compat"] = True
         return super().opendelta_options(options, backbone)
 
     def opendelta_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -357,19 +386,37 @@ class SoftPromptModel(DeltaBase):
         own = input_embeddings(stack)  # the table the stack itself embeds with, where it has one
         embedding = own if own is not None else embedding
         names = {id(m): n for n, m in named_backbone_modules(backbone)}
+        compat = options.opendelta_compat
+        # OpenDelta's output kept the prompt positions: emulated where a head outside the stack reads them
+        keep_prompt = compat and not encoder_decoder and not _causal(stack)
         prompt = SoftPrompt(
             self.backend_mapping.parameter_from(self._initial_prompt(embedding, config)),
             embedding,
             positional_names(stack),
             cache_argument(stack),
             options.other_expand_ids,
-            drop_prompt_output=not encoder_decoder,
+            drop_prompt_output=not encoder_decoder and not keep_prompt,
+            at_start=compat,
         )
         ops: list[Operation] = [RewriteCall(names[id(stack)], prompt, "soft_prompt")]
         if decoder is not None:
             fill = options.other_expand_ids.get("attention_mask", 1)
-            mask = EncoderPromptMask(options.soft_token_num, positional_names(decoder), fill)
+            mask = EncoderPromptMask(options.soft_token_num, positional_names(decoder), fill, at_start=compat)
             ops.append(RewriteCall(names[id(decoder)], mask, "soft_prompt"))
+        if compat:
+            kept = (
+                "; the output keeps the prompt positions in front, so a head reading the first position reads the "
+                "first soft token (this library's own: the real tokens' positions only)"
+                if keep_prompt
+                else ""
+            )
+            notice(
+                "SoftPromptModel places the prompt as OpenDelta 0.3.2 did (opendelta_compat=True, set for OpenDelta "
+                "checkpoints), so that the checkpoint gives the outputs it was trained to give: at the start of each "
+                f"row, before any left padding (this library's own: right before the first real token){kept}. Pass "
+                "opendelta_compat=False (e.g. AutoDeltaModel.from_finetuned(path, backbone_model=model, "
+                "opendelta_compat=False)) for this library's own."
+            )
         return ops
 
     def _initial_prompt(self, embedding: nn.Module, config: Any) -> torch.Tensor:

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 METHODS = sorted(DELTA_METHODS)
 
 COMMON = ["modified_modules", "exclude_modules", "unfrozen_modules", "common_structure", "interactive_modify"]
+#: this library's options after OpenDelta's parameters (emulating OpenDelta for its checkpoints)
+COMPAT = ["opendelta_compat"]
 #: OpenDelta 0.3.2's positional order of each method's parameters after backbone_model
 POSITIONAL = {
     "lora": [
@@ -67,8 +69,17 @@ POSITIONAL = {
         "backend",
         "leave_out",
     ],
-    "prefix": ["prefix_token_num", "reparameterize", "embed_dim", "mid_dim", *COMMON, "backend", "leave_out"],
-    "soft_prompt": ["soft_token_num", "init_range", "token_init", "other_expand_ids", *COMMON, "backend", "leave_out"],
+    "prefix": ["prefix_token_num", "reparameterize", "embed_dim", "mid_dim", *COMMON, "backend", "leave_out", *COMPAT],
+    "soft_prompt": [
+        "soft_token_num",
+        "init_range",
+        "token_init",
+        "other_expand_ids",
+        *COMMON,
+        "backend",
+        "leave_out",
+        *COMPAT,
+    ],
 }
 
 
