@@ -112,10 +112,10 @@ def _transformers_t5(dtype: torch.dtype = torch.float32, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[tuple[int, str], tuple[Path, dict]]:
-    """Every method trained at world sizes 1 and 2, in fp32 and bf16."""
+    """Every method trained at world sizes 1 and 2 in fp32, and at world size 2 (partitioned) in bf16."""
     out = {}
     for world in (1, 2):
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32", "bf16") if world == 2 else ("fp32",):
             where = tmp_path_factory.mktemp(f"bmt_ws{world}_{precision}")
             results = run_distributed(
                 _train_every_method, str(where), None if precision == "fp32" else precision, world_size=world
@@ -166,13 +166,13 @@ def test_zero_partitions_over_two_ranks_train_as_one_rank(trained, method):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_bf16_trains_with_bmtrains_kernel_and_loads_on_transformers(trained, method):
-    """bf16 (BMTrain's fused bf16 Adam, emulated): the loss falls, and the saved delta on transformers' T5 in bf16
-    gives the bmt model's logits within bf16's precision."""
+    """bf16 (BMTrain's fused bf16 Adam, emulated), partitioned over two ranks: the loss falls, and the saved delta
+    on transformers' T5 in bf16 gives the bmt model's logits within bf16's precision."""
     from opendelta_dist import AutoDeltaModel
 
     data = _inputs()
     inputs = {k: v for k, v in data.items() if k != "labels"}
-    for world in (1, 2):
+    for world in (2,):
         where, results = trained[world, "bf16"]
         assert results[0][method]["losses"][-1] < results[0][method]["losses"][0]
         model = _transformers_t5(torch.bfloat16)

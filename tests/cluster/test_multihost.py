@@ -96,7 +96,8 @@ def assert_same_delta(run_dir: Path, reference: Path) -> None:
         assert torch.equal(ours[key], ref[key]), f"{key}: max difference {(ours[key] - ref[key]).abs().max()}"
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp", pytest.param("deepspeed", marks=LONG)])
+# fsdp across two hosts also runs in test_a_job_requeued_on_fewer_hosts_resumes_or_says_why_not
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("fsdp", marks=LONG), pytest.param("deepspeed", marks=LONG)])
 def test_two_hosts_train_exactly_as_one_node(hosts, two_host_run, tmp_path, engine):
     """2 nodes x 1 process and 1 node x 2 processes: the same world size, global batch and seed give
     bit-identical deltas (CPU, fp32, one thread per process; 2-rank sums are exact whatever the order)."""
