@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -324,16 +325,18 @@ delta = AutoDeltaModel.from_finetuned("{repo_id}", backbone_model=backbone)
     return ModelCard(text)
 
 
-def upload(
-    folder: Path,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    commit_message: str | None = None,
-    token: str | bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-) -> str:
+@dataclass(frozen=True)
+class HubCommit:
+    """How a push commits: the options of :meth:`~opendelta_dist.basemodel.DeltaBase.push_to_hub`."""
+
+    private: bool | None = None
+    commit_message: str | None = None
+    token: str | bool | None = None
+    revision: str | None = None
+    create_pr: bool = False
+
+
+def upload(folder: Path, repo_id: str, commit: HubCommit) -> str:
     """Create ``repo_id`` if needed and upload ``folder`` to it in one commit; returns the commit's URL.
 
     Raises:
@@ -342,16 +345,16 @@ def upload(
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
-    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=package_version())
+    api = HfApi(token=commit.token, library_name=LIBRARY_NAME, library_version=package_version())
     nothing = "nothing was uploaded"
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(
+        api.create_repo(repo_id, private=commit.private, exist_ok=True)
+        done = api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
-            commit_message=commit_message or "Upload delta with opendelta-dist",
-            revision=revision,
-            create_pr=create_pr,
+            commit_message=commit.commit_message or "Upload delta with opendelta-dist",
+            revision=commit.revision,
+            create_pr=commit.create_pr,
         )
     except LocalTokenNotFoundError as exc:
         raise DeltaHubError(f"cannot push to {repo_id!r} without a Hugging Face token: {_LOGIN}; {nothing}") from exc
@@ -370,7 +373,7 @@ def upload(
                 f"namespace; {nothing}"
             ) from exc
         raise DeltaHubError(f"the Hub refused the upload to {repo_id!r}: {exc}; {nothing}") from exc
-    return str(commit.commit_url)
+    return str(done.pr_url or done.commit_url)
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -386,17 +389,7 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def push(
-    delta: DeltaBase,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    commit_message: str | None = None,
-    token: str | bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    saved: Path | None = None,
-) -> str:
+def push(delta: DeltaBase, repo_id: str, commit: HubCommit, saved: Path | None = None) -> str:
     """Upload ``delta`` to ``repo_id`` (see :meth:`DeltaBase.push_to_hub`); returns the commit's URL.
 
     ``saved``: the directory ``save_finetuned`` just wrote, uploaded as it is (else the delta is saved anew).
@@ -404,12 +397,4 @@ def push(
     check_push(repo_id)
     with tempfile.TemporaryDirectory(prefix="opendelta-push-") as tmp:
         write_upload_folder(delta, Path(tmp), repo_id, saved)
-        return upload(
-            Path(tmp),
-            repo_id,
-            private=private,
-            commit_message=commit_message,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-        )
+        return upload(Path(tmp), repo_id, commit)

@@ -18,7 +18,7 @@ from torch import nn
 
 from opendelta_dist.auto_delta import load_delta
 from opendelta_dist.errors import DeltaConfigError
-from opendelta_dist.hub import check_push, push
+from opendelta_dist.hub import HubCommit, check_push, push
 from opendelta_dist.saving import save_delta
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class DeltaSharing:
             )
         if push_to_hub:
             assert repo_id is not None
-            push(self, repo_id, private=private, commit_message=commit_message, token=token, saved=path)
+            push(self, repo_id, HubCommit(private, commit_message, token), saved=path)
         return path
 
     def push_to_hub(
@@ -143,15 +143,7 @@ class DeltaSharing:
             DeltaHubError: a malformed id, offline mode, no token or no write access, the Hub unreachable;
                 nothing was uploaded then, and nothing is left on disk.
         """
-        return push(
-            self,
-            repo_id,
-            private=private,
-            commit_message=commit_message,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-        )
+        return push(self, repo_id, HubCommit(private, commit_message, token, revision, create_pr))
 
     @classmethod
     def from_finetuned(
