@@ -13,6 +13,7 @@ with PEFT itself), and its failures (offline, an unreachable Hub, no write acces
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from opendelta_dist.hub import write_upload_folder
 from tests.hub_cache import HubErrorEndpoint, add_revision, check_layout, folder_files
 from tests.models import batch, build, logits
 from tests.train.distributed import free_port
+from tests.train.launch import ROOT
 
 REPO = "team/t5-lora"
 BASE = "google-t5/t5-small"  # the backbone's recorded id: what the card names as base model
@@ -294,3 +296,20 @@ def test_cards_of_other_methods_and_opendeltas_deltacenter_options(tmp_path):
         warnings.simplefilter("error")
         delta.save_finetuned(tmp_path / "plain", save_function=torch.save)
     shutil.rmtree(tmp_path / "plain")
+
+
+def test_the_real_hub_round_trip_script_names_what_it_needs(monkeypatch, tmp_path, capsys, online):
+    """scripts/hub_roundtrip.py is the check against the real Hub (never run here): it refuses clearly offline
+    and without a token, before it builds or sends anything."""
+    spec = importlib.util.spec_from_file_location("hub_roundtrip", ROOT / "scripts" / "hub_roundtrip.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert script.main([]) == 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    online(f"http://127.0.0.1:{free_port()}")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    assert script.main([]) == 2
+    assert "no Hugging Face token: set HF_TOKEN or run `hf auth login`" in capsys.readouterr().err
