@@ -3,8 +3,9 @@
 ``PromptModel(plm, template)`` runs a batch through ``template.process_batch``, the language model and
 ``template.post_processing_outputs``. Only the batch entries that the model's ``forward`` names are
 passed to it (``loss_ids``, ``soft_token_ids``, ``label``, ``guid`` ... stay out), and hidden states are
-requested only when a verbalizer reads them (:class:`~opendelta_dist.prompts.soft_verbalizer.SoftVerbalizer`),
-which spares every other forward the cost of returning them.
+requested only when the verbalizer's ``needs_hidden_states`` is true (:class:`Verbalizer` defines it: true when a
+verbalizer overrides ``gather_outputs``, as :class:`~opendelta_dist.prompts.soft_verbalizer.SoftVerbalizer` does;
+a verbalizer without the attribute gets them), which spares every other forward the cost of returning them.
 
 ``PromptForClassification`` gathers the verbalizer's outputs at the positions where ``loss_ids > 0``
 (the mask) and turns them into class scores. ``PromptForGeneration`` computes the teacher-forced loss
@@ -236,6 +237,7 @@ class PromptForClassification(_AroundPromptModel):
         return at_mask.view(at_mask.shape[0], at_mask.shape[2]) if at_mask.shape[1] == 1 else at_mask
 
     def _outputs_at_mask(self, batch: Mapping[str, Any]) -> Any:
+        # Verbalizer.needs_hidden_states: true when gather_outputs is overridden; other verbalizers get them
         hidden = getattr(self.verbalizer, "needs_hidden_states", True)
         with _VocabularyAtMask(self, batch, self.logits_at_mask_only) as vocabulary:
             outputs = self.verbalizer.gather_outputs(self.prompt_model(batch, output_hidden_states=hidden))
@@ -312,9 +314,11 @@ class _VocabularyAtMask:
 
     Projecting every position costs more than the rest of a small model (all-MiniLM-L6-v2: 30,522 x 384 per
     position), and all positions but the mask are thrown away. Applies to a verbalizer whose ``gather_outputs``
-    is :class:`Verbalizer`'s (the logits), a template that leaves the outputs as they are, a model that is not an
-    encoder-decoder, whose ``get_output_embeddings()`` is a linear layer and which gives it one row of hidden
-    states per batch position; otherwise, or when rows differ in their number of masks (``extract_at_mask``
+    is :class:`Verbalizer`'s (the logits), a template that leaves the outputs as they are (``post_processing_outputs``
+    is :class:`Template`'s: ``ManualTemplate`` and ``MixedTemplate``, not ``SoftTemplate``, which drops its prepended
+    positions from the logits), a model that is not an encoder-decoder, whose ``get_output_embeddings()`` is a linear
+    layer and which gives it one row of hidden states per batch position (a ``SoftPromptModel`` delta has taken its
+    positions out by then); otherwise, or when rows differ in their number of masks (``extract_at_mask``
     reports that), the layer runs as usual. ``masks`` is the number of masks per row once it applied.
     """
 
