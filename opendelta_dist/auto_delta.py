@@ -130,7 +130,8 @@ def load_delta(
         DeltaHubError: the Hub repository, its revision or a cached copy could not be found or reached.
         DeltaConfigError: the checkpoint holds another delta method than ``expected_cls``.
 
-    On any error the backbone is left as it was.
+    The backbone is left in evaluation mode, as OpenDelta's ``from_finetuned`` and transformers'
+    ``from_pretrained`` leave theirs (``model.train()`` before training on). On any error it is left as it was.
     """
     hub_options = {k: kwargs.pop(k) for k in HUB_OPTIONS if k in kwargs}
     path = resolve_checkpoint(finetuned_delta_path, **hub_options)
@@ -139,7 +140,9 @@ def load_delta(
         if state_dict is not None:
             raise DeltaConfigError(f"{path} holds a {foreign.name}, read from its own files: drop state_dict")
         _check_expected(delta_method(foreign.delta_type), expected_cls, f"{path} holds a {foreign.name}")
-        return foreign(path, backbone_model, **kwargs)
+        delta = foreign(path, backbone_model, **kwargs)
+        backbone_model.eval()
+        return delta
     file_config = read_config_file(path)
     legacy = "format_version" not in file_config
     tensors = dict(state_dict) if state_dict is not None else read_tensors(path, file_config)
@@ -180,6 +183,7 @@ def load_delta(
     except BaseException:
         delta.detach()
         raise
+    backbone_model.eval()  # as OpenDelta's and transformers' loading: dropout off; model.train() to train on
     return delta
 
 

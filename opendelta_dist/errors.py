@@ -1,10 +1,14 @@
-"""Exception types raised by opendelta_dist.
+"""Exception types raised by opendelta_dist, and :func:`warn_user` for its warnings.
 
 Every error names what was wrong and what to do about it. All of them derive from
 :class:`OpenDeltaError`, so a caller can catch the whole family at once.
 """
 
 from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
 
 
 class OpenDeltaError(Exception):
@@ -66,3 +70,12 @@ class InteractiveTimeoutError(OpenDeltaError, TimeoutError):
 class DeltaHubError(DeltaCheckpointError):
     """A delta could not be pulled from or pushed to the Hugging Face Hub (no such repository or revision,
     no access, offline without a cached copy, the Hub unreachable)."""
+
+
+def warn_user(message: str) -> None:
+    """Warn (a UserWarning) at the caller's line outside this package (e.g. its ``from_finetuned`` call)."""
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)

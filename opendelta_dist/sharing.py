@@ -8,7 +8,6 @@ A mixin of :class:`~opendelta_dist.basemodel.DeltaBase`. The checkpoint's files 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from opendelta_dist.auto_delta import load_delta
-from opendelta_dist.errors import DeltaConfigError
+from opendelta_dist.errors import DeltaConfigError, warn_user
 from opendelta_dist.hub import HubCommit, check_push, push
 from opendelta_dist.saving import save_delta
 
@@ -53,6 +52,8 @@ class DeltaSharing:
         private: bool | None = None,
         commit_message: str | None = None,
         token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
         **deltacenter_options: Any,
     ) -> Path:
         """Save the delta: ``config.json`` plus its tensors as safetensors (nothing of the backbone).
@@ -73,6 +74,8 @@ class DeltaSharing:
             private: as :meth:`push_to_hub`.
             commit_message: as :meth:`push_to_hub`.
             token: as :meth:`push_to_hub`.
+            revision: as :meth:`push_to_hub`.
+            create_pr: as :meth:`push_to_hub`.
             deltacenter_options: OpenDelta's other DeltaCenter options (``center_args``,
                 ``list_tags``, ``usage``, ...): accepted and ignored.
 
@@ -99,16 +102,14 @@ class DeltaSharing:
             check_push(repo_id)  # before anything is written
         save_delta(self, path, save_config=save_config, state_dict=state_dict)
         if push_to_dc:
-            warnings.warn(
+            warn_user(
                 f"OpenDelta's DeltaCenter is gone, so push_to_dc=True uploads nothing: the delta is saved in {path}. "
                 "Share it on the Hugging Face Hub instead: save_finetuned(path, push_to_hub=True, repo_id='you/name') "
-                "or delta.push_to_hub('you/name'); others load it with AutoDeltaModel.from_finetuned('you/name', ...)",
-                UserWarning,
-                stacklevel=2,
+                "or delta.push_to_hub('you/name'); others load it with AutoDeltaModel.from_finetuned('you/name', ...)"
             )
         if push_to_hub:
             assert repo_id is not None
-            push(self, repo_id, HubCommit(private, commit_message, token), saved=path)
+            push(self, repo_id, HubCommit(private, commit_message, token, revision, create_pr), saved=path)
         return path
 
     def push_to_hub(
@@ -119,7 +120,7 @@ class DeltaSharing:
         token: str | bool | None = None,
         revision: str | None = None,
         create_pr: bool = False,
-    ) -> str:
+    ) -> Any:
         """Upload the delta to the Hugging Face Hub, with a model card, in one commit.
 
         The repository is created if it does not exist. It receives this library's checkpoint, PEFT's
@@ -133,11 +134,12 @@ class DeltaSharing:
             private: create the repository private (an existing one keeps its visibility).
             commit_message: the commit's message.
             token: a token with write access (default: the one ``hf auth login`` saved, or ``HF_TOKEN``).
-            revision: the branch to commit to (default: ``main``).
+            revision: the branch to commit to (default: ``main``; created from ``main`` if missing).
             create_pr: open a pull request instead of committing to the branch.
 
         Returns:
-            The URL of the commit (or of the pull request).
+            huggingface_hub's ``CommitInfo``: a ``str``, the commit's URL, with ``.oid`` and, for ``create_pr``,
+            ``.pr_url``.
 
         Raises:
             DeltaHubError: a malformed id, offline mode, no token or no write access, the Hub unreachable;
@@ -163,6 +165,9 @@ class DeltaSharing:
         **kwargs: Any,
     ) -> DeltaBase:
         """Build the delta saved at ``finetuned_delta_path`` on ``backbone_model`` and load its tensors.
+
+        The backbone is left in evaluation mode, as OpenDelta's ``from_finetuned`` (and transformers'
+        ``from_pretrained``) leave it: call ``model.train()`` (and ``freeze_module``) to train on.
 
         Args:
             finetuned_delta_path: a directory written by ``save_finetuned`` (or by OpenDelta 0.3.2, or a PEFT

@@ -178,7 +178,8 @@ def test_bad_pulls_name_the_repository_and_the_fix(cache, tmp_path, monkeypatch)
     with pytest.raises(
         DeltaHubError,
         match=r"there is no directory 'team/none' here, and Hub repository 'team/none' "
-        r"is not in the Hub cache .* downloads are off \(HF_HUB_OFFLINE=1 or local_files_only=True\)",
+        r"is not in the Hub cache .* downloads are off \(HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or "
+        r"local_files_only=True\): download it once online, or pass the local directory",
     ):
         AutoDeltaModel.from_finetuned("team/none", backbone_model=build("t5"), cache_dir=cache, local_files_only=True)
     monkeypatch.setenv("DELTACENTER_OFFLINE", "1")  # OpenDelta's offline switch works as local_files_only
@@ -208,16 +209,21 @@ def test_bad_pulls_name_the_repository_and_the_fix(cache, tmp_path, monkeypatch)
             r"'team/none' was not found on http://127.*: check the id, or, if "
             r"it is private, log in with `hf auth login`",
         ),
+        ((401, {}), r"'team/none': 401 Unauthorized .*private; log in with `hf auth login`"),  # private, no token
         (
-            (401, {}),
-            r"'team/none' was not found on .* or is private \(401\): check the id, or log in",
-        ),  # private, no token: the Hub says 401
-        ((403, {"X-Error-Code": "GatedRepo"}), r"'team/none' is gated: ask for access on http://127.*/team/none"),
+            (401, {"X-Error-Message": "Invalid credentials in Authorization header"}),
+            r"'team/none': 401 Unauthorized \(the Hub says: Invalid credentials in Authorization header\): the token "
+            r"was refused, or the repository is private; log in",
+        ),
+        ((403, {}), r"'team/none': 403 Forbidden \(the Hub says: emulated\): the token has no access to it"),
+        ((403, {"X-Error-Code": "GatedRepo"}), r"'team/none' is gated: ask for access on its page, then log in"),
         (
             (404, {"X-Error-Code": "RevisionNotFound"}),
             r"'team/none' \(revision 'v7'\): the repository has no such "
-            r"revision; pass an existing branch, tag or commit",
+            r"revision; pass an existing branch, tag or full commit id",
         ),
+        ((429, {}), r"'team/none': 429 Too Many Requests .*: rate-limited by http://127.*wait and try again"),
+        ((503, {}), r"'team/none': 503 from http://127.*: the Hub failed; try again later"),
     ],
 )
 def test_the_hubs_error_replies_become_clear_errors(reply, match, cache, online):
@@ -282,7 +288,8 @@ def test_cards_of_other_methods_and_opendeltas_deltacenter_options(tmp_path):
     ]
     card = ModelCard.load(folder / "README.md")
     assert card.data.base_model is None and "peft" not in card.data.tags and "adapter" in card.data.tags
-    assert "PEFT cannot read this delta: PEFT's adapter format is written for LoRA deltas only" in card.text
+    assert "PEFT cannot read this delta: it reads LoRA adapters only." in card.text
+    assert "A delta of type `adapter` (AdapterModel)" in card.text
     assert "the `BertForSequenceClassification` it was trained on (its Hub id was not recorded)" in card.text
 
     with pytest.warns(UserWarning, match=r"DeltaCenter is gone, so push_to_dc=True uploads nothing.*push_to_hub=True"):
@@ -313,3 +320,49 @@ def test_the_real_hub_round_trip_script_names_what_it_needs(monkeypatch, tmp_pat
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
     assert script.main([]) == 2
     assert "no Hugging Face token: set HF_TOKEN or run `hf auth login`" in capsys.readouterr().err
+
+
+def test_opendeltas_cache_dir_subfolders_and_peft_beside_a_model_config(cache, tmp_path):
+    """OpenDelta read ``cache_dir/path`` as the checkpoint; a subfolder is read inside the repository whatever its
+    slashes, and never outside it; a PEFT adapter beside its base model's config.json is PEFT's. The backbone is
+    left in evaluation mode, as OpenDelta's from_finetuned left it."""
+    model, delta = _lora(5)
+    delta.save_finetuned(tmp_path / "deltas" / "sst2")
+    fresh = _fresh().train()
+    loaded = LoraModel.from_finetuned("sst2", fresh, cache_dir=tmp_path / "deltas")
+    assert not fresh.training
+    torch.testing.assert_close(
+        logits(loaded.backbone_model, batch("t5")), logits(model, batch("t5")), atol=1e-6, rtol=0
+    )
+
+    add_revision(cache, REPO, folder_files(tmp_path / "deltas", prefix="runs/"))
+    for subfolder in ("runs/sst2", "/runs/sst2/", "runs/sst2/"):
+        AutoDeltaModel.from_finetuned(REPO, backbone_model=_fresh(), cache_dir=cache, subfolder=subfolder)
+    with pytest.raises(DeltaCheckpointError, match=r"subfolder '../x' leaves the checkpoint's directory"):
+        AutoDeltaModel.from_finetuned(REPO, backbone_model=_fresh(), cache_dir=cache, subfolder="../x")
+
+    delta.save_peft(tmp_path / "with-model")
+    (tmp_path / "with-model" / "config.json").write_text(json.dumps({"model_type": "t5"}))  # the base model's
+    peft_loaded = AutoDeltaModel.from_finetuned(tmp_path / "with-model", backbone_model=_fresh())
+    torch.testing.assert_close(
+        logits(peft_loaded.backbone_model, batch("t5")), logits(model, batch("t5")), atol=1e-5, rtol=0
+    )
+
+
+def test_a_bad_token_is_named(cache, tmp_path, monkeypatch, online):
+    online(f"http://127.0.0.1:{free_port()}")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    with pytest.raises(DeltaHubError, match=r"token=True asks for the saved token, and there is none: log in"):
+        AutoDeltaModel.from_finetuned("team/none", backbone_model=build("t5"), cache_dir=cache, token=True)
+
+
+def test_a_card_cell_keeps_the_tables_columns(tmp_path):
+    model = build("t5")
+    delta = LoraModel(model, modified_modules=[r"[r](SelfAttention|EncDecAttention)\.q"])
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    write_upload_folder(delta, folder, REPO)
+    row = next(line for line in ModelCard.load(folder / "README.md").text.splitlines() if "modified_modules" in line)
+    assert row.count(" | ") == 1 and "\\|" in row, row

@@ -190,8 +190,9 @@ def test_opendelta_lora_checkpoint_loads(tmp_path):
         state,
     )
     fresh = build("t5")
-    AutoDeltaModel.from_finetuned(tmp_path / "od", fresh)
-    inputs = batch("t5")
+    with pytest.warns(UserWarning, match="opendelta_compat=True"):  # placed as OpenDelta placed it
+        AutoDeltaModel.from_finetuned(tmp_path / "od", fresh)
+    inputs = batch("t5")  # no left padding: both placements agree
     assert torch.equal(logits(fresh, inputs), logits(reference, inputs))
 
 
@@ -280,8 +281,9 @@ def test_opendelta_soft_prompt_checkpoint_loads(tmp_path):
     state = {"encoder.soft_prompt_layer.soft_embeds": embeds.detach().clone()}  # OpenDelta's name
     _opendelta_checkpoint(tmp_path / "od", {**config, "modified_modules": ["root"], "common_structure": False}, state)
     fresh = build("t5")
-    AutoDeltaModel.from_finetuned(tmp_path / "od", fresh)
-    inputs = batch("t5")
+    with pytest.warns(UserWarning, match="opendelta_compat=True"):  # placed as OpenDelta placed it
+        AutoDeltaModel.from_finetuned(tmp_path / "od", fresh)
+    inputs = batch("t5")  # no left padding: both placements agree
     assert torch.equal(logits(fresh, inputs), logits(reference, inputs))
 
 

@@ -153,8 +153,16 @@ def save_peft(delta: LoraModel, path: str | Path, base_model_name_or_path: str |
 
 
 def is_peft_directory(path: Path) -> bool:
-    """Whether ``path`` holds a PEFT adapter and no delta config of this library."""
-    return (path / PEFT_CONFIG_NAME).is_file() and not (path / "config.json").is_file()
+    """Whether ``path`` holds a PEFT adapter and no delta config of this library (a ``config.json`` beside it
+    may be the base model's, as in a repository that holds both)."""
+    if not (path / PEFT_CONFIG_NAME).is_file():
+        return False
+    try:
+        return "delta_type" not in json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, TypeError):
+        return False  # read as this library's, whose reader names what is wrong
 
 
 def load_peft(path: str | Path, backbone_model: nn.Module, **kwargs: Any) -> LoraModel:

@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -68,7 +66,7 @@ from opendelta_dist.backends import Backend
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.config import BaseDeltaConfig, check_positive_int, option
 from opendelta_dist.deltas.adapter import placement
-from opendelta_dist.errors import DeltaCheckpointError, UnsupportedModuleError
+from opendelta_dist.errors import DeltaCheckpointError, UnsupportedModuleError, warn_user
 from opendelta_dist.families import ATTENTION_SPECS, AttentionSpec, attention_spec
 from opendelta_dist.operations import (
     CallRewriter,
@@ -262,15 +260,6 @@ def opendelta_differs(module: nn.Module, spec: AttentionSpec, transformers_versi
     since = OPENDELTA_SDPA_SINCE.get(spec.class_name)
     version = _version(transformers_version)
     return since is not None and bool(getattr(module, "is_causal", False)) and (version is None or version >= since)
-
-
-def notice(message: str) -> None:
-    """Warn (a UserWarning) at the caller's line outside this package (e.g. its ``from_finetuned`` call)."""
-    package = str(Path(__file__).resolve().parents[1])
-    frame, level = sys._getframe(1), 2
-    while frame.f_back is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 class PrefixReparameterization(nn.Module):
@@ -607,7 +596,7 @@ class PrefixModel(DeltaBase):
                 "the whole prefix)"
             )
         if what:
-            notice(
+            warn_user(
                 "PrefixModel computes as OpenDelta 0.3.2 did (opendelta_compat=True, set for OpenDelta checkpoints), "
                 f"so that the checkpoint gives the outputs it was trained to give: {'; and '.join(what)}. Pass "
                 "opendelta_compat=False (e.g. AutoDeltaModel.from_finetuned(path, backbone_model=model, "

@@ -50,8 +50,7 @@ from opendelta_dist.auto_delta import register_delta_method
 from opendelta_dist.backends import backend_of
 from opendelta_dist.basemodel import DeltaBase
 from opendelta_dist.config import BaseDeltaConfig, check_positive, check_positive_int, option
-from opendelta_dist.deltas.prefix import notice
-from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError
+from opendelta_dist.errors import DeltaConfigError, UnsupportedModuleError, warn_user
 from opendelta_dist.operations import CallRewriter, Operation, RewriteCall, call_as_keywords, positional_names
 from opendelta_dist.transformers_calls import CacheArgument, cache_argument, cached_length
 
@@ -410,7 +409,7 @@ class SoftPromptModel(DeltaBase):
                 if keep_prompt
                 else ""
             )
-            notice(
+            warn_user(
                 "SoftPromptModel places the prompt as OpenDelta 0.3.2 did (opendelta_compat=True, set for OpenDelta "
                 "checkpoints), so that the checkpoint gives the outputs it was trained to give: at the start of each "
                 f"row, before any left padding (this library's own: right before the first real token){kept}. Pass "
