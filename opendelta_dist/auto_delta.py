@@ -75,7 +75,14 @@ class AutoDeltaConfig:
         ``cache_dir``, ``token``, ``local_files_only``, ...), and options overriding the saved ones.
         """
         hub_options = {k: kwargs.pop(k) for k in HUB_OPTIONS if k in kwargs}
-        return cls.from_dict(read_config_file(resolve_checkpoint(finetuned_delta_path, **hub_options)), **kwargs)
+        path = resolve_checkpoint(finetuned_delta_path, weights=False, **hub_options)  # the config alone
+        foreign = checkpoint_format(path)
+        if foreign is not None:
+            raise DeltaConfigError(
+                f"{finetuned_delta_path} holds a {foreign.name}, whose options are read with its tensors: load it with "
+                "AutoDeltaModel.from_finetuned(path, backbone_model=...) and read delta.config"
+            )
+        return cls.from_dict(read_config_file(path), **kwargs)
 
 
 class AutoDeltaModel:

@@ -20,14 +20,13 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opendelta_dist.backends import full_numel
 from opendelta_dist.errors import DeltaCheckpointError, DeltaConfigError, DeltaHubError
 from opendelta_dist.operations import pristine_named_parameters
-from opendelta_dist.saving import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from opendelta_dist.saving import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, package_version
 
 if TYPE_CHECKING:
     from opendelta_dist.basemodel import DeltaBase
@@ -261,14 +260,6 @@ def _http_reason(exc: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- push
-
-
-def package_version() -> str:
-    """This library's installed version (``unknown`` in a source tree that was never installed)."""
-    try:
-        return version(LIBRARY_NAME)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def check_push(repo_id: str) -> None:

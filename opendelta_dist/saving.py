@@ -253,7 +253,7 @@ def save_delta(
             "weights_file": WEIGHTS_NAME,
             "weights_sha256": sha,
             "format_version": FORMAT_VERSION,
-            "opendelta_dist_version": _package_version(),
+            "opendelta_dist_version": package_version(),
             **(config_updates or {}),
         }
         write_json_atomic(path / "config.json", config)
@@ -261,7 +261,8 @@ def save_delta(
     return path
 
 
-def _package_version() -> str:
+def package_version() -> str:
+    """This library's installed version (``unknown`` in a source tree that was never installed)."""
     try:
         return version("opendelta-dist")
     except PackageNotFoundError:  # running from a source tree that was never installed

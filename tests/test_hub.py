@@ -343,6 +343,8 @@ def test_opendeltas_cache_dir_subfolders_and_peft_beside_a_model_config(cache, t
 
     delta.save_peft(tmp_path / "with-model")
     (tmp_path / "with-model" / "config.json").write_text(json.dumps({"model_type": "t5"}))  # the base model's
+    with pytest.raises(DeltaConfigError, match=r"holds a PEFT LoRA adapter, whose options are read with its tensors"):
+        AutoDeltaConfig.from_finetuned(tmp_path / "with-model")
     peft_loaded = AutoDeltaModel.from_finetuned(tmp_path / "with-model", backbone_model=_fresh())
     torch.testing.assert_close(
         logits(peft_loaded.backbone_model, batch("t5")), logits(model, batch("t5")), atol=1e-5, rtol=0
