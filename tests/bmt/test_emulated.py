@@ -290,6 +290,10 @@ def test_the_tiny_recipe_runs_on_bmt_at_world_sizes_1_and_2(recipe_runs):
         assert (recipe_runs[nproc] / "final_delta" / "delta_model.safetensors").is_file()
 
 
+@pytest.mark.skipif(
+    os.environ.get("OPENDELTA_LONG_TESTS") != "1",
+    reason="the signalled run below resumes bit-exact on two ranks too; OPENDELTA_LONG_TESTS=1 runs it",
+)
 def test_a_killed_bmt_run_on_two_ranks_resumes_bit_exact(recipe_runs, tmp_path):
     """Rank 1 dies at step 9; torchrun restarts both ranks, which resume from step 6 (each its own partition of
     Adam's state) and finish with the uninterrupted run's delta, bit for bit."""

@@ -191,8 +191,12 @@ def test_a_lost_host_requeues_the_job_and_it_resumes_to_the_same_delta(hosts, tw
     assert_same_delta(run_dir, reference)
 
 
-# the checkpoint signal's own requeue also runs on one node (test_slurm_cluster: before the time limit)
-@pytest.mark.parametrize("interruption", [pytest.param("scancel --signal=USR1", marks=LONG), "scontrol requeue"])
+# the long tier: a stop's requeue and resume also run on one node (test_slurm_cluster: before the time limit, a
+# requeued sweep job), every rank stopping at one step in tests/train/test_no_lost_work.py, and two hosts resuming
+# to the same delta after a lost host here
+@pytest.mark.parametrize(
+    "interruption", [pytest.param("scancel --signal=USR1", marks=LONG), pytest.param("scontrol requeue", marks=LONG)]
+)
 def test_a_two_host_job_stopped_mid_step_resumes_to_the_same_delta(hosts, two_host_run, tmp_path, interruption):
     """Mid-run, the checkpoint signal reaches every process of the 2-node job (``scancel --signal=USR1``, as
     ``--signal=USR1@120`` sends it before the time limit), or Slurm requeues it (``scontrol requeue``: SIGTERM
@@ -236,7 +240,7 @@ def test_a_job_requeued_on_fewer_hosts_resumes_or_says_why_not(hosts, tmp_path, 
     job is shrunk to the one node left (``scontrol update JobId=J NumNodes=1 NumTasks=1``): 2 processes.
     FSDP's checkpoint holds whole tensors and resumes on 2; DeepSpeed's optimizer state is partitioned
     for 4 ranks, and the run refuses, naming why."""
-    steps = 40
+    steps = 24
     job_id, log = sbatch(hosts, tmp_path, overrides(engine, steps), "--nodes=2", nproc_per_node=2)
     run_dir = run_dir_of(tmp_path, job_id)
     first = wait_for_checkpoint(run_dir, log, timeout=180)

@@ -131,7 +131,12 @@ PLAIN_TASK_ENGINES = ("single",)
 #: rows whose engine path another row covers (DDP: the soft verbalizer's test below; DeepSpeed with a T5: the
 #: classification row's groups and test_training.py's seq2seq rows): they keep the suite within its 20 minutes, and
 #: OPENDELTA_LONG_TESTS=1 runs them
-LONG_ROWS = {("prompt_classification", "ddp"), ("prompt_generation", "ddp"), ("prompt_generation", "deepspeed")}
+LONG_ROWS = {
+    ("prompt_classification", "ddp"),
+    ("prompt_generation", "ddp"),
+    ("prompt_generation", "deepspeed"),
+    ("prompt_generation", "fsdp"),
+}
 LONG = pytest.mark.skipif(
     os.environ.get("OPENDELTA_LONG_TESTS") != "1",
     reason="an engine row another row covers; OPENDELTA_LONG_TESTS=1 runs it",
