@@ -289,19 +289,23 @@ def write_upload_folder(delta: DeltaBase, folder: Path, repo_id: str, saved: Pat
     PEFT's format holds, and ``README.md``: a model card whose metadata names the library, the base model,
     the method and tags, and whose text says how to load the delta.
     """
+    peft_reason = _write_delta_files(delta, folder, saved)
+    model_card(delta, repo_id, base_model_id(delta), peft_reason).save(folder / "README.md")
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
+
+
+def _write_delta_files(delta: DeltaBase, folder: Path, saved: Path | None) -> str | None:
+    """The checkpoint and, for a LoRA that PEFT reads, PEFT's files; returns why PEFT cannot read it, or None."""
     if saved is None:
         delta.save_finetuned(folder)
     else:
         for name in ("config.json", WEIGHTS_NAME):
             shutil.copyfile(saved / name, folder / name)
-    base = base_model_id(delta)
-    peft_reason = None
     try:
-        delta.save_peft(folder, base_model_name_or_path=base)
+        delta.save_peft(folder, base_model_name_or_path=base_model_id(delta))
     except DeltaConfigError as exc:  # PEFT reads LoRA adapters only, and not every LoRA of this library
-        peft_reason = "it reads LoRA adapters only" if delta.delta_type != "lora" else str(exc).split(";")[0]
-    model_card(delta, repo_id, base, peft_reason).save(folder / "README.md")
-    return sorted(p.name for p in folder.iterdir() if p.is_file())
+        return "it reads LoRA adapters only" if delta.delta_type != "lora" else str(exc).split(";")[0]
+    return None
 
 
 def base_model_id(delta: DeltaBase) -> str | None:
@@ -438,11 +442,13 @@ def push(delta: DeltaBase, repo_id: str, commit: HubCommit, saved: Path | None =
     check_push(repo_id)
     api = HfApi(token=commit.token, library_name=LIBRARY_NAME, library_version=package_version())
     with tempfile.TemporaryDirectory(prefix="opendelta-push-") as tmp:
+        peft_reason = _write_delta_files(delta, Path(tmp), saved)  # before the repository is created
         try:
             full_id = api.create_repo(repo_id, private=commit.private, exist_ok=True).repo_id
             if commit.revision and not commit.create_pr:
                 api.create_branch(full_id, branch=commit.revision, exist_ok=True)
-            names = write_upload_folder(delta, Path(tmp), full_id, saved)
+            model_card(delta, full_id, base_model_id(delta), peft_reason).save(Path(tmp) / "README.md")
+            names = sorted(p.name for p in Path(tmp).iterdir() if p.is_file())
             return api.upload_folder(
                 repo_id=full_id,
                 folder_path=tmp,
