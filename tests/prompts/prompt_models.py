@@ -31,8 +31,12 @@ def plm(kind: str, seed: int = 0):
     """A tiny language model of ``kind`` with the test tokenizer's vocabulary; the same weights for one seed."""
     tok = tokenizer(kind)
     torch.manual_seed(seed)
-    if kind == "bert":
-        config = T.BertConfig(
+    if kind in ("bert", "roberta"):
+        config_class, model_class = {
+            "bert": (T.BertConfig, T.BertForMaskedLM),
+            "roberta": (T.RobertaConfig, T.RobertaForMaskedLM),
+        }[kind]
+        config = config_class(
             vocab_size=len(tok),
             hidden_size=32,
             num_hidden_layers=2,
@@ -42,7 +46,7 @@ def plm(kind: str, seed: int = 0):
             attention_probs_dropout_prob=0.0,
             pad_token_id=tok.pad_token_id,
         )
-        return T.BertForMaskedLM(config)
+        return model_class(config)
     if kind == "gpt2":
         config = T.GPT2Config(
             vocab_size=len(tok),
