@@ -381,6 +381,11 @@ class RobustDrop:
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (1 << 63))
         return int(torch.randint(self.low, self.high + 1, (1,), generator=generator))
 
+    def mean_dropped(self, steps: Iterable[int]) -> float:
+        """The mean number of layers dropped over ``steps`` (what a log line since the last one reports)."""
+        drawn = [self.draw(step) for step in steps]
+        return sum(drawn) / max(len(drawn), 1)
+
     def before_step(self, step: int) -> int:
         """Drop the lowest ``draw(step)`` layers' deltas for the step about to run; returns that number."""
         n = self.draw(step)

@@ -514,6 +514,8 @@ class DeltaTuningRecipe:
         }
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
+        if self.dropper is not None:  # robust AdapterDrop: lowest layers dropped, per step since the last log
+            metrics["dropped_layers"] = self.dropper.mean_dropped(range(self.step - window.steps, self.step))
         window.reset()
         return metrics
 

@@ -14,6 +14,7 @@ Each engine row runs, in one pair of processes, on the tiny T5 (2 layers in each
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,8 @@ def test_robust_adapterdrop_on_every_engine(engine, tmp_path):
     assert bottom and top
     for key in bottom:  # dropped at every step: never updated
         assert torch.equal(one[key], three[key]), key
+    logged = [json.loads(line) for line in (tmp_path / "three" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["dropped_layers"] for m in logged if m["split"] == "train"] == [1.0]  # what each log line reports
     assert any(not torch.equal(one[key], three[key]) for key in top)
     straight, resumed = _final(tmp_path / "straight"), _final(tmp_path / "resumed")
     for key in straight:
