@@ -98,6 +98,9 @@ def relative_position_bias(module: nn.Module, q_len: int, past: int, device: tor
 def enable_activation_checkpointing(model: nn.Module, checkpoint_kwargs: dict[str, Any]) -> None:
     """Turn on activation checkpointing of a transformers model, through whichever entry point it has.
 
+    With ``use_reentrant=False`` the embeddings' output is left without a gradient (transformers makes it
+    require one): backward stops at the lowest block that trains.
+
     Args:
         model: a transformers ``PreTrainedModel``.
         checkpoint_kwargs: keyword arguments of ``torch.utils.checkpoint.checkpoint`` (e.g. ``use_reentrant``).
@@ -107,3 +110,8 @@ def enable_activation_checkpointing(model: nn.Module, checkpoint_kwargs: dict[st
         enable(activation_checkpointing_kwargs=checkpoint_kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    if not checkpoint_kwargs.get("use_reentrant", True) and getattr(model, "_require_grads_hooks", None):
+        # transformers makes the embeddings' output require a gradient, which only reentrant checkpointing
+        # needs: it would make backward (and recomputation) run through every block down to the embeddings,
+        # also below the lowest block that trains (a delta's leave_out, AdapterDrop)
+        model.disable_input_require_grads()

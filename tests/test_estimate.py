@@ -387,8 +387,15 @@ def test_the_default_micro_batch_splits_the_global_batch():
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["model.dtype=bf16"], ["delta.modified_modules=[SelfAttention.q,SelfAttention.v]"]],
-    ids=["lora-all-linears", "bf16", "lora-qv"],
+    [
+        [],
+        ["model.dtype=bf16"],
+        ["delta.modified_modules=[SelfAttention.q,SelfAttention.v]"],
+        # no gradient below the lowest block with a delta; the decoder's lowest blocks attend to an encoder
+        # output that needs one
+        ["delta.leave_out=[0,1]"],
+    ],
+    ids=["lora-all-linears", "bf16", "lora-qv", "leave-out-0-1"],
 )
 def test_t5_blocks_save_what_the_formula_says(overrides):
     cfg = compose([*T5_SMALL, *overrides])
@@ -399,26 +406,37 @@ def test_t5_blocks_save_what_the_formula_says(overrides):
     blocks = describe_blocks(model, arch.family)
     shapes = Shapes(batch, tokens, targets, next(model.parameters()).dtype.itemsize)
     outside = outside_block_saves(arch, blocks, shapes, checkpointing=False)
+    # the hook sees the encoder output first in the first block whose cross-attention keys/values train
+    reads_encoder = next((blk.name for blk in blocks if "encoder_out" in blk.sites), None)
     for block in blocks:
         expected = sum(block_saves(arch, block, shapes, checkpointing=False).values())
-        if block.name == "decoder.block.0":  # the hook sees the encoder output first when block 0 saves it
+        if block.name == reads_encoder:
             expected += outside["encoder output"]
-        assert saved[block.name] == expected, block.name
+        assert saved.get(block.name, 0) == expected, block.name
+    if "delta.leave_out=[0,1]" in overrides:
+        assert [blk.idle for blk in blocks] == [True, True, False, False, False, False]
     # the cross-entropy keeps its log-softmax (a loss buffer, not a kept activation), its int64 targets and
     # a scalar weight: bytes the estimate leaves out
     loss_keeps = (batch * targets * arch.vocab_size + 1) * shapes.bytes + batch * targets * 8
     assert saved["outside"] == outside["final norms"] + loss_keeps
 
 
+@pytest.mark.parametrize("leave_out", [[], [0]], ids=["every-layer", "leave-out-0"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_other_families_blocks_save_what_the_formula_says(family):
+def test_other_families_blocks_save_what_the_formula_says(family, leave_out):
     cfg = _classifier(family)
+    cfg["delta"]["leave_out"] = leave_out
     model = _real_model(cfg)
     saved = _saved_per_block(model, _batch(model, 4, 96, 0))
     arch = architecture_of(model.config)
     shapes = Shapes(4, 96, 0, 4)
-    for block in describe_blocks(model, arch.family)[1:]:  # the first also holds tensors shared by every block
+    blocks = describe_blocks(model, arch.family)
+    assert [blk.idle for blk in blocks] == [bool(leave_out), False, False]
+    # the first block that runs backward also holds tensors shared by every block
+    for block in blocks[1 + len(leave_out) :]:
         assert saved[block.name] == sum(block_saves(arch, block, shapes, checkpointing=False).values()), block.name
+    for block in blocks[: len(leave_out)]:
+        assert saved.get(block.name, 0) == 0 == sum(block_saves(arch, block, shapes, checkpointing=False).values())
 
 
 @pytest.mark.parametrize(
@@ -426,10 +444,19 @@ def test_other_families_blocks_save_what_the_formula_says(family):
     [
         (T5_SMALL, 4, 96, 24),
         ([*T5_SMALL, "model.gradient_checkpointing=true"], 4, 96, 24),
+        ([*T5_SMALL, "delta.leave_out=[0,1]"], 4, 96, 24),
+        ([*T5_SMALL, "delta.leave_out=[0,1]", "model.gradient_checkpointing=true"], 4, 96, 24),
         ([*T5_11B_SHAPED, "model.gradient_checkpointing=true"], 2, 128, 32),
         ([*T5_11B_SHAPED, "model.gradient_checkpointing=true", "model.dtype=bf16"], 2, 128, 32),
     ],
-    ids=["t5", "t5-checkpointing", "t5-11b-shaped-checkpointing", "t5-11b-shaped-checkpointing-bf16"],
+    ids=[
+        "t5",
+        "t5-checkpointing",
+        "t5-leave-out",
+        "t5-leave-out-checkpointing",
+        "t5-11b-shaped-checkpointing",
+        "t5-11b-shaped-checkpointing-bf16",
+    ],
 )
 def test_a_training_step_peaks_where_the_estimate_says(overrides, batch, tokens, targets):
     measured, estimated = _measured_and_estimated_step(compose(overrides), batch, tokens, targets)

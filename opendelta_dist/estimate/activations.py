@@ -151,20 +151,23 @@ def t5_block_saves(
     out_width = arch.attention_dim if eager_attention else 0
     norm = rms_norm_saves(t, d, p, block.norm_weight_trains)
     self_mask = h * n * n if block.kind == "decoder" else b * h * n * n
-    grad_in = checkpointing or not block.first
+    grad_in = checkpointing or block.input_grad
+    # a decoder block that trains nothing, on a stream that needs no gradient: the gradient starts at its
+    # cross-attention (the encoder's output needs one), and its self-attention keeps nothing
+    quiet = not (block.input_grad or block.trains)
     terms = {
         "block input": t * d * p if grad_in else 0,
-        "self-attention norm": norm if grad_in else 0,
+        "self-attention norm": norm if grad_in and not quiet else 0,
         "self-attention input": _site(block, "attn_in", t, d, p),
-        "self-attention": attention(n, self_mask),
+        "self-attention": 0 if quiet else attention(n, self_mask),
         "self-attention output input": _site(block, "attn_out", t, out_width, p),
-        "self-attention dropout": dropout_saves(t, d, arch.dropout),
+        "self-attention dropout": 0 if quiet else dropout_saves(t, d, arch.dropout),
     }
     if block.kind == "decoder":
         s = shapes.input_tokens
         terms |= {
-            "cross-attention block input": t * d * p,
-            "cross-attention norm": norm,
+            "cross-attention block input": 0 if quiet else t * d * p,
+            "cross-attention norm": 0 if quiet else norm,
             "cross-attention input": _site(block, "cross_in", t, d, p),
             "cross-attention": attention(s, b * h * n * s),
             "cross-attention output input": _site(block, "cross_out", t, out_width, p),
@@ -215,7 +218,7 @@ def gpt2_block_saves(arch: Architecture, block: BlockInfo, shapes: Shapes, check
     cache = 2 * t * arch.attention_dim * p if arch.use_cache and not checkpointing else 0
     attention = fused_attention_saves(b, arch.n_heads, n, n, arch.head_dim, p, b * n * n) + cache
     return {
-        "block input": t * d * p + layer_norm_saves(t) if checkpointing or not block.first else 0,
+        "block input": t * d * p + layer_norm_saves(t) if checkpointing or block.input_grad else 0,
         "self-attention input": _site(block, "attn_in", t, d, p),
         "self-attention": attention,
         "self-attention output input": _site(block, "attn_out", t, 0, p),
@@ -237,7 +240,7 @@ def llama_block_saves(arch: Architecture, block: BlockInfo, shapes: Shapes, chec
     b, p, n = shapes.batch, shapes.bytes, shapes.input_tokens
     t, d = b * n, arch.d_model
     norm = rms_norm_saves(t, d, p, block.norm_weight_trains)
-    grad_in = checkpointing or not block.first
+    grad_in = checkpointing or block.input_grad
     return {
         "block input": t * d * p if grad_in else 0,
         "self-attention norm": norm if grad_in else 0,
@@ -257,9 +260,10 @@ def block_saves(
 ) -> dict[str, int]:
     """Bytes one block keeps for backward, by term, for the block's family.
 
-    The input of a stack's first block is the embedding output, which needs no gradient unless gradient
-    checkpointing is on (the launcher then makes it require one): without checkpointing that block's first
-    norm keeps nothing of its input.
+    A block whose input needs no gradient (a stack's first block on frozen embeddings, or a block above
+    blocks that train nothing) keeps nothing of its input (with gradient checkpointing it keeps it only as the
+    checkpoint's input); a block no gradient runs through (below the lowest block that trains: a delta's
+    ``leave_out``) keeps nothing at all.
 
     Raises:
         EstimateError: eager attention asked of a family other than T5 (it is ModelCenter's T5's).
@@ -270,9 +274,11 @@ def block_saves(
                 f"eager attention is modelled for ModelCenter's T5 (the bmt engine trains T5 only), not for a "
                 f"{arch.family} model: estimate it with engine=fsdp, deepspeed, ddp or single"
             )
-        return t5_block_saves(arch, block, shapes, checkpointing, eager_attention=True)
+        terms = t5_block_saves(arch, block, shapes, checkpointing, eager_attention=True)
+        return dict.fromkeys(terms, 0) if block.idle else terms
     family = {"t5": t5_block_saves, "bert": bert_block_saves, "gpt2": gpt2_block_saves, "llama": llama_block_saves}
-    return family[arch.family](arch, block, shapes, checkpointing)
+    terms = family[arch.family](arch, block, shapes, checkpointing)
+    return dict.fromkeys(terms, 0) if block.idle else terms
 
 
 def block_backward_transient(
@@ -286,6 +292,8 @@ def block_backward_transient(
     largest scores: each step back through its probabilities (matmul, dropout, ``masked_fill``, softmax) makes
     a new score-sized gradient while its input gradient is alive, and frees one saved score-sized tensor after.
     """
+    if block.idle:
+        return 0
     p = shapes.bytes
     n = shapes.target_tokens if block.kind == "decoder" else shapes.input_tokens
     t = shapes.batch * n
@@ -300,9 +308,9 @@ def block_backward_transient(
 def outside_block_saves(
     arch: Architecture, blocks: Sequence[BlockInfo], shapes: Shapes, checkpointing: bool
 ) -> dict[str, int]:
-    """Bytes kept for backward outside the blocks: final norms and, with gradient checkpointing (when the
-    embedding output requires a gradient), the embeddings' norm or dropout and the inputs every checkpointed
-    block shares.
+    """Bytes kept for backward outside the blocks: final norms, the embeddings' norm or dropout when their
+    output needs a gradient (the embeddings train, or a soft prompt), and with gradient checkpointing the
+    inputs every checkpointed block shares.
 
     T5 with checkpointing shares the encoder output, the position biases (``heads x input x input``,
     ``heads x target x target``, ``heads x target x input``) and the boolean padding masks; the other
@@ -312,11 +320,12 @@ def outside_block_saves(
     b, p, s = shapes.batch, shapes.bytes, shapes.input_tokens
     d, h, te = arch.d_model, arch.n_heads, b * s
     terms: dict[str, int] = {}
+    embeddings_grad = any(blk.first and blk.input_grad for blk in blocks)
     if arch.family == "t5":
         tt = shapes.batch * shapes.target_tokens
         tgt = shapes.target_tokens
         norms = rms_norm_saves(te, d, p, False) + rms_norm_saves(tt, d, p, False)
-        terms["embedding dropout"] = dropout_saves(te + tt, d, arch.dropout) if checkpointing else 0
+        terms["embedding dropout"] = dropout_saves(te + tt, d, arch.dropout) if embeddings_grad else 0
         terms["final norms"] = (te + tt) * d * p + norms + dropout_saves(te + tt, d, arch.dropout)
         cross_kv = any("encoder_out" in blk.sites for blk in blocks)
         terms["encoder output"] = te * d * p if checkpointing or cross_kv else 0
@@ -327,9 +336,9 @@ def outside_block_saves(
     t = te
     if arch.family == "bert":
         norm = t * d * p + layer_norm_saves(t) + dropout_saves(t, d, arch.dropout)
-        terms["embeddings norm"] = norm if checkpointing else 0
+        terms["embeddings norm"] = norm if embeddings_grad else 0
     elif arch.family == "gpt2":
-        terms["embedding dropout"] = dropout_saves(t, d, arch.dropout) if checkpointing else 0
+        terms["embedding dropout"] = dropout_saves(t, d, arch.dropout) if embeddings_grad else 0
         terms["final norm"] = t * d * p + layer_norm_saves(t)
     else:
         terms["final norm"] = t * d * p + rms_norm_saves(t, d, p, False)
@@ -436,6 +445,8 @@ def estimate_activations(
 
 
 def block_input_bytes(arch: Architecture, block: BlockInfo, shapes: Shapes) -> int:
-    """Bytes of a block's input hidden states: what a checkpointed block keeps."""
+    """Bytes of a block's input hidden states: what a checkpointed block keeps (nothing when idle)."""
+    if block.idle:
+        return 0
     n = shapes.target_tokens if block.kind == "decoder" else shapes.input_tokens
     return shapes.batch * n * arch.d_model * shapes.bytes

@@ -48,6 +48,12 @@ class BlockInfo:
         unit_numel: parameters of the block's FSDP unit (the block without its delta modules).
         numel: all parameters of the block.
         first: the block is the first of its stack (its input is the embedding output).
+        input_grad: the block's input hidden states need a gradient: something below it trains (the
+            embeddings, a soft prompt, a block below). Not so for a stack's first block on frozen embeddings,
+            nor for blocks below the lowest one that trains (a delta's ``leave_out``).
+        trains: a parameter of the block trains.
+        idle: no gradient runs through the block (its input, its parameters and, for a T5 decoder block, the
+            encoder's output it attends to need none): it keeps nothing and runs no backward.
     """
 
     name: str
@@ -59,6 +65,9 @@ class BlockInfo:
     unit_numel: int
     numel: int
     first: bool = False
+    input_grad: bool = True
+    trains: bool = True
+    idle: bool = False
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -82,8 +91,20 @@ def describe_blocks(model: nn.Module, family: str) -> list[BlockInfo]:
 
     patterns = estimator_named(family).sites
     names = {id(m): n for n, m in model.named_modules()}
+    blocks = transformer_blocks(model)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    # what trains before the first block: the embeddings, or a delta outside the blocks (a soft prompt); other
+    # trainable modules outside the blocks (a classifier, final norms) run after them
+    embeddings = model.get_input_embeddings()
+    below = any(p.requires_grad for p in embeddings.parameters()) or any(
+        p.requires_grad and id(p) not in in_blocks
+        for m in model.modules()
+        if is_delta_module(m)
+        for p in m.parameters()
+    )
+    stream = {"encoder": below, "decoder": below}  # a gradient flows up each stack from here
     infos = []
-    for block in transformer_blocks(model):
+    for block in blocks:
         sites: set[str] = set()
         ranks: dict[str, int] = {}
         delta_per_token = 0
@@ -107,10 +128,16 @@ def describe_blocks(model: nn.Module, family: str) -> list[BlockInfo]:
             for m in block.modules()
         )
         numel = sum(p.numel() for p in block.parameters())
+        kind = "decoder" if family == "t5" and names[id(block)].startswith("decoder.") else "encoder"
+        trains = any(p.requires_grad for p in block.parameters())
+        input_grad = stream[kind]
+        # a T5 decoder block attends to the encoder's output, which needs a gradient where the encoder trains
+        reads_grad = kind == "decoder" and stream["encoder"]
+        stream[kind] = input_grad or trains or reads_grad
         infos.append(
             BlockInfo(
                 name=names[id(block)],
-                kind="decoder" if family == "t5" and names[id(block)].startswith("decoder.") else "encoder",
+                kind=kind,
                 sites=frozenset(sites),
                 lora_rank=ranks,
                 delta_per_token=delta_per_token,
@@ -118,6 +145,9 @@ def describe_blocks(model: nn.Module, family: str) -> list[BlockInfo]:
                 unit_numel=numel - sum(p.numel() for p in block.parameters() if id(p) in delta_ids),
                 numel=numel,
                 first=names[id(block)].rsplit(".", 1)[-1] == "0",
+                input_grad=input_grad,
+                trains=trains,
+                idle=not stream[kind],
             )
         )
     return infos

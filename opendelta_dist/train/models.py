@@ -110,8 +110,9 @@ class ModelConfig:
         num_labels: classes, for classification.
         dtype: ``fp32``, ``bf16`` or ``fp16`` (T5 overflows in fp16: prefer bf16).
         init_device: ``cpu`` or ``meta`` (build without memory; an engine that shards materialises it).
-        gradient_checkpointing: recompute activations in backward (``use_reentrant=False``, so gradients
-            reach deltas even when the embeddings are frozen).
+        gradient_checkpointing: recompute activations in backward (``use_reentrant=False``: gradients
+            reach deltas even when the embeddings are frozen, and blocks below the lowest trainable one are
+            neither recomputed nor run backward).
         tokenizer: a tokenizer path/name (``pkg://`` too); None means the model's own, ``"byt5"`` one that
             needs no files.
     """
@@ -307,7 +308,8 @@ def build_model(cfg: ModelConfig, head: str | None = None) -> nn.Module:
     else:
         raise DeltaConfigError("set model.name_or_path (a checkpoint) or model.config (a random-weight model)")
     if cfg.gradient_checkpointing:
+        # non-reentrant: gradients reach the deltas inside a block whose input needs none, so the embeddings'
+        # output is left without one, and backward (recomputation included) stops at the lowest block that
+        # trains (below a delta's leave_out, or the layers AdapterDrop drops in a step)
         enable_activation_checkpointing(model, {"use_reentrant": False})
-        # with frozen embeddings nothing entering the first block requires grad; make it require grad
-        model.enable_input_require_grads()
     return model

@@ -137,3 +137,27 @@ def test_robust_adapterdrop_on_the_bmt_engine_is_refused_until_a_gpu_has_run_it(
     with pytest.raises(DeltaConfigError, match=r"not supported on engine=bmt yet; drop layers statically"):
         attach_delta(model, {"delta_type": "lora", "robust_drop": [0, 1]}, "bmt")
     assert not any(p.requires_grad is False for p in model.parameters())  # nothing was attached or frozen
+
+
+@pytest.mark.parametrize("leave_out", [[], [0]], ids=["every-layer", "leave-out-0"])
+def test_with_gradient_checkpointing_backward_stops_at_the_lowest_block_that_trains(leave_out):
+    """A checkpointed block recomputes its forward in backward: below the lowest block with a delta, neither
+    recomputation nor backward runs (the embeddings' output needs no gradient)."""
+    from opendelta_dist import LoraModel
+    from opendelta_dist.train.models import ModelConfig, build_model
+
+    cfg = compose_run([*BASE, "model.gradient_checkpointing=true"])
+    model = build_model(ModelConfig(**cfg["model"]))
+    LoraModel(model, leave_out=leave_out).freeze_module(set_state_dict=False)
+    model.train()
+    # the self-attention sub-layer: recomputation stops once it has what backward needs, before the block ends
+    calls = {name: 0 for name in ("encoder.block.0", "encoder.block.1")}
+    for name in calls:
+        model.get_submodule(f"{name}.layer.0").register_forward_pre_hook(
+            lambda module, args, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    inputs = {"input_ids": torch.randint(3, 100, (2, 6)), "labels": torch.randint(3, 100, (2, 4))}
+    model(**inputs).loss.backward()
+    # a block that runs backward runs forward twice (once more to recompute)
+    assert calls == {"encoder.block.0": 1 if leave_out else 2, "encoder.block.1": 2}
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and ".block.0." not in n)
