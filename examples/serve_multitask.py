@@ -7,9 +7,14 @@ deltas of different methods are tuned on three toy tasks over the same sentences
 word, number of words), saved, and loaded back detached. :class:`DeltaServer` then answers a mixed
 stream of requests: before a request it attaches that task's delta (detaching the previous one),
 so the backbone computes exactly "backbone + this delta" and nothing of the others. Consecutive
-requests of one task keep the delta attached. A lock makes the switch safe across threads. A request may
-also name ``skip_layers`` (AdapterDrop at inference: the deltas of those layers are bypassed for that request
-only, e.g. to answer faster with a delta trained with robust AdapterDrop).
+requests of one task keep the delta attached. A lock makes the switch safe across threads.
+
+A request may also name ``skip_layers`` (AdapterDrop at inference): the deltas of those layers, in every stack,
+are bypassed for that request only. This shows the mechanism, not its quality. The deltas here were not trained
+with robust AdapterDrop, so their answers may change when layers are skipped. Nor is the request much faster:
+the backbone still runs every layer, and only the skipped deltas' own small computation is saved. AdapterDrop's
+speed-up at inference comes from ``parallel_forward``, where several tasks share one pass over the lower layers
+(docs/adapterdrop.md).
 """
 
 from __future__ import annotations
@@ -79,7 +84,8 @@ class DeltaServer:
             task: the task whose delta answers.
             texts: the requests.
             max_new_tokens: the longest answer.
-            skip_layers: layer indices (in every stack) whose deltas this request bypasses.
+            skip_layers: layer indices (in every stack) whose deltas this request bypasses; the backbone still
+                runs those layers, so this saves only the deltas' own computation.
 
         Raises:
             KeyError: no delta was added for ``task``.
@@ -140,7 +146,8 @@ def main() -> None:
     for task in ["sentiment", "length", "first_word", "sentiment", "sentiment", "length"]:
         for sentence, answer in zip(sentences, server.generate(task, sentences), strict=True):
             print(f"{task:>10} | {sentence} -> {answer}")
-    # AdapterDrop per request: the sentiment delta without its layer-0 parts, for this request only
+    # AdapterDrop per request: the sentiment delta without its layer-0 parts, for this request only. It was not
+    # trained with robust AdapterDrop, so its answers may differ from those above
     for sentence, answer in zip(sentences, server.generate("sentiment", sentences, skip_layers=[0]), strict=True):
         print(f"{'sentiment':>10} | {sentence} -> {answer}   (skip_layers=[0])")
     print(f"{server.switches} delta switches")

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from opendelta_dist.addressing import named_backbone_modules, select_modules
-from opendelta_dist.errors import DeltaConfigError, DeltaStateError, UnknownModelFamilyError
+from opendelta_dist.errors import DeltaConfigError, DeltaStateError, UnknownModelFamilyError, warn_user
 from opendelta_dist.operations import HoldModule, Operation, UnfreezeParameter
 from opendelta_dist.structure import role_keys
 
@@ -80,13 +80,16 @@ def _inside(name: str, layers: Iterable[str]) -> bool:
 
 
 def _module_list_layers(backbone: nn.Module) -> dict[str, Layer]:
-    """The layers of a model of no known family: the items of every outermost ``nn.ModuleList`` whose items are
-    all of one class (the way such models hold their blocks)."""
+    """The layers of a model of no known family: the items of every outermost ``nn.ModuleList`` (or
+    ``nn.Sequential`` of two or more) whose items are all blocks of one class (the way such models hold their
+    blocks). A block holds modules: a list of single linear layers (per-task heads) is not a stack of layers."""
     layers: dict[str, Layer] = {}
     for name, module in named_backbone_modules(backbone):
-        if not isinstance(module, nn.ModuleList) or not len(module) or _inside(name, layers):
+        if not isinstance(module, nn.ModuleList | nn.Sequential) or _inside(name, layers):
             continue
-        if len({type(m) for m in module}) == 1:
+        if len(module) < (1 if isinstance(module, nn.ModuleList) else 2):
+            continue
+        if len({type(m) for m in module}) == 1 and all(any(True for _ in m.children()) for m in module):
             for i in range(len(module)):
                 layers[f"{name}.{i}" if name else str(i)] = Layer(name, i)
     return layers
@@ -125,6 +128,9 @@ def check_layer_indices(name: str, indices: Any, layers: Mapping[str, Layer], wh
     Raises:
         DeltaConfigError: an index is not an int from 0, or the model has no layers, or no stack that deep.
     """
+    if isinstance(indices, str | bytes) or not isinstance(indices, Iterable):
+        also = " or None" if name == "skip_layers" else ""
+        raise DeltaConfigError(f"{name} takes a list of layer indices (e.g. [0]){also}, not {indices!r}")
     values = list(indices)
     if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in values):
         raise DeltaConfigError(f"{name} takes layer indices counted from 0 (e.g. [0, 1, 2]), not {values!r}")
@@ -167,12 +173,21 @@ class LayerDropping:
     def _layered_operations(self) -> list[tuple[Operation, Layer]]:
         return [(op, layer) for op in self._operations if (layer := self.layer_of_operation(op)) is not None]
 
+    def is_left_out(self, module_name: str) -> bool:
+        """Whether ``module_name`` is inside a layer this delta's ``leave_out`` names."""
+        leave_out = self.config.leave_out  # type: ignore[attr-defined]
+        if not leave_out:
+            return False
+        layer = layer_of(module_name, self._layer_table())
+        return layer is not None and layer.index in leave_out
+
     def _leave_out_names(self, names: list[str]) -> list[str]:
         """``names`` without the modules of the layers the config leaves out."""
-        leave_out = set(self.config.leave_out or ())  # type: ignore[attr-defined]
-        if not leave_out:
+        given = self.config.leave_out  # type: ignore[attr-defined]
+        if given is None:
             return names
         layers = self._layer_table()
+        leave_out = set(check_layer_indices("leave_out", given, layers, type(self).__name__))
         kept = [n for n in names if (layer := layer_of(n, layers)) is None or layer.index not in leave_out]
         if len(kept) < len(names):
             self.__dict__["_left_out_at_selection"] = True
@@ -359,6 +374,7 @@ class RobustDrop:
 
     def __init__(self, delta: DeltaBase, low: int, high: int, seed: int = 0) -> None:
         check_drop_range([low, high])
+        delta.check_droppable(in_place_ok=True)  # a delta with something per layer (the engine checks the rest)
         layers = delta.layer_count()
         if high >= layers:
             raise DeltaConfigError(
@@ -372,6 +388,13 @@ class RobustDrop:
                 f"robust_drop=[{low}, {high}] drops up to {high} layers, but {type(delta).__name__} has deltas only "
                 f"up to layer {top} (leave_out={delta.config.leave_out}), so some steps would train nothing: give "
                 f"high <= {top}"
+            )
+        bottom = min(layer.index for _, layer in delta._layered_operations())
+        if high <= bottom:
+            raise DeltaConfigError(
+                f"robust_drop=[{low}, {high}] drops no delta at any step: {type(delta).__name__}'s lowest layer with "
+                f"a delta is {bottom} (leave_out={delta.config.leave_out}), so dropping up to {high} layers bypasses "
+                f"nothing; give high > {bottom}"
             )
         self.delta, self.low, self.high, self.seed = delta, low, high, int(seed)
         delta.__dict__["_robust_drop"] = self  # engines read it: the parameters a step uses vary
@@ -450,7 +473,8 @@ def parallel_forward(model: nn.Module, deltas: Sequence[DeltaBase], shared_layer
     delta; then each task's pass runs with only its delta active, and those layers hand back the outputs of the
     shared pass instead of computing. Each result is what ``model(**inputs)`` returns with that delta alone
     (bit for bit: the same computations run; in eval mode, where dropout draws nothing). In an encoder-decoder the
-    shared layers are the encoder's: the decoder's lowest layers may keep their deltas. It scores inputs: no cache
+    shared layers are the encoder's (all of them, when ``shared_layers`` is its depth): the decoder's lowest
+    layers may keep their deltas. It scores inputs: no cache
     is asked for or returned (``use_cache`` is off meanwhile), so it does not generate.
 
     Args:
@@ -468,6 +492,10 @@ def parallel_forward(model: nn.Module, deltas: Sequence[DeltaBase], shared_layer
     """
     if not deltas:
         return []
+    if isinstance(shared_layers, bool) or not isinstance(shared_layers, int) or shared_layers < 0:
+        raise DeltaConfigError(f"shared_layers takes a number of layers from 0, not {shared_layers!r}")
+    if shared_layers == 0:  # nothing shared: each task's own forward
+        return [_alone(model, deltas, k, inputs) for k in range(len(deltas))]
     layers = deltas[0]._layer_table()
     shared = {name for name, layer in layers.items() if layer.index < shared_layers}
     check_layer_indices("shared_layers", range(shared_layers), layers, type(deltas[0]).__name__)
@@ -491,6 +519,11 @@ def parallel_forward(model: nn.Module, deltas: Sequence[DeltaBase], shared_layer
     if getattr(config, "use_cache", None):  # e.g. GPT-2 in eval mode: return no cache rather than a partial one
         with _use_cache_off(config):
             return parallel_forward(model, deltas, shared_layers, **inputs)
+    if getattr(model, "training", False):
+        warn_user(
+            "parallel_forward runs a model in training mode: dropout in the shared layers draws once for every "
+            "task, so an output is not that task's own forward; call model.eval() first"
+        )
     modules = dict(named_backbone_modules(model))
     # the modules delta hooks compute in (a module that only holds a delta's parameters computes nothing)
     targets = {
@@ -508,7 +541,7 @@ def parallel_forward(model: nn.Module, deltas: Sequence[DeltaBase], shared_layer
 
         return hook
 
-    def stop(module: nn.Module, args: Any) -> None:
+    def stop(module: nn.Module, args: Any, output: Any) -> None:
         raise _Stop
 
     def note(module: nn.Module, args: Any) -> None:
@@ -516,8 +549,10 @@ def parallel_forward(model: nn.Module, deltas: Sequence[DeltaBase], shared_layer
 
     states = [(d, d.__dict__.get("_bypassed", False)) for d in deltas]
     handles = [modules[n].register_forward_hook(record(n)) for n in shared]
-    above = [name for name, layer in layers.items() if layer.index == shared_layers]
-    handles += [modules[n].register_forward_pre_hook(stop) for n in above]
+    # the shared pass ends after the last shared layer of the first stack that runs (an encoder-decoder's
+    # encoder, also when all its layers are shared): the record hooks of that layer run first
+    last = [name for name, layer in layers.items() if layer.index == shared_layers - 1]
+    handles += [modules[n].register_forward_hook(stop) for n in last]
     handles += [m.register_forward_pre_hook(note) for m in modules.values() if id(m) in targets]
     try:
         for d in deltas:
@@ -537,8 +572,9 @@ def parallel_forward(model: nn.Module, deltas: Sequence[DeltaBase], shared_layer
         ]
         if busy:
             raise DeltaConfigError(
-                f"deltas[{i}] ({type(delta).__name__}) modifies {busy[0]} in the lowest {shared_layers} layers, so "
-                f"they cannot be shared: train it with leave_out={list(range(shared_layers))}, or set its skip_layers"
+                f"deltas[{i}] ({type(delta).__name__}) modifies {busy[0]}, one of the lowest {shared_layers} layers "
+                f"the tasks share: train it without deltas there (leave_out={list(range(shared_layers))} in every "
+                "stack, or exclude_modules for the layers of one stack), or bypass them with its skip_layers"
             )
     early = sorted(name for name in ran if layer_of(name, layers) is None)
     if early:
@@ -562,6 +598,19 @@ def parallel_forward(model: nn.Module, deltas: Sequence[DeltaBase], shared_layer
             for d, was in states:
                 d._bypass(was)
     return results
+
+
+def _alone(model: nn.Module, deltas: Sequence[DeltaBase], k: int, inputs: dict[str, Any]) -> Any:
+    """The model's output with ``deltas[k]`` alone active."""
+    states = [(d, d.__dict__.get("_bypassed", False)) for d in deltas]
+    try:
+        for j, d in enumerate(deltas):
+            if j != k:
+                d._bypass(True)
+        return model(**inputs)
+    finally:
+        for d, was in states:
+            d._bypass(was)
 
 
 def _replay(outputs: list[Any]) -> Any:

@@ -21,7 +21,7 @@ import itertools
 import operator
 import textwrap
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
@@ -141,6 +141,8 @@ class DeltaBase(LayerDropping, DeltaSharing, nn.Module):
         **options: Any,
     ) -> None:
         # the method's options are checked first, before a web page is served or the backbone changed
+        if leave_out is not None and (isinstance(leave_out, str | bytes) or not isinstance(leave_out, Iterable)):
+            raise DeltaConfigError(f"leave_out takes a list of layer indices (e.g. [0]), not {leave_out!r}")
         self.config = self.config_class(**options, leave_out=None if leave_out is None else list(leave_out))
         if not isinstance(backbone_model, nn.Module):
             raise TypeError(f"backbone_model must be a torch.nn.Module, not {type(backbone_model).__name__}")
@@ -315,7 +317,7 @@ class DeltaBase(LayerDropping, DeltaSharing, nn.Module):
         home = {id(module): name for name, module in self.backbone_model.named_modules()}
         for mname in names:
             for sub, module in named_backbone_modules(self.backbone_model.get_submodule(mname), prefix=mname):
-                if home.get(id(module), sub) != sub:
+                if home.get(id(module), sub) != sub or self.is_left_out(sub):  # leave_out: no delta in the layer
                     continue
                 for pname in module._parameters:
                     # the backbone's own value, not another attached delta's copy in the slot

@@ -222,7 +222,7 @@ def load_peft(path: str | Path, backbone_model: nn.Module, **kwargs: Any) -> Lor
     ours.update({f"{m}.lora.lora_B": parts["lora_B"] for m, parts in lora.items()})
     ours.update(full)
     try:
-        load_delta_tensors(delta, ours, source=str(directory))
+        load_delta_tensors(delta, delta.without_left_out(ours), source=str(directory))  # leave_out= given
     except BaseException:
         delta.detach()
         raise

@@ -57,7 +57,7 @@ from opendelta_dist.train.resume import check_resumable, check_same_delta, resum
 from opendelta_dist.train.stopping import RunStopped, Stopper, drill, parse_margin, parse_signal
 from opendelta_dist.train.tasks import build_task
 from opendelta_dist.train.topology import Topology
-from opendelta_dist.train.tuning import attach_delta, load_full_model, save_full_model
+from opendelta_dist.train.tuning import attach_delta, delta_summary, load_full_model, save_full_model
 from opendelta_dist.train.validation import validate_run_config
 
 #: For recovery tests: the rank named by OPENDELTA_DIST_FAIL_RANK exits abruptly when it reaches this
@@ -127,7 +127,7 @@ def _header(cfg: dict[str, Any], topology: Topology) -> str:
     train = cfg["train"]
     processes = f"{topology.world_size} process{'es' if topology.world_size > 1 else ''} on {topology.device.type}"
     return (
-        f"training {cfg['delta'].get('delta_type')} on {model} with engine {cfg['engine']['name']}, {processes}: "
+        f"training {delta_summary(cfg['delta'])} on {model} with engine {cfg['engine']['name']}, {processes}: "
         f"{train['max_steps']} steps of global batch {train['global_batch_size']}; run_dir {cfg['run_dir']}"
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,16 @@ from opendelta_dist.train.engines import engine_class, engine_names
 
 #: keys of the ``delta`` group that set up training rather than the delta (they are not saved with it)
 RECIPE_OPTIONS = ("robust_drop",)
+
+
+def delta_summary(options: Mapping[str, Any]) -> str:
+    """The delta of a run's ``delta`` group in a few words: its method and what AdapterDrop leaves out or drops."""
+    parts = [f"leave_out {list(options['leave_out'])}"] if options.get("leave_out") else []
+    if options.get("robust_drop") is not None:
+        low, high = options["robust_drop"]
+        parts.append(f"robust AdapterDrop of the lowest {low} to {high} layers per step")
+    return f"{options.get('delta_type')}" + (f" ({'; '.join(parts)})" if parts else "")
+
 
 FULL_FINE_TUNING = "none"
 """The ``delta_type`` of a run without a delta, in which every parameter trains (``configs/delta/none.yaml``)."""

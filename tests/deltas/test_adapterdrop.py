@@ -147,6 +147,7 @@ def test_layers_of_a_model_of_no_known_family_are_its_module_list():
             self.embed = nn.Linear(4, 8)
             self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
             self.head = nn.Linear(8, 2)
+            self.task_heads = nn.ModuleList(nn.Linear(8, 2) for _ in range(6))  # single modules: not layers
 
         def forward(self, x):
             x = self.embed(x)
@@ -157,11 +158,19 @@ def test_layers_of_a_model_of_no_known_family_are_its_module_list():
     net = Net()
     assert sorted(layer.index for layer in backbone_layers(net).values()) == [0, 1, 2]
     delta = LoraModel(net, modified_modules=["0", "head"], leave_out=[0, 1])
-    assert [op.module_name for op in delta.operations] == ["blocks.2.0", "head"]
+    assert [op.module_name for op in delta.operations] == ["blocks.2.0", "head", "task_heads.0"]
+
+    with pytest.raises(
+        DeltaConfigError, match=r"leave_out=\[4\] names layer\(s\) \[4\], but the backbone's deepest stack has 3"
+    ):
+        LoraModel(net, modified_modules=["0"], leave_out=[4])
 
     plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(DeltaConfigError, match="has no layers this library can tell"):
         LoraModel(plain, modified_modules=["0"], leave_out=[0])
+    # blocks held in an nn.Sequential (as timm's vision transformers hold theirs)
+    stacked = nn.Sequential(*(nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(3)))
+    assert sorted(layer.index for layer in backbone_layers(stacked).values()) == [0, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -170,6 +179,7 @@ def test_layers_of_a_model_of_no_known_family_are_its_module_list():
         ({"leave_out": [2]}, r"leave_out=\[2\] names layer\(s\) \[2\], but the backbone's deepest stack has 2 layers"),
         ({"leave_out": [-1]}, r"leave_out takes layer indices counted from 0"),
         ({"leave_out": [0, 1]}, r"leaves every module LoraModel modifies without a delta"),
+        ({"leave_out": 0}, r"leave_out takes a list of layer indices \(e\.g\. \[0\]\), not 0"),
     ],
 )
 def test_bad_leave_out_is_refused_with_the_reason(kwargs, message):
@@ -188,6 +198,11 @@ def test_adapterdrop_on_a_method_without_layers_names_the_method():
         prompt.skip_layers = [0]
     with pytest.raises(DeltaConfigError, match=r"robust AdapterDrop: SoftPromptModel modifies no module inside"):
         prompt.check_droppable(True)
+    with pytest.raises(DeltaConfigError, match=r"robust AdapterDrop: SoftPromptModel modifies no module inside"):
+        RobustDrop(prompt, 0, 1)
+    head_only = LoraModel(build("bert"), modified_modules=["classifier"])
+    with pytest.raises(DeltaConfigError, match=r"robust AdapterDrop: LoraModel modifies no module inside"):
+        RobustDrop(head_only, 0, 1)
 
 
 def test_bad_skip_layers_and_merged_lora_are_refused():
@@ -196,6 +211,8 @@ def test_bad_skip_layers_and_merged_lora_are_refused():
         delta.skip_layers = [5]
     with pytest.raises(DeltaConfigError, match="counted from 0"):
         delta.skip_layers = [-1]
+    with pytest.raises(DeltaConfigError, match=r"skip_layers takes a list of layer indices \(e\.g\. \[0\]\) or None"):
+        delta.skip_layers = 0
     delta.merge()
     with pytest.raises(DeltaStateError, match=r"merged .* unmerge\(\) it before setting skip_layers"):
         delta.skip_layers = [0]
@@ -212,6 +229,13 @@ def test_bad_skip_layers_and_merged_lora_are_refused():
 def test_bad_robust_ranges_are_refused(low, high, message):
     with pytest.raises(DeltaConfigError, match=message):
         RobustDrop(LoraModel(build("bert")), low, high)
+
+
+def test_a_robust_range_within_leave_out_is_refused_for_dropping_nothing():
+    with pytest.raises(
+        DeltaConfigError, match=r"drops no delta at any step: .* lowest layer with a delta is 1 .* give high > 1"
+    ):
+        RobustDrop(LoraModel(build("bert"), leave_out=[0]), 0, 1)
 
 
 def test_robust_drop_draws_per_step_from_the_seed_alone():
@@ -287,7 +311,9 @@ def test_parallel_forward_refuses_deltas_in_the_shared_layers_or_below_them():
     model = build("bert").eval()
     inputs = {k: v for k, v in batch("bert").items() if k != "labels"}
     whole = LoraModel(model)
-    with pytest.raises(DeltaConfigError, match=r"deltas\[0\] \(LoraModel\) modifies .*layer\.0.* leave_out=\[0\]"):
+    with pytest.raises(
+        DeltaConfigError, match=r"deltas\[0\] \(LoraModel\) modifies .*layer\.0.*leave_out=\[0\] in every"
+    ):
         parallel_forward(model, [whole], shared_layers=1, **inputs)
     whole.skip_layers = [0]  # bypassing the layer makes it shareable
     assert len(parallel_forward(model, [whole], shared_layers=1, **inputs)) == 1
@@ -323,6 +349,20 @@ def test_leave_out_at_load_time_drops_the_saved_layers_and_keeps_the_saved_leave
         AutoDeltaModel.from_finetuned(tmp_path / "static", backbone_model=build("t5"), leave_out=[1])
 
 
+def test_leave_out_at_load_time_reads_a_peft_lora_too(tmp_path):
+    model = build("bert")
+    delta = LoraModel(model)
+    _randomise(delta)
+    inputs = batch("bert")
+    with delta.skipping([0]):
+        expected = logits(model, inputs)
+    delta.save_peft(tmp_path / "peft")
+    fresh = build("bert")
+    loaded = AutoDeltaModel.from_finetuned(tmp_path / "peft", backbone_model=fresh, leave_out=[0])
+    assert loaded.config.leave_out == [0] and not any(".layer.0." in k for k, _ in loaded.named_delta_tensors())
+    torch.testing.assert_close(logits(fresh, inputs), expected)
+
+
 def test_parallel_forward_asks_no_cache_and_shares_only_the_layers_that_ran():
     model = build("gpt2").eval()
     deltas = [_task_delta(lambda m: LoraModel(m, leave_out=[0]), model, seed=k) for k in range(2)]
@@ -344,6 +384,35 @@ def test_parallel_forward_asks_no_cache_and_shares_only_the_layers_that_ran():
     for k, out in enumerate(parallel_forward(t5, tasks, shared_layers=1, **t5_inputs)):
         with tasks[1 - k].bypassed():
             assert torch.equal(out.logits, t5(**t5_inputs).logits)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_parallel_forward_shares_a_whole_encoder_below_decoder_deltas(family):
+    model = build(family).eval()
+    encoder = model.get_encoder()
+    blocks = encoder.block if family == "t5" else encoder.layers
+    decoder_only = r"[r]decoder\..*(SelfAttention\.q|self_attn\.q_proj)"
+    tasks = [_task_delta(lambda m: LoraModel(m, modified_modules=[decoder_only]), model, seed=k) for k in range(3)]
+    inputs = {k: v for k, v in batch(family).items() if k != "labels"}
+    inputs["decoder_input_ids"] = batch(family)["labels"][:, :3]
+    runs = [0] * len(blocks)
+    for i, block in enumerate(blocks):  # a layer computes when its self-attention runs
+        attention = block.layer[0] if family == "t5" else block.self_attn
+        attention.register_forward_pre_hook(lambda m, a, i=i: runs.__setitem__(i, runs[i] + 1))
+    with torch.no_grad():
+        outputs = parallel_forward(model, tasks, shared_layers=len(blocks), **inputs)
+    assert runs == [1] * len(blocks)  # every encoder layer ran once for the three tasks
+    for k, out in enumerate(outputs):
+        with torch.no_grad(), contextlib.ExitStack() as others:
+            for j, other in enumerate(tasks):
+                if j != k:
+                    others.enter_context(other.bypassed())
+            assert torch.equal(out.logits, model(**inputs, use_cache=False).logits)
+    with pytest.warns(UserWarning, match=r"training mode.*call model.eval\(\) first") as warned:
+        parallel_forward(model.train(), tasks, shared_layers=1, **inputs)
+    assert sum("training mode" in str(w.message) for w in warned) == 1
+    with pytest.raises(DeltaConfigError, match="shared_layers takes a number of layers from 0"):
+        parallel_forward(model, tasks, shared_layers=-1, **inputs)
 
 
 def test_robust_dropping_is_refused_where_a_step_would_drop_every_layer_with_a_delta():
@@ -371,3 +440,18 @@ def test_a_lora_bypassing_layers_is_not_merged_and_a_state_dict_keeps_bypassed_s
     assert skipped.keys() == whole.keys()
     for key in whole:
         assert torch.equal(skipped[key], whole[key]), key
+
+
+def test_leave_out_leaves_parameters_unfrozen_in_place_out_of_its_layers_too():
+    model = build("bert")
+    delta = LoraModel(model, leave_out=[0], unfrozen_modules=["deltas", "LayerNorm", "classifier"])
+    delta.freeze_module()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(".layer.0." in n for n in trained)  # layer 0 gets neither a LoRA nor a trained LayerNorm
+    assert any(".layer.1." in n and "LayerNorm" in n for n in trained) and "classifier.weight" in trained
+    # the same as bypassing layer 0 on a delta built with every layer
+    whole = LoraModel(build("bert"), unfrozen_modules=["deltas", "LayerNorm", "classifier"])
+    whole.skip_layers = [0]
+    assert {k for k, _ in delta.named_delta_tensors()} == {
+        k for k, _ in whole.named_delta_tensors() if ".layer.0." not in k
+    }

@@ -99,6 +99,8 @@ def test_robust_adapterdrop_on_every_engine(engine, tmp_path):
         assert torch.equal(one[key], three[key]), key
     logged = [json.loads(line) for line in (tmp_path / "three" / "metrics.jsonl").read_text().splitlines()]
     assert [m["dropped_layers"] for m in logged if m["split"] == "train"] == [1.0]  # what each log line reports
+    header = (tmp_path / "three" / "train.log").read_text().splitlines()[0]
+    assert header.startswith("training lora (robust AdapterDrop of the lowest 1 to 1 layers per step) on "), header
     assert any(not torch.equal(one[key], three[key]) for key in top)
     straight, resumed = _final(tmp_path / "straight"), _final(tmp_path / "resumed")
     for key in straight:
