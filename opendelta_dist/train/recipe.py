@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import time
@@ -53,11 +52,12 @@ from opendelta_dist.train.engines import (
 from opendelta_dist.train.loggers import CONSOLE_LOG, MetricLogger
 from opendelta_dist.train.metrics import MetricAccumulator
 from opendelta_dist.train.models import ModelConfig, build_model, model_architecture
+from opendelta_dist.train.progress import LogWindow, all_reduce_floats, memory_mb, run_header
 from opendelta_dist.train.resume import check_resumable, check_same_delta, resume_source
 from opendelta_dist.train.stopping import RunStopped, Stopper, drill, parse_margin, parse_signal
 from opendelta_dist.train.tasks import build_task
 from opendelta_dist.train.topology import Topology
-from opendelta_dist.train.tuning import attach_delta, delta_summary, load_full_model, save_full_model
+from opendelta_dist.train.tuning import attach_delta, load_full_model, save_full_model
 from opendelta_dist.train.validation import validate_run_config
 
 #: For recovery tests: the rank named by OPENDELTA_DIST_FAIL_RANK exits abruptly when it reaches this
@@ -82,12 +82,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _pretrained_state_dict(model_cfg: ModelConfig, head: str) -> dict[str, torch.Tensor]:
     """The full state dict of the pretrained backbone ``model_cfg`` names, built on the CPU."""
     return build_model(replace(model_cfg, init_device="cpu"), head=head).state_dict()
@@ -96,40 +90,6 @@ def _pretrained_state_dict(model_cfg: ModelConfig, head: str) -> dict[str, torch
 def _model_type(model_cfg: ModelConfig) -> str | None:
     """The backbone's transformers ``model_type`` (from ``model.config``, else its checkpoint's config)."""
     return model_architecture(model_cfg).model_type
-
-
-def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-class _Window:
-    """Loss and tokens accumulated since the last log line."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss, self.tokens, self.steps, self.start = 0.0, 0, 0, time.perf_counter()
-
-    def add(self, loss: float, tokens: int) -> None:
-        self.loss += loss
-        self.tokens += tokens
-        self.steps += 1
-
-
-def _header(cfg: dict[str, Any], topology: Topology) -> str:
-    """One line that says what this run is: model, delta, engine, processes, steps, where it writes."""
-    model = cfg["model"].get("name_or_path") or f"a random {cfg['model'].get('config', {}).get('model_type', '')} model"
-    train = cfg["train"]
-    processes = f"{topology.world_size} process{'es' if topology.world_size > 1 else ''} on {topology.device.type}"
-    return (
-        f"training {delta_summary(cfg['delta'])} on {model} with engine {cfg['engine']['name']}, {processes}: "
-        f"{train['max_steps']} steps of global batch {train['global_batch_size']}; run_dir {cfg['run_dir']}"
-    )
 
 
 class DeltaTuningRecipe:
@@ -192,7 +152,7 @@ class DeltaTuningRecipe:
         if self.finished is not None:
             return
         if self.main:
-            self.say(_header(cfg, self.topology))
+            self.say(run_header(cfg, self.topology))
         resume_from = self._resume_source()
         torch.manual_seed(int(cfg.get("seed", 0)))
 
@@ -399,7 +359,7 @@ class DeltaTuningRecipe:
         )
         batches = self.batches()
         self.engine.model.train()
-        window = _Window()
+        window = LogWindow()
         progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -491,7 +451,7 @@ class DeltaTuningRecipe:
                     check_gradients(self.engine.module)  # after the first backward: only trainable tensors have grads
                 drill(self.topology.rank, self.step + 1, "step")
         loss = torch.stack(losses).float().mean()
-        finite = _all_reduce([float(torch.isfinite(loss))], self.topology.device, dist.ReduceOp.MIN)[0]
+        finite = all_reduce_floats([float(torch.isfinite(loss))], self.topology.device, dist.ReduceOp.MIN)[0]
         if not finite:
             last = ckpt.latest_checkpoint(self.ckpt_root)
             fix = "lower optim.lr, set optim.max_grad_norm, or use bf16 instead of fp16"
@@ -503,14 +463,14 @@ class DeltaTuningRecipe:
             raise TrainingDivergedError(f"the loss is {loss.item()} at step {self.step + 1}; training stopped. {then}")
         return loss.item(), tokens
 
-    def _window_metrics(self, window: _Window, grad_norm: float | None) -> dict[str, float]:
+    def _window_metrics(self, window: LogWindow, grad_norm: float | None) -> dict[str, float]:
         """Loss averaged over ranks and steps since the last log, throughput of all ranks, memory."""
-        loss_sum, tokens = _all_reduce([window.loss, float(window.tokens)], self.topology.device)
+        loss_sum, tokens = all_reduce_floats([window.loss, float(window.tokens)], self.topology.device)
         metrics = {
             "loss": loss_sum / (window.steps * self.topology.world_size),
             "lr": self.engine.lr(),
             "tokens_per_s": tokens / max(time.perf_counter() - window.start, 1e-9),
-            "memory_mb": _memory_mb(self.topology.device),
+            "memory_mb": memory_mb(self.topology.device),
         }
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
@@ -608,7 +568,7 @@ class DeltaTuningRecipe:
                     write()
             except Exception as exc:
                 error = ckpt.space_error(staging, needed, exc) or exc
-        failed = _all_reduce([float(error is not None)], self.topology.device, dist.ReduceOp.MAX)[0]
+        failed = all_reduce_floats([float(error is not None)], self.topology.device, dist.ReduceOp.MAX)[0]
         if not failed:
             return
         if self.main:
