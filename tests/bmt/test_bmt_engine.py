@@ -96,6 +96,24 @@ def test_a_killed_bmt_run_resumes_from_its_last_checkpoint(runs, tmp_path):
         torch.testing.assert_close(ours[key], value, rtol=0, atol=1e-5)
 
 
+def test_robust_adapterdrop_bypasses_the_lowest_blocks_deltas_on_every_rank(tmp_path):
+    """Robust AdapterDrop on the bmt engine: layer 0 dropped at every step (``robust_drop=[1, 1]``). Its blocks run
+    no backward, so BMTrain's gradient hooks there never fire; its deltas never change, those above train, every
+    rank steps alike (2 ranks under the emulation, every GPU of the machine up to 2 on GPUs)."""
+    emulated = os.environ.get(EMULATION_ENV) == "1"
+    nproc = 2 if emulated else min(2, torch.cuda.device_count())
+    run_dir = tmp_path / "run"
+    overrides = [*RUN, "engine=bmt", "train.max_steps=3", "checkpoint.every=1", "checkpoint.keep_last=3"]
+    check(launch([*overrides, "delta.robust_drop=[1,1]", "optim.weight_decay=0.1", f"run_dir={run_dir}"], nproc=nproc))
+    assert [r["dropped_layers"] for r in metrics(run_dir)] == [1.0, 1.0, 1.0]
+    first = load_file(run_dir / "checkpoints" / "step_00000001" / "delta" / "delta_model.safetensors")
+    last = load_file(run_dir / "final_delta" / "delta_model.safetensors")
+    bottom = [k for k in first if ".block.0." in k]
+    assert bottom and first.keys() == last.keys()
+    assert all(torch.equal(first[k], last[k]) for k in bottom)
+    assert any(not torch.equal(first[k], last[k]) for k in first if k not in bottom)
+
+
 def test_frozen_blocks_keep_no_gradient_storage():
     """After a training step, no block storage of frozen weights requires or holds a gradient, and the
     memory held after the step is the weights plus the delta's state, not a second copy of the weights."""

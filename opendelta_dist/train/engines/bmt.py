@@ -137,9 +137,6 @@ class BMTEngine(Engine):
 
     name = "bmt"
     splits_model = True
-    # BMTrain's blocks reduce their gradients in backward hooks; blocks below the lowest active delta run none:
-    # untested on a GPU, so refused until the GPU check has run it
-    drops_layers_per_step = False
     own_models = True
     delta_backend: ClassVar[str] = "bmt"
     precisions: ClassVar[tuple[str, ...]] = ("bf16", "fp16")
