@@ -139,7 +139,8 @@ def check_layer_indices(name: str, indices: Any, layers: Mapping[str, Layer], wh
     if not layers:
         raise DeltaConfigError(
             f"{name}={values} drops the deltas of some layers, but {what}'s backbone has no layers this library can "
-            "tell (no known model family and no nn.ModuleList of blocks): AdapterDrop needs a layered model"
+            "tell (no known model family, and no nn.ModuleList or nn.Sequential of blocks): AdapterDrop needs a "
+            "layered model"
         )
     deepest = max(stack_depths(layers).values())
     too_deep = [i for i in values if i >= deepest]
@@ -382,14 +383,20 @@ class RobustDrop:
                 f"{layers} (its deepest stack), and a step must leave a layer its delta to train: give high <= "
                 f"{layers - 1}"
             )
-        top = max((layer.index for _, layer in delta._layered_operations()), default=-1)
+        indices = [layer.index for _, layer in delta._layered_operations()]
+        top, bottom = max(indices), min(indices)
+        if top == bottom:
+            raise DeltaConfigError(
+                f"robust AdapterDrop needs deltas in two layers or more, but {type(delta).__name__} has deltas only in "
+                f"layer {top} (leave_out={delta.config.leave_out}): a step would drop all of them or none. Leave out "
+                "fewer layers, or drop statically with leave_out"
+            )
         if high > top:
             raise DeltaConfigError(
                 f"robust_drop=[{low}, {high}] drops up to {high} layers, but {type(delta).__name__} has deltas only "
                 f"up to layer {top} (leave_out={delta.config.leave_out}), so some steps would train nothing: give "
                 f"high <= {top}"
             )
-        bottom = min(layer.index for _, layer in delta._layered_operations())
         if high <= bottom:
             raise DeltaConfigError(
                 f"robust_drop=[{low}, {high}] drops no delta at any step: {type(delta).__name__}'s lowest layer with "
@@ -494,8 +501,6 @@ def parallel_forward(model: nn.Module, deltas: Sequence[DeltaBase], shared_layer
         return []
     if isinstance(shared_layers, bool) or not isinstance(shared_layers, int) or shared_layers < 0:
         raise DeltaConfigError(f"shared_layers takes a number of layers from 0, not {shared_layers!r}")
-    if shared_layers == 0:  # nothing shared: each task's own forward
-        return [_alone(model, deltas, k, inputs) for k in range(len(deltas))]
     layers = deltas[0]._layer_table()
     shared = {name for name, layer in layers.items() if layer.index < shared_layers}
     check_layer_indices("shared_layers", range(shared_layers), layers, type(deltas[0]).__name__)
@@ -524,6 +529,8 @@ def parallel_forward(model: nn.Module, deltas: Sequence[DeltaBase], shared_layer
             "parallel_forward runs a model in training mode: dropout in the shared layers draws once for every "
             "task, so an output is not that task's own forward; call model.eval() first"
         )
+    if shared_layers == 0:  # nothing shared: each task's own forward
+        return [_alone(model, deltas, k, inputs) for k in range(len(deltas))]
     modules = dict(named_backbone_modules(model))
     # the modules delta hooks compute in (a module that only holds a delta's parameters computes nothing)
     targets = {

@@ -176,7 +176,8 @@ def load_delta(
     ]
     if stacked:
         warnings.warn(
-            f"{path}: the backbone carries a {cls.delta_type} delta on {stacked[0]!r}"
+            f"{path}: the backbone carries {'an' if cls.delta_type[:1] in 'aeiou' else 'a'} {cls.delta_type} delta "
+            f"on {stacked[0]!r}"
             f"{f' and {len(stacked) - 1} more modules' if len(stacked) > 1 else ''} already, and both apply now; "
             "if that one is this checkpoint loaded before, detach it first (delta.detach()) or load onto a fresh "
             "backbone",

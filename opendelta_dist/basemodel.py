@@ -37,6 +37,7 @@ from opendelta_dist.errors import (
     DeltaConfigError,
     DeltaStateError,
     ModuleNotFoundInBackboneError,
+    warn_user,
 )
 from opendelta_dist.operations import (
     Operation,
@@ -315,6 +316,12 @@ class DeltaBase(LayerDropping, DeltaSharing, nn.Module):
         # a module reachable under several names (a prompt template's reference to the model's input embeddings)
         # belongs where the backbone first names it: unfreezing the referring module leaves it alone
         home = {id(module): name for name, module in self.backbone_model.named_modules()}
+        left_out = [n for n in names if self.is_left_out(n)]
+        if names and len(left_out) == len(names):
+            warn_user(
+                f"unfrozen_modules {key!r} names modules only inside the layers leave_out={self.config.leave_out} "
+                f"leaves without a delta ({left_out[0]}, ...): nothing of it trains"
+            )
         for mname in names:
             for sub, module in named_backbone_modules(self.backbone_model.get_submodule(mname), prefix=mname):
                 if home.get(id(module), sub) != sub or self.is_left_out(sub):  # leave_out: no delta in the layer

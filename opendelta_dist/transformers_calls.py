@@ -110,7 +110,8 @@ def enable_activation_checkpointing(model: nn.Module, checkpoint_kwargs: dict[st
         enable(activation_checkpointing_kwargs=checkpoint_kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
-    if not checkpoint_kwargs.get("use_reentrant", True) and getattr(model, "_require_grads_hooks", None):
+    hooked = getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None)  # 5.25; older
+    if not checkpoint_kwargs.get("use_reentrant", True) and hooked:
         # transformers makes the embeddings' output require a gradient, which only reentrant checkpointing
         # needs: it would make backward (and recomputation) run through every block down to the embeddings,
         # also below the lowest block that trains (a delta's leave_out, AdapterDrop)

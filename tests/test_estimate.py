@@ -440,6 +440,27 @@ def test_other_families_blocks_save_what_the_formula_says(family, leave_out):
 
 
 @pytest.mark.parametrize(
+    "delta", [{"delta_type": "bitfit"}, {"delta_type": "prefix"}, {"delta_type": "lora", "classifier": True}]
+)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_blocks_below_the_lowest_delta_keep_nothing_whatever_trains_outside_the_blocks(family, delta):
+    """A classifier, a final norm's BitFit bias or a prefix's network train outside the blocks, after or beside
+    them: the blocks below the lowest delta still run no backward."""
+    cfg = _classifier(family)
+    cfg["delta"] = {"delta_type": delta["delta_type"], "modified_modules": None, "leave_out": [0, 1]}
+    if delta.get("classifier"):
+        cfg["delta"]["modified_modules"] = [
+            *FAMILIES[family][1],
+            "score" if family in ("gpt2", "llama") else "classifier",
+        ]
+    model = _real_model(cfg)
+    saved = _saved_per_block(model, _batch(model, 4, 96, 0))
+    blocks = describe_blocks(model, architecture_of(model.config).family)
+    assert [blk.idle for blk in blocks] == [True, True, False]
+    assert saved.get(blocks[0].name, 0) == saved.get(blocks[1].name, 0) == 0 < saved[blocks[2].name]
+
+
+@pytest.mark.parametrize(
     ("overrides", "batch", "tokens", "targets"),
     [
         (T5_SMALL, 4, 96, 24),

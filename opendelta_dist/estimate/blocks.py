@@ -75,6 +75,24 @@ def _is_linear(module: nn.Module) -> bool:
     return weight is not None and weight.dim() == 2 and not isinstance(module, nn.Embedding)
 
 
+def _trains_below_the_blocks(model: nn.Module, in_blocks: set[int]) -> bool:
+    """Whether something trains that feeds the first block: the input embeddings (with the module around them
+    when it holds no block, as BERT's ``embeddings`` with its norm), any other embedding table outside the blocks
+    (positions), or a soft prompt. Other trainable modules outside the blocks (a classifier, final norms, a prefix's
+    network, which reaches the blocks through their attention) run after them or beside them."""
+    from opendelta_dist.deltas.soft_prompt import SoftPrompt
+
+    embeddings = model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    parent_name = names.get(id(embeddings), "").rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else None
+    feeding = [embeddings]
+    if parent is not None and not any(id(p) in in_blocks for p in parent.parameters()):
+        feeding.append(parent)
+    feeding += [m for m in model.modules() if isinstance(m, nn.Embedding | SoftPrompt)]
+    return any(p.requires_grad and id(p) not in in_blocks for m in feeding for p in m.parameters())
+
+
 def describe_blocks(model: nn.Module, family: str) -> list[BlockInfo]:
     """The transformer blocks of ``model`` in forward order, with what their backward keeps.
 
@@ -93,15 +111,8 @@ def describe_blocks(model: nn.Module, family: str) -> list[BlockInfo]:
     names = {id(m): n for n, m in model.named_modules()}
     blocks = transformer_blocks(model)
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
-    # what trains before the first block: the embeddings, or a delta outside the blocks (a soft prompt); other
-    # trainable modules outside the blocks (a classifier, final norms) run after them
-    embeddings = model.get_input_embeddings()
-    below = any(p.requires_grad for p in embeddings.parameters()) or any(
-        p.requires_grad and id(p) not in in_blocks
-        for m in model.modules()
-        if is_delta_module(m)
-        for p in m.parameters()
-    )
+    below = _trains_below_the_blocks(model, in_blocks)
+
     stream = {"encoder": below, "decoder": below}  # a gradient flows up each stack from here
     infos = []
     for block in blocks:
@@ -129,7 +140,8 @@ def describe_blocks(model: nn.Module, family: str) -> list[BlockInfo]:
         )
         numel = sum(p.numel() for p in block.parameters())
         kind = "decoder" if family == "t5" and names[id(block)].startswith("decoder.") else "encoder"
-        trains = any(p.requires_grad for p in block.parameters())
+        # a prefix's layers hold no parameters of their own: their keys and values come from the prefix network
+        trains = any(p.requires_grad for p in block.parameters()) or any(is_delta_module(m) for m in block.modules())
         input_grad = stream[kind]
         # a T5 decoder block attends to the encoder's output, which needs a gradient where the encoder trains
         reads_grad = kind == "decoder" and stream["encoder"]

@@ -231,11 +231,27 @@ def test_bad_robust_ranges_are_refused(low, high, message):
         RobustDrop(LoraModel(build("bert")), low, high)
 
 
+def test_robust_dropping_of_a_delta_in_one_layer_is_refused_as_impossible():
+    with pytest.raises(
+        DeltaConfigError, match=r"needs deltas in two layers or more, .* only in layer 1 \(leave_out=\[0\]\)"
+    ):
+        RobustDrop(LoraModel(build("t5"), leave_out=[0]), 0, 1)
+
+
+def _three_layer_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+    return BertForSequenceClassification(config)
+
+
 def test_a_robust_range_within_leave_out_is_refused_for_dropping_nothing():
+    RobustDrop(LoraModel(_three_layer_bert(), leave_out=[0]), 0, 2)  # n = 2 drops layer 1's delta
     with pytest.raises(
         DeltaConfigError, match=r"drops no delta at any step: .* lowest layer with a delta is 1 .* give high > 1"
     ):
-        RobustDrop(LoraModel(build("bert"), leave_out=[0]), 0, 1)
+        RobustDrop(LoraModel(_three_layer_bert(), leave_out=[0]), 0, 1)
 
 
 def test_robust_drop_draws_per_step_from_the_seed_alone():
@@ -413,12 +429,20 @@ def test_parallel_forward_shares_a_whole_encoder_below_decoder_deltas(family):
     assert sum("training mode" in str(w.message) for w in warned) == 1
     with pytest.raises(DeltaConfigError, match="shared_layers takes a number of layers from 0"):
         parallel_forward(model, tasks, shared_layers=-1, **inputs)
+    # nothing shared: each task's own forward, after the same checks
+    with torch.no_grad():
+        alone = parallel_forward(model.eval(), tasks, shared_layers=0, **inputs)
+    assert all(torch.equal(a.logits, b.logits) for a, b in zip(alone, outputs, strict=True))
+    with pytest.raises(DeltaConfigError, match="is given twice"):
+        parallel_forward(model, [tasks[0], tasks[0]], shared_layers=0, **inputs)
+    with pytest.raises(DeltaConfigError, match="scores inputs without a cache"):
+        parallel_forward(model, tasks, shared_layers=0, **inputs, use_cache=True)
 
 
 def test_robust_dropping_is_refused_where_a_step_would_drop_every_layer_with_a_delta():
-    delta = LoraModel(build("t5"), leave_out=[1])
-    with pytest.raises(DeltaConfigError, match=r"has deltas only up to layer 0 \(leave_out=\[1\]\).* high <= 0"):
-        RobustDrop(delta, 0, 1)
+    delta = LoraModel(_three_layer_bert(), leave_out=[2])
+    with pytest.raises(DeltaConfigError, match=r"has deltas only up to layer 1 \(leave_out=\[2\]\).* high <= 1"):
+        RobustDrop(delta, 0, 2)
 
 
 def test_a_lora_bypassing_layers_is_not_merged_and_a_state_dict_keeps_bypassed_slots():
@@ -455,3 +479,10 @@ def test_leave_out_leaves_parameters_unfrozen_in_place_out_of_its_layers_too():
     assert {k for k, _ in delta.named_delta_tensors()} == {
         k for k, _ in whole.named_delta_tensors() if ".layer.0." not in k
     }
+
+
+def test_unfrozen_modules_named_only_inside_left_out_layers_are_said_to_train_nothing():
+    with pytest.warns(
+        UserWarning, match=r"names modules only inside the layers leave_out=\[0\] .*nothing of it trains"
+    ):
+        LoraModel(build("bert"), leave_out=[0], unfrozen_modules=["deltas", "bert.encoder.layer.0.output.LayerNorm"])

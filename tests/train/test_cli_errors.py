@@ -33,12 +33,12 @@ CASES = {
     "lr": (["optim.lr=-1"], {}, ["optim.lr=-1", "above 0"]),
     "max_steps": (["train.max_steps=-5"], {}, ["train.max_steps=-5", "positive integer"]),
     "grad_accum": (["train.grad_accum=0"], {}, ["train.grad_accum=0", "positive integer"]),
-    # AdapterDrop (its other refusals: tests/deltas/test_adapterdrop.py): with layer 1 left out, dropping 1 layer
-    # drops every delta, so such a step would train nothing
+    # AdapterDrop (its other refusals: tests/deltas/test_adapterdrop.py): with layer 1 of the 2 left out, a step
+    # drops every delta or none
     "leave_out_and_robust_drop": (
         ["delta.leave_out=[1]", "delta.robust_drop=[0,1]"],
         {},
-        ["has deltas only up to layer 0 (leave_out=[1])", "high <= 0"],
+        ["needs deltas in two layers or more", "only in layer 0 (leave_out=[1])"],
     ),
     "robust_soft_prompt": (
         ["delta=soft_prompt", "delta.soft_token_num=2", "delta.robust_drop=[0,1]"],
