@@ -467,6 +467,7 @@ def test_blocks_below_the_lowest_delta_keep_nothing_whatever_trains_outside_the_
         ([*T5_SMALL, "model.gradient_checkpointing=true"], 4, 96, 24),
         ([*T5_SMALL, "delta.leave_out=[0,1]"], 4, 96, 24),
         ([*T5_SMALL, "delta.leave_out=[0,1]", "model.gradient_checkpointing=true"], 4, 96, 24),
+        ([*T5_SMALL, "delta=soft_prompt", "delta.soft_token_num=32"], 4, 96, 24),  # the encoder sees 128 tokens
         ([*T5_11B_SHAPED, "model.gradient_checkpointing=true"], 2, 128, 32),
         ([*T5_11B_SHAPED, "model.gradient_checkpointing=true", "model.dtype=bf16"], 2, 128, 32),
     ],
@@ -475,6 +476,7 @@ def test_blocks_below_the_lowest_delta_keep_nothing_whatever_trains_outside_the_
         "t5-checkpointing",
         "t5-leave-out",
         "t5-leave-out-checkpointing",
+        "t5-soft-prompt",
         "t5-11b-shaped-checkpointing",
         "t5-11b-shaped-checkpointing-bf16",
     ],

@@ -134,6 +134,13 @@ def _resolve_world_size(engine: type[Engine], world_size: int | None) -> int:
     return world_size
 
 
+def _soft_tokens(model: torch.nn.Module) -> int:
+    """The tokens a soft prompt puts before every input (the blocks see inputs that much longer)."""
+    from opendelta_dist.deltas.soft_prompt import SoftPrompt
+
+    return sum(int(m.soft_embeds.shape[0]) for m in model.modules() if isinstance(m, SoftPrompt))
+
+
 def estimate_memory(
     cfg: Mapping[str, Any],
     world_size: int | None = None,
@@ -147,7 +154,7 @@ def estimate_memory(
         cfg: a run configuration (what :func:`compose` returns).
         world_size: processes of the run; needed unless the engine is ``single``.
         micro_batch_size: sequences per GPU per forward; default from ``train`` as the launcher computes it.
-        input_tokens: input length; default ``data.max_length``.
+        input_tokens: input length; default ``data.max_length`` (a soft prompt's tokens are added to it).
         target_tokens: target length of seq2seq models; default ``data.max_target_length``.
 
     Returns:
@@ -193,7 +200,7 @@ def estimate_memory(
 
     shapes = Shapes(
         micro,
-        input_tokens or data.max_length,
+        (input_tokens or data.max_length) + _soft_tokens(model),
         (target_tokens or data.max_target_length) if seq2seq else 0,
         compute.itemsize,
     )
