@@ -347,36 +347,24 @@ def test_parallel_forward_refuses_deltas_in_the_shared_layers_or_below_them():
         parallel_forward(model, [prompt], shared_layers=1, **inputs)
 
 
-def test_leave_out_at_load_time_drops_the_saved_layers_and_keeps_the_saved_leave_out(tmp_path):
-    model = build("t5")
+@pytest.mark.parametrize(("family", "save"), [("t5", "save_finetuned"), ("bert", "save_peft")], ids=["ours", "peft"])
+def test_leave_out_at_load_time_drops_the_saved_layers_and_keeps_the_saved_leave_out(family, save, tmp_path):
+    model = build(family)
     delta = LoraModel(model)
     _randomise(delta)
-    inputs = batch("t5")
+    inputs = batch(family)
     with delta.skipping([0]):
         expected = logits(model, inputs)
-    delta.save_finetuned(tmp_path / "whole")
-    fresh = build("t5")
+    getattr(delta, save)(tmp_path / "whole")  # this project's format, or PEFT's
+    fresh = build(family)
     loaded = AutoDeltaModel.from_finetuned(tmp_path / "whole", backbone_model=fresh, leave_out=[0])
     assert loaded.config.leave_out == [0]
+    assert all(getattr(loaded.layer_of_operation(op), "index", None) != 0 for op in loaded.operations)
     torch.testing.assert_close(logits(fresh, inputs), expected)
     loaded.save_finetuned(tmp_path / "static")
     with pytest.raises(DeltaConfigError, match=r"leave_out=\[0, 1\] leaves every module"):
         # the saved leave_out stays and the one given joins it: here nothing would be left
-        AutoDeltaModel.from_finetuned(tmp_path / "static", backbone_model=build("t5"), leave_out=[1])
-
-
-def test_leave_out_at_load_time_reads_a_peft_lora_too(tmp_path):
-    model = build("bert")
-    delta = LoraModel(model)
-    _randomise(delta)
-    inputs = batch("bert")
-    with delta.skipping([0]):
-        expected = logits(model, inputs)
-    delta.save_peft(tmp_path / "peft")
-    fresh = build("bert")
-    loaded = AutoDeltaModel.from_finetuned(tmp_path / "peft", backbone_model=fresh, leave_out=[0])
-    assert loaded.config.leave_out == [0] and not any(".layer.0." in k for k, _ in loaded.named_delta_tensors())
-    torch.testing.assert_close(logits(fresh, inputs), expected)
+        AutoDeltaModel.from_finetuned(tmp_path / "static", backbone_model=build(family), leave_out=[1])
 
 
 def test_parallel_forward_asks_no_cache_and_shares_only_the_layers_that_ran():
